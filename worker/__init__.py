@@ -1,0 +1,1 @@
+"""convsync: a resumable, typed sync of Twilio Conversations into PostgreSQL."""

@@ -1,0 +1,251 @@
+"""Environment -> one validated, typed ``Settings`` object. Knows about nothing else."""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from worker.errors import ConfigError
+
+SERVICE_SID = re.compile(r"^IS[0-9a-fA-F]{32}$")
+USER_SID = re.compile(r"^US[0-9a-fA-F]{32}$")
+ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
+API_KEY_SID = re.compile(r"^SK[0-9a-fA-F]{32}$")
+MAX_PAGE_SIZE = 50
+Number = TypeVar("Number", int, float)
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, default (as text) and meaning."""
+
+    name: str
+    default: str | None
+    help: str
+    secret: bool = False
+
+
+VARIABLES: tuple[Variable, ...] = (
+    Variable("DATABASE_URL", None, "PostgreSQL URL (postgresql://user:pass@host:port/db).", True),
+    Variable("TWILIO_API_KEY_SID", None, "API key SID (SK...); preferred over the auth token."),
+    Variable("TWILIO_API_KEY_SECRET", None, "API key secret.", True),
+    Variable("TWILIO_ACCOUNT_SID", None, "Account SID (AC...), with TWILIO_AUTH_TOKEN."),
+    Variable("TWILIO_AUTH_TOKEN", None, "Account auth token.", True),
+    Variable(
+        "TWILIO_CONVERSATIONS_BASE_URL",
+        "https://conversations.twilio.com",
+        "Base URL of the Conversations API (the simulator's URL for local runs).",
+    ),
+    Variable("CONVSYNC_SERVICES", None, "Comma-separated IS SIDs; unset: discover all services."),
+    Variable("CONVSYNC_CONCURRENCY", "16", "Upper bound of requests in flight (adaptive below)."),
+    Variable("CONVSYNC_PAGE_SIZE", "50", "Items per page, 1..50."),
+    Variable("CONVSYNC_RATE_LIMIT", None, "Optional hard ceiling in requests per second."),
+    Variable("CONVSYNC_REQUEST_TIMEOUT", "30", "Seconds before one request is abandoned."),
+    Variable("CONVSYNC_MAX_ATTEMPTS", "8", "Attempts per request before the user fails."),
+    Variable("CONVSYNC_MAX_RETRY_SECONDS", "120", "Total seconds one request may spend retrying."),
+    Variable("CONVSYNC_DB_POOL_SIZE", "8", "PostgreSQL connections held by the worker."),
+    Variable("CONVSYNC_LEASE_SECONDS", "60", "How long a claimed user stays claimed unrenewed."),
+    Variable("CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pid)."),
+    Variable("CONVSYNC_SCHEDULE", None, "`convsync run`: cron expression (UTC) for passes."),
+    Variable("CONVSYNC_INTERVAL", None, "`convsync run`: seconds between passes."),
+    Variable("CONVSYNC_RUN_AT_START", "true", "`convsync run`: start a pass immediately."),
+    Variable("CONVSYNC_HTTP_PORT", "8080", "`convsync run`: port of /healthz, /readyz, /metrics."),
+    Variable("CONVSYNC_SHUTDOWN_GRACE", "25", "Seconds in-flight work gets after SIGTERM."),
+    Variable("CONVSYNC_LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json or console."),
+    Variable("CONVSYNC_LOG_LEVEL", "info", "debug, info, warning or error."),
+)
+VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
+
+
+@dataclass(frozen=True)
+class TwilioCredentials:
+    """HTTP Basic credentials: an API key (preferred) or the account SID and auth token."""
+
+    username: str
+    password: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything convsync reads from the environment, validated."""
+
+    database_url: str | None = field(repr=False)
+    credentials: TwilioCredentials | None
+    base_url: str = "https://conversations.twilio.com"
+    services: tuple[str, ...] = ()
+    concurrency: int = 16
+    page_size: int = 50
+    rate_limit: float | None = None
+    request_timeout: float = 30.0
+    max_attempts: int = 8
+    max_retry_seconds: float = 120.0
+    db_pool_size: int = 8
+    lease_seconds: float = 60.0
+    worker_id: str = ""
+    schedule: str | None = None
+    interval: float | None = None
+    run_at_start: bool = True
+    http_port: int = 8080
+    shutdown_grace: float = 25.0
+    log_format: str = "auto"
+    log_level: str = "info"
+
+    def require_database(self) -> str:
+        """The database URL, or a ConfigError naming the variable."""
+        if not self.database_url:
+            raise ConfigError("DATABASE_URL is not set")
+        return self.database_url
+
+    def require_credentials(self) -> TwilioCredentials:
+        """The Twilio credentials, or a ConfigError naming the variables."""
+        if self.credentials is None:
+            raise ConfigError(
+                "Twilio credentials are not set: set TWILIO_API_KEY_SID and "
+                "TWILIO_API_KEY_SECRET, or TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"
+            )
+        return self.credentials
+
+    def secrets(self) -> tuple[str, ...]:
+        """Every secret value in force, for redaction."""
+        found: list[str] = []
+        if self.credentials is not None:
+            found.append(self.credentials.password)
+        if self.database_url:
+            password = urlsplit(self.database_url).password
+            if password:
+                found.append(password)
+        return tuple(s for s in found if s)
+
+
+def _get(env: Mapping[str, str], name: str) -> str | None:
+    value = env.get(name)
+    if value is None or value.strip() == "":
+        return None
+    return value.strip()
+
+
+def _number(
+    env: Mapping[str, str],
+    name: str,
+    cast: Callable[[str], Number],
+    low: Number,
+    high: Number | None = None,
+) -> Number | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    try:
+        value = cast(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
+        raise ConfigError(f"{name} must be {bound}, got {raw}")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str) -> bool | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    if raw.lower() in ("1", "true", "yes", "on"):
+        return True
+    if raw.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name} must be true or false, got {raw!r}")
+
+
+def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
+    """Reject URLs asyncpg cannot use, without echoing the password."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL") from None
+    if parts.scheme not in ("postgres", "postgresql"):
+        raise ConfigError(f"{name} must start with postgresql://")
+    return url
+
+
+def _credentials(env: Mapping[str, str]) -> TwilioCredentials | None:
+    key_sid, key_secret = _get(env, "TWILIO_API_KEY_SID"), _get(env, "TWILIO_API_KEY_SECRET")
+    account, token = _get(env, "TWILIO_ACCOUNT_SID"), _get(env, "TWILIO_AUTH_TOKEN")
+    if key_sid or key_secret:
+        if not (key_sid and key_secret):
+            missing = "TWILIO_API_KEY_SECRET" if key_sid else "TWILIO_API_KEY_SID"
+            raise ConfigError(f"{missing} is not set (the API key needs both parts)")
+        if not API_KEY_SID.match(key_sid):
+            raise ConfigError("TWILIO_API_KEY_SID must look like SK followed by 32 hex digits")
+        return TwilioCredentials(key_sid, key_secret)
+    if account or token:
+        if not (account and token):
+            missing = "TWILIO_AUTH_TOKEN" if account else "TWILIO_ACCOUNT_SID"
+            raise ConfigError(f"{missing} is not set (account credentials need both parts)")
+        if not ACCOUNT_SID.match(account):
+            raise ConfigError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
+        return TwilioCredentials(account, token)
+    return None
+
+
+def parse_sids(raw: str | None, pattern: re.Pattern[str], name: str) -> tuple[str, ...]:
+    """Split a comma-separated SID list, rejecting any malformed SID by name."""
+    if raw is None:
+        return ()
+    sids = tuple(s.strip() for s in raw.split(",") if s.strip())
+    for sid in sids:
+        if not pattern.match(sid):
+            raise ConfigError(f"{name} has an invalid SID {sid!r}")
+    return sids
+
+
+def load_settings(env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the environment; raise ConfigError naming the first bad variable."""
+    env = os.environ if env is None else env
+    database_url = _get(env, "DATABASE_URL")
+    if database_url is not None:
+        validate_database_url(database_url)
+    base_url = (_get(env, "TWILIO_CONVERSATIONS_BASE_URL") or Settings.base_url).rstrip("/")
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError("TWILIO_CONVERSATIONS_BASE_URL must be an http(s) URL")
+    schedule, interval = _get(env, "CONVSYNC_SCHEDULE"), _number(
+        env, "CONVSYNC_INTERVAL", float, 1.0
+    )
+    if schedule is not None and interval is not None:
+        raise ConfigError("CONVSYNC_SCHEDULE and CONVSYNC_INTERVAL are both set; choose one")
+    log_format = (_get(env, "CONVSYNC_LOG_FORMAT") or "auto").lower()
+    if log_format not in ("auto", "json", "console"):
+        raise ConfigError("CONVSYNC_LOG_FORMAT must be auto, json or console")
+    log_level = (_get(env, "CONVSYNC_LOG_LEVEL") or "info").lower()
+    if log_level not in ("debug", "info", "warning", "error"):
+        raise ConfigError("CONVSYNC_LOG_LEVEL must be debug, info, warning or error")
+    values: dict[str, Any] = {
+        "concurrency": _number(env, "CONVSYNC_CONCURRENCY", int, 1, 1024),
+        "page_size": _number(env, "CONVSYNC_PAGE_SIZE", int, 1, MAX_PAGE_SIZE),
+        "rate_limit": _number(env, "CONVSYNC_RATE_LIMIT", float, 0.1),
+        "request_timeout": _number(env, "CONVSYNC_REQUEST_TIMEOUT", float, 0.1),
+        "max_attempts": _number(env, "CONVSYNC_MAX_ATTEMPTS", int, 1, 100),
+        "max_retry_seconds": _number(env, "CONVSYNC_MAX_RETRY_SECONDS", float, 0.0),
+        "db_pool_size": _number(env, "CONVSYNC_DB_POOL_SIZE", int, 2, 100),
+        "lease_seconds": _number(env, "CONVSYNC_LEASE_SECONDS", float, 1.0),
+        "http_port": _number(env, "CONVSYNC_HTTP_PORT", int, 0, 65535),
+        "shutdown_grace": _number(env, "CONVSYNC_SHUTDOWN_GRACE", float, 0.0),
+        "run_at_start": _bool(env, "CONVSYNC_RUN_AT_START"),
+    }
+    return Settings(
+        database_url=database_url,
+        credentials=_credentials(env),
+        base_url=base_url,
+        services=parse_sids(_get(env, "CONVSYNC_SERVICES"), SERVICE_SID, "CONVSYNC_SERVICES"),
+        schedule=schedule,
+        interval=interval,
+        worker_id=_get(env, "CONVSYNC_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}",
+        log_format=log_format,
+        log_level=log_level,
+        **{k: v for k, v in values.items() if v is not None},
+    )

@@ -1,0 +1,92 @@
+"""Apply ``migrations/*.sql`` in order, once each, under a PostgreSQL advisory lock."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import structlog
+
+from worker.errors import FatalError
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+# pg_advisory_lock key: "convsync" as a 64-bit number, shared by every replica.
+MIGRATION_LOCK_KEY = int.from_bytes(hashlib.sha256(b"convsync-migrations").digest()[:8], "big") >> 1
+
+log = structlog.get_logger(__name__)
+
+
+class MigrationError(FatalError):
+    """The migrations cannot be applied."""
+
+
+@dataclass(frozen=True)
+class Migration:
+    """One SQL file: its name (which orders it) and content checksum."""
+
+    name: str
+    sql: str
+
+    @property
+    def checksum(self) -> str:
+        return hashlib.sha256(self.sql.encode()).hexdigest()
+
+
+def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+    """The migration files, sorted by name."""
+    files = sorted(directory.glob("*.sql"))
+    if not files:
+        raise MigrationError(f"no migrations found in {directory}")
+    return [Migration(f.name, f.read_text(encoding="utf-8")) for f in files]
+
+
+async def apply_migrations(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Apply pending migrations; return the names applied now. Safe to run concurrently."""
+    migrations = load_migrations(directory)
+    conn = await asyncpg.connect(dsn)
+    try:
+        # A session lock on a dedicated connection: held until we unlock or disconnect.
+        await conn.execute("SELECT pg_advisory_lock($1)", MIGRATION_LOCK_KEY)
+        try:
+            await conn.execute(
+                """CREATE TABLE IF NOT EXISTS schema_migrations (
+                       name text PRIMARY KEY,
+                       checksum text NOT NULL,
+                       applied_at timestamptz NOT NULL DEFAULT now())"""
+            )
+            rows = await conn.fetch("SELECT name, checksum FROM schema_migrations")
+            applied = {r["name"]: r["checksum"] for r in rows}
+            done: list[str] = []
+            for migration in migrations:
+                if migration.name in applied:
+                    if applied[migration.name] != migration.checksum:
+                        raise MigrationError(
+                            f"migration {migration.name} changed after it was applied"
+                        )
+                    continue
+                async with conn.transaction():
+                    await conn.execute(migration.sql)
+                    await conn.execute(
+                        "INSERT INTO schema_migrations (name, checksum) VALUES ($1, $2)",
+                        migration.name,
+                        migration.checksum,
+                    )
+                log.info("migration_applied", migration=migration.name)
+                done.append(migration.name)
+            return done
+        finally:
+            await conn.execute("SELECT pg_advisory_unlock($1)", MIGRATION_LOCK_KEY)
+    finally:
+        await conn.close()
+
+
+async def pending_migrations(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+    """Names of migrations not yet applied (all of them if the table does not exist)."""
+    names = [m.name for m in load_migrations(directory)]
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    if not exists:
+        return names
+    applied = {r["name"] for r in await conn.fetch("SELECT name FROM schema_migrations")}
+    return [n for n in names if n not in applied]
