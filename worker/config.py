@@ -213,8 +213,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError("TWILIO_CONVERSATIONS_BASE_URL must be an http(s) URL")
-    schedule, interval = _get(env, "CONVSYNC_SCHEDULE"), _number(
-        env, "CONVSYNC_INTERVAL", float, 1.0
+    schedule, interval = (
+        _get(env, "CONVSYNC_SCHEDULE"),
+        _number(env, "CONVSYNC_INTERVAL", float, 1.0),
     )
     if schedule is not None and interval is not None:
         raise ConfigError("CONVSYNC_SCHEDULE and CONVSYNC_INTERVAL are both set; choose one")

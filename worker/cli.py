@@ -1,0 +1,228 @@
+"""``convsync`` commands and their exit codes.
+
+Exit codes: 0 success; 1 some users failed, or the pass was interrupted (its progress is kept);
+2 configuration or credentials are wrong (nothing retried).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import sys
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+import structlog
+
+from worker.client import TwilioClient
+from worker.config import SERVICE_SID, USER_SID, Settings, load_settings, parse_sids
+from worker.errors import ConfigError, FatalError
+from worker.logs import configure_logging, redact
+from worker.migrate import apply_migrations, pending_migrations
+from worker.store import Store, recent_passes, troubled_users
+from worker.sync import DatabaseUnavailable, Scope, SyncPass
+
+log = structlog.get_logger("convsync")
+
+EXIT_OK, EXIT_PARTIAL, EXIT_CONFIG = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="convsync", description="Sync Twilio Conversations user memberships into PostgreSQL."
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="apply migrations/*.sql (needs only DATABASE_URL)")
+    sync = commands.add_parser("sync", help="run one pass now, then exit")
+    sync.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="IS...",
+        help="only this service (repeatable); default: CONVSYNC_SERVICES or all",
+    )
+    sync.add_argument(
+        "--user",
+        action="append",
+        default=[],
+        metavar="US...",
+        help="only this user (repeatable); skips users discovery",
+    )
+    status = commands.add_parser("status", help="the last passes and users failing or mid-listing")
+    status.add_argument("--json", action="store_true", help="machine-readable output")
+    status.add_argument("--limit", type=int, default=10, help="passes to show")
+    simulate = commands.add_parser(
+        "simulate", help="serve the bundled Twilio simulator", add_help=False
+    )
+    simulate.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser("run", help="long-running: scheduled passes, /healthz, /metrics")
+    demo = commands.add_parser("demo", help="simulator + local Postgres + one pass + queries")
+    demo.add_argument("--users", type=int, default=300, help="simulated users per service")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "simulate":
+        from worker.simulator import simulate_main
+
+        return simulate_main(list(args.args))
+    settings: Settings | None = None
+    try:
+        settings = load_settings()
+        configure_logging(settings.log_level, settings.log_format, settings.secrets())
+        return asyncio.run(_dispatch(args, settings))
+    except FatalError as error:
+        return _fail(str(error), settings)
+    except KeyboardInterrupt:
+        return EXIT_PARTIAL
+
+
+def _fail(message: str, settings: Settings | None, code: int = EXIT_CONFIG) -> int:
+    message = redact(message, settings.secrets() if settings else ())
+    print(f"convsync: error: {message}", file=sys.stderr)
+    return code
+
+
+async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+    if args.command == "migrate":
+        applied = await apply_migrations(await _database(settings))
+        log.info("migrations_done", applied=applied)
+        return EXIT_OK
+    if args.command == "sync":
+        return await sync_command(settings, args.service, args.user)
+    if args.command == "status":
+        return await status_command(settings, args.json, args.limit)
+    if args.command == "run":
+        from worker.service import run_service
+
+        return await run_service(settings)
+    if args.command == "demo":
+        from worker.demo import run_demo
+
+        return await run_demo(settings, args.users)
+    raise ConfigError(f"unknown command {args.command}")
+
+
+async def _database(settings: Settings) -> str:
+    """The database URL, checked by connecting once (wrong credentials are exit 2)."""
+    dsn = settings.require_database()
+    try:
+        conn = await asyncpg.connect(dsn, timeout=10)
+    except (
+        asyncpg.InvalidPasswordError,
+        asyncpg.InvalidAuthorizationSpecificationError,
+        asyncpg.InvalidCatalogNameError,
+    ) as error:
+        raise ConfigError(f"DATABASE_URL was refused: {type(error).__name__}") from None
+    except (OSError, TimeoutError, asyncpg.PostgresError) as error:
+        raise DatabaseUnavailableConfig(
+            f"cannot reach the database in DATABASE_URL: {type(error).__name__}"
+        ) from None
+    await conn.close()
+    return dsn
+
+
+class DatabaseUnavailableConfig(FatalError):
+    """The database could not be reached at start."""
+
+
+async def sync_command(settings: Settings, services: Sequence[str], users: Sequence[str]) -> int:
+    """One pass over the scope; exit 0 all synced, 1 some failed or interrupted, 2 fatal."""
+    scope = Scope(
+        services=parse_sids(",".join(services), SERVICE_SID, "--service") or settings.services,
+        users=parse_sids(",".join(users), USER_SID, "--user"),
+    )
+    settings.require_credentials()
+    dsn = await _database(settings)
+    store = await Store.connect(dsn, settings.db_pool_size)
+    try:
+        async with store.pool.acquire() as conn:
+            missing = await pending_migrations(conn)
+        if missing:
+            raise ConfigError(
+                f"the database is not migrated ({missing[0]}...): run convsync migrate"
+            )
+        stop = asyncio.Event()
+        _install_stop_handlers(stop)
+        async with TwilioClient(settings) as client:
+            sync = SyncPass(settings, store, client, scope, stop=stop)
+            try:
+                summary = await sync.run()
+            except DatabaseUnavailable as error:
+                log.error("pass_stopped", error=str(error))
+                return EXIT_PARTIAL
+        if stop.is_set():
+            return EXIT_PARTIAL
+        return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL
+    finally:
+        await store.close()
+
+
+def _install_stop_handlers(stop: asyncio.Event) -> None:
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+
+
+async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
+    dsn = await _database(settings)
+    conn = await asyncpg.connect(dsn)
+    try:
+        passes = await recent_passes(conn, limit)
+        users = await troubled_users(conn)
+    finally:
+        await conn.close()
+    if as_json:
+        print(json.dumps({"passes": passes, "users": users}, default=_json_default, indent=2))
+        return EXIT_OK
+    print(
+        _table(
+            passes,
+            [
+                "run_id",
+                "status",
+                "started_at",
+                "seconds",
+                "users_synced",
+                "users_failed",
+                "users_gone",
+                "pages",
+                "rows_inserted",
+                "rows_updated",
+                "rows_removed",
+                "rows_quarantined",
+            ],
+        )
+    )
+    if users:
+        print()
+        print(
+            _table(users, ["chat_service_sid", "user_sid", "state", "listing_pages", "last_error"])
+        )
+    return EXIT_OK
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    return str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
+    def cell(value: Any) -> str:
+        if isinstance(value, datetime):
+            return value.strftime("%Y-%m-%d %H:%M:%S")
+        if isinstance(value, float):
+            return f"{value:.1f}"
+        return "" if value is None else str(value)[:60]
+
+    body = [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
+    return "\n".join(lines) if body else "(no passes yet)"

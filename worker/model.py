@@ -1,0 +1,352 @@
+"""API JSON -> typed rows, and the reason an item cannot become one.
+
+Field names, types, enums and SID patterns follow Twilio's OpenAPI spec for Conversations v1.
+A bad item never stops a page: it is returned in ``rejected`` with its reason, to be
+quarantined, while the page's good items are kept.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Generic, TypeVar
+
+SID_PATTERNS = {
+    "AC": re.compile(r"^AC[0-9a-fA-F]{32}$"),
+    "IS": re.compile(r"^IS[0-9a-fA-F]{32}$"),
+    "US": re.compile(r"^US[0-9a-fA-F]{32}$"),
+    "CH": re.compile(r"^CH[0-9a-fA-F]{32}$"),
+    "MB": re.compile(r"^MB[0-9a-fA-F]{32}$"),
+    "RL": re.compile(r"^RL[0-9a-fA-F]{32}$"),
+}
+CONVERSATION_STATES = frozenset({"inactive", "active", "closed"})
+NOTIFICATION_LEVELS = frozenset({"default", "muted"})
+
+
+RowT = TypeVar("RowT")
+
+
+class InvalidItem(ValueError):
+    """An item that breaks the schema; the message says how."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceRow:
+    chat_service_sid: str
+    account_sid: str | None
+    friendly_name: str | None
+    date_created: datetime | None
+    date_updated: datetime | None
+    url: str | None
+    links: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class UserRow:
+    chat_service_sid: str
+    user_sid: str
+    account_sid: str | None
+    role_sid: str | None
+    identity: str | None
+    friendly_name: str | None
+    attributes: str | None
+    is_online: bool | None
+    is_notifiable: bool | None
+    date_created: datetime | None
+    date_updated: datetime | None
+    url: str | None
+    links: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationRow:
+    chat_service_sid: str
+    conversation_sid: str
+    account_sid: str | None
+    friendly_name: str | None
+    unique_name: str | None
+    attributes: str | None
+    conversation_state: str | None
+    created_by: str | None
+    date_created: datetime | None
+    date_updated: datetime | None
+    date_inactive: datetime | None
+    date_closed: datetime | None
+
+
+@dataclass(frozen=True, slots=True)
+class MembershipRow:
+    chat_service_sid: str
+    user_sid: str
+    conversation_sid: str
+    participant_sid: str | None
+    notification_level: str | None
+    unread_messages_count: int | None
+    last_read_message_index: int | None
+    url: str | None
+    links: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """An item that could not be stored: its raw JSON, why, and its SID when readable."""
+
+    item: str
+    reason: str
+    sid: str | None
+
+
+@dataclass(slots=True)
+class ParsedPage(Generic[RowT]):
+    """A page's typed rows and the items rejected."""
+
+    rows: list[RowT] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class ParsedConversationsPage:
+    """A user's conversations page: conversation rows, membership rows, rejected items."""
+
+    conversations: list[ConversationRow] = field(default_factory=list)
+    memberships: list[MembershipRow] = field(default_factory=list)
+    rejected: list[Rejected] = field(default_factory=list)
+
+    @property
+    def seen_sids(self) -> list[str]:
+        """Every conversation SID this page proves the user still has, rejected ones included."""
+        sids = [m.conversation_sid for m in self.memberships]
+        sids.extend(r.sid for r in self.rejected if r.sid is not None)
+        return sids
+
+
+# --- field readers ----------------------------------------------------------------------------
+
+
+def _text(item: dict[str, Any], name: str) -> str | None:
+    value = item.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidItem(f"{name} must be a string, got {type(value).__name__}")
+    if "\x00" in value:
+        raise InvalidItem(f"{name} contains a NUL character")
+    return value
+
+
+def _sid(item: dict[str, Any], name: str, prefix: str, *, required: bool = False) -> str | None:
+    value = _text(item, name)
+    if value is None:
+        if required:
+            raise InvalidItem(f"{name} is missing")
+        return None
+    if not SID_PATTERNS[prefix].match(value):
+        raise InvalidItem(f"{name} is not a valid {prefix} SID")
+    return value
+
+
+def _int(item: dict[str, Any], name: str) -> int | None:
+    value = item.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidItem(f"{name} must be an integer, got {type(value).__name__}")
+    if not -(2**63) <= value < 2**63:
+        raise InvalidItem(f"{name} is out of the 64-bit range")
+    return value
+
+
+def _bool(item: dict[str, Any], name: str) -> bool | None:
+    value = item.get(name)
+    if value is None or isinstance(value, bool):
+        return value
+    raise InvalidItem(f"{name} must be a boolean, got {type(value).__name__}")
+
+
+def _enum(item: dict[str, Any], name: str, allowed: frozenset[str]) -> str | None:
+    value = _text(item, name)
+    if value is not None and value not in allowed:
+        raise InvalidItem(f"{name} has an unknown value {value[:40]!r}")
+    return value
+
+
+def _date(value: Any, name: str) -> datetime | None:
+    if value is None:
+        return None
+    if not isinstance(value, str):
+        raise InvalidItem(f"{name} must be an ISO 8601 string, got {type(value).__name__}")
+    try:
+        parsed = datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidItem(f"{name} is not an ISO 8601 date-time: {value[:40]!r}") from None
+    if parsed.tzinfo is None:
+        raise InvalidItem(f"{name} has no time zone: {value[:40]!r}")
+    return parsed
+
+
+def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
+    """The attributes string, which must hold JSON that PostgreSQL's jsonb accepts."""
+    value = _text(item, name)
+    if value is None:
+        return None
+    try:
+        json.loads(value)
+    except ValueError:
+        raise InvalidItem(f"{name} is not valid JSON") from None
+    if "\\u0000" in value:
+        raise InvalidItem(f"{name} contains a NUL character")
+    return value
+
+
+def _links(item: dict[str, Any]) -> str | None:
+    value = item.get("links")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise InvalidItem(f"links must be an object, got {type(value).__name__}")
+    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    if "\\u0000" in text:
+        raise InvalidItem("links contains a NUL character")
+    return text
+
+
+def _matches(item: dict[str, Any], name: str, prefix: str, expected: str) -> None:
+    value = _sid(item, name, prefix)
+    if value is not None and value != expected:
+        raise InvalidItem(f"{name} {value} does not match the requested {expected}")
+
+
+def _raw(item: Any) -> str:
+    return json.dumps(item, ensure_ascii=False, default=str)
+
+
+def _readable_sid(item: Any, name: str, prefix: str) -> str | None:
+    if isinstance(item, dict):
+        value = item.get(name)
+        if isinstance(value, str) and SID_PATTERNS[prefix].match(value):
+            return value
+    return None
+
+
+# --- resources --------------------------------------------------------------------------------
+
+
+def parse_service(item: Any) -> ServiceRow:
+    if not isinstance(item, dict):
+        raise InvalidItem(f"item must be an object, got {type(item).__name__}")
+    return ServiceRow(
+        chat_service_sid=_sid(item, "sid", "IS", required=True) or "",
+        account_sid=_sid(item, "account_sid", "AC"),
+        friendly_name=_text(item, "friendly_name"),
+        date_created=_date(item.get("date_created"), "date_created"),
+        date_updated=_date(item.get("date_updated"), "date_updated"),
+        url=_text(item, "url"),
+        links=_links(item),
+    )
+
+
+def parse_user(item: Any, service_sid: str) -> UserRow:
+    if not isinstance(item, dict):
+        raise InvalidItem(f"item must be an object, got {type(item).__name__}")
+    _matches(item, "chat_service_sid", "IS", service_sid)
+    return UserRow(
+        chat_service_sid=service_sid,
+        user_sid=_sid(item, "sid", "US", required=True) or "",
+        account_sid=_sid(item, "account_sid", "AC"),
+        role_sid=_sid(item, "role_sid", "RL"),
+        identity=_text(item, "identity"),
+        friendly_name=_text(item, "friendly_name"),
+        attributes=_attributes(item),
+        is_online=_bool(item, "is_online"),
+        is_notifiable=_bool(item, "is_notifiable"),
+        date_created=_date(item.get("date_created"), "date_created"),
+        date_updated=_date(item.get("date_updated"), "date_updated"),
+        url=_text(item, "url"),
+        links=_links(item),
+    )
+
+
+def parse_user_conversation(
+    item: Any, service_sid: str, user_sid: str
+) -> tuple[ConversationRow, MembershipRow]:
+    """One service-user-conversation resource -> its conversation and membership rows."""
+    if not isinstance(item, dict):
+        raise InvalidItem(f"item must be an object, got {type(item).__name__}")
+    conversation_sid = _sid(item, "conversation_sid", "CH", required=True) or ""
+    _matches(item, "chat_service_sid", "IS", service_sid)
+    _matches(item, "user_sid", "US", user_sid)
+    timers = item.get("timers")
+    if timers is None:
+        timers = {}
+    if not isinstance(timers, dict):
+        raise InvalidItem(f"timers must be an object, got {type(timers).__name__}")
+    conversation = ConversationRow(
+        chat_service_sid=service_sid,
+        conversation_sid=conversation_sid,
+        account_sid=_sid(item, "account_sid", "AC"),
+        friendly_name=_text(item, "friendly_name"),
+        unique_name=_text(item, "unique_name"),
+        attributes=_attributes(item),
+        conversation_state=_enum(item, "conversation_state", CONVERSATION_STATES),
+        created_by=_text(item, "created_by"),
+        date_created=_date(item.get("date_created"), "date_created"),
+        date_updated=_date(item.get("date_updated"), "date_updated"),
+        date_inactive=_date(timers.get("date_inactive"), "timers.date_inactive"),
+        date_closed=_date(timers.get("date_closed"), "timers.date_closed"),
+    )
+    membership = MembershipRow(
+        chat_service_sid=service_sid,
+        user_sid=user_sid,
+        conversation_sid=conversation_sid,
+        participant_sid=_sid(item, "participant_sid", "MB"),
+        notification_level=_enum(item, "notification_level", NOTIFICATION_LEVELS),
+        unread_messages_count=_int(item, "unread_messages_count"),
+        last_read_message_index=_int(item, "last_read_message_index"),
+        url=_text(item, "url"),
+        links=_links(item),
+    )
+    return conversation, membership
+
+
+def parse_services_page(items: list[Any]) -> ParsedPage[ServiceRow]:
+    page: ParsedPage[ServiceRow] = ParsedPage()
+    for item in items:
+        try:
+            page.rows.append(parse_service(item))
+        except InvalidItem as error:
+            page.rejected.append(Rejected(_raw(item), str(error), _readable_sid(item, "sid", "IS")))
+    return page
+
+
+def parse_users_page(items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
+    page: ParsedPage[UserRow] = ParsedPage()
+    for item in items:
+        try:
+            page.rows.append(parse_user(item, service_sid))
+        except InvalidItem as error:
+            page.rejected.append(Rejected(_raw(item), str(error), _readable_sid(item, "sid", "US")))
+    return page
+
+
+def parse_conversations_page(
+    items: list[Any], service_sid: str, user_sid: str
+) -> ParsedConversationsPage:
+    """Parse a page; a conversation listed twice keeps its last occurrence."""
+    page = ParsedConversationsPage()
+    conversations: dict[str, ConversationRow] = {}
+    memberships: dict[str, MembershipRow] = {}
+    for item in items:
+        try:
+            conversation, membership = parse_user_conversation(item, service_sid, user_sid)
+        except InvalidItem as error:
+            sid = _readable_sid(item, "conversation_sid", "CH")
+            page.rejected.append(Rejected(_raw(item), str(error), sid))
+            continue
+        conversations[conversation.conversation_sid] = conversation
+        memberships[membership.conversation_sid] = membership
+    # Sorted: every writer locks shared conversation rows in the same order (no deadlocks).
+    page.conversations = [conversations[k] for k in sorted(conversations)]
+    page.memberships = [memberships[k] for k in sorted(memberships)]
+    return page

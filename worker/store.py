@@ -1,0 +1,680 @@
+"""Every SQL statement convsync runs: passes, discovery, claims, pages, cursors, removals.
+
+Invariants kept here:
+- a page's rows and its cursor commit in one transaction, guarded by the page number the
+  claim expects, so a page is never applied twice or out of order;
+- an unchanged row is not rewritten (``IS DISTINCT FROM``), and conversation data only moves
+  forward in ``date_updated``;
+- memberships are never deleted: a complete listing marks what it did not see ``removed_at``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import asyncpg
+
+from worker.errors import LeaseLost
+from worker.model import ParsedConversationsPage, Rejected, ServiceRow, UserRow
+
+
+@dataclass(frozen=True)
+class PassInfo:
+    run_id: int
+    resumed: bool
+
+
+@dataclass(frozen=True)
+class DiscoveryClaim:
+    run_id: int
+    chat_service_sid: str
+    next_page_path: str | None
+    pages: int
+
+
+@dataclass(frozen=True)
+class UserClaim:
+    run_id: int
+    chat_service_sid: str
+    user_sid: str
+    next_page_path: str | None
+    listing_pages: int
+
+
+@dataclass(frozen=True)
+class PageOutcome:
+    inserted: int
+    updated: int
+    unchanged: int
+    removed: int
+    quarantined: int
+
+
+@dataclass(frozen=True)
+class PassSummary:
+    run_id: int
+    status: str
+    users_synced: int
+    users_failed: int
+    users_gone: int
+    pages: int
+    rows_inserted: int
+    rows_updated: int
+    rows_unchanged: int
+    rows_removed: int
+    rows_quarantined: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class PassProgress:
+    discovery_open: int
+    users_pending: int
+    users_claimable: int
+
+
+async def _init_connection(conn: asyncpg.Connection) -> None:
+    # jsonb travels as text: attributes are already JSON text, validated by the model.
+    await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
+
+
+class Store:
+    """The database side of a pass, over an asyncpg pool."""
+
+    def __init__(self, pool: asyncpg.Pool) -> None:
+        self.pool = pool
+
+    @classmethod
+    async def connect(cls, dsn: str, size: int = 8) -> Store:
+        pool = await asyncpg.create_pool(
+            dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=60
+        )
+        return cls(pool)
+
+    async def close(self) -> None:
+        await self.pool.close()
+
+    # --- passes ---------------------------------------------------------------------------
+
+    async def begin_or_resume_pass(self, scope: dict[str, Any]) -> PassInfo:
+        """Continue the unfinished pass of the same scope, or start one (superseding another)."""
+        scope_json = json.dumps(scope, sort_keys=True)
+        async with self.pool.acquire() as conn, conn.transaction():
+            # One pass at a time across replicas: serialise creation on the partial index.
+            await conn.execute("LOCK TABLE sync_runs IN SHARE ROW EXCLUSIVE MODE")
+            running = await conn.fetchrow(
+                "SELECT run_id, scope::text AS scope FROM sync_runs WHERE status = 'running'"
+            )
+            if running is not None:
+                if json.loads(running["scope"]) == json.loads(scope_json):
+                    return PassInfo(running["run_id"], resumed=True)
+                await conn.execute(
+                    """UPDATE sync_runs SET status = 'failed', finished_at = now(),
+                              error = 'superseded by a pass of another scope'
+                       WHERE run_id = $1""",
+                    running["run_id"],
+                )
+            run_id = await conn.fetchval(
+                "INSERT INTO sync_runs (scope) VALUES ($1::jsonb) RETURNING run_id", scope_json
+            )
+            return PassInfo(run_id, resumed=False)
+
+    async def pass_progress(self, run_id: int) -> PassProgress:
+        row = await self.pool.fetchrow(
+            """SELECT
+                 (SELECT count(*) FROM sync_discovery
+                   WHERE run_id = $1 AND completed_at IS NULL) AS discovery_open,
+                 (SELECT count(*) FROM sync_cursors
+                   WHERE run_id = $1 AND state = 'pending') AS users_pending,
+                 (SELECT count(*) FROM sync_cursors
+                   WHERE run_id = $1 AND state = 'pending'
+                     AND (lease_until IS NULL OR lease_until < now())) AS users_claimable""",
+            run_id,
+        )
+        assert row is not None
+        return PassProgress(row["discovery_open"], row["users_pending"], row["users_claimable"])
+
+    async def finish_pass(self, run_id: int, error: str | None = None) -> PassSummary:
+        """Record the pass's counts and status (once; later callers read what was recorded)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """WITH totals AS (
+                     SELECT count(*) FILTER (WHERE state = 'done') AS synced,
+                            count(*) FILTER (WHERE state = 'failed') AS failed,
+                            count(*) FILTER (WHERE state = 'gone') AS gone,
+                            coalesce(sum(run_pages), 0) AS pages,
+                            coalesce(sum(run_rows_inserted), 0) AS ins,
+                            coalesce(sum(run_rows_updated), 0) AS upd,
+                            coalesce(sum(run_rows_unchanged), 0) AS unch,
+                            coalesce(sum(run_rows_removed), 0) AS rem,
+                            coalesce(sum(run_rows_quarantined), 0) AS quar
+                     FROM sync_cursors WHERE run_id = $1)
+                   UPDATE sync_runs r SET
+                     finished_at = now(),
+                     status = CASE WHEN $2::text IS NOT NULL THEN 'failed'
+                                   WHEN t.failed > 0 THEN 'partial' ELSE 'succeeded' END,
+                     error = $2,
+                     users_synced = t.synced, users_failed = t.failed, users_gone = t.gone,
+                     pages = t.pages, rows_inserted = t.ins, rows_updated = t.upd,
+                     rows_unchanged = t.unch, rows_removed = t.rem,
+                     rows_quarantined = t.quar + (
+                        SELECT count(*) FROM quarantine q
+                        WHERE q.run_id = $1 AND q.user_sid IS NULL)
+                   FROM totals t
+                   WHERE r.run_id = $1 AND r.status = 'running'""",
+                run_id,
+                error,
+            )
+        return await self.pass_summary(run_id)
+
+    async def pass_summary(self, run_id: int) -> PassSummary:
+        """The pass as recorded (counts are final once it is no longer running)."""
+        row = await self.pool.fetchrow(
+            """SELECT *, extract(epoch FROM coalesce(finished_at, now()) - started_at)
+                      AS seconds FROM sync_runs WHERE run_id = $1""",
+            run_id,
+        )
+        assert row is not None
+        return PassSummary(
+            run_id=row["run_id"],
+            status=row["status"],
+            users_synced=row["users_synced"],
+            users_failed=row["users_failed"],
+            users_gone=row["users_gone"],
+            pages=row["pages"],
+            rows_inserted=row["rows_inserted"],
+            rows_updated=row["rows_updated"],
+            rows_unchanged=row["rows_unchanged"],
+            rows_removed=row["rows_removed"],
+            rows_quarantined=row["rows_quarantined"],
+            seconds=float(row["seconds"]),
+        )
+
+    # --- services and discovery -----------------------------------------------------------
+
+    async def upsert_services(self, rows: Sequence[ServiceRow]) -> None:
+        if not rows:
+            return
+        await self.pool.execute(
+            """INSERT INTO services AS s (chat_service_sid, account_sid, friendly_name,
+                      date_created, date_updated, url, links)
+               SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::timestamptz[],
+                                    $5::timestamptz[], $6::text[], $7::jsonb[])
+               ON CONFLICT (chat_service_sid) DO UPDATE SET
+                 account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,
+                 date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
+                 url = EXCLUDED.url, links = EXCLUDED.links, last_seen_at = now()
+               WHERE (s.account_sid, s.friendly_name, s.date_created, s.date_updated, s.url,
+                      s.links)
+                 IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.friendly_name,
+                      EXCLUDED.date_created, EXCLUDED.date_updated, EXCLUDED.url,
+                      EXCLUDED.links)""",
+            *_columns(rows, 7),
+        )
+
+    async def open_discovery(self, run_id: int, service_sids: Sequence[str]) -> None:
+        """Register each service's users listing for this pass (kept if already there)."""
+        await self.pool.execute(
+            """INSERT INTO sync_discovery (run_id, chat_service_sid)
+               SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING""",
+            run_id,
+            list(service_sids),
+        )
+
+    async def claim_discovery(
+        self, run_id: int, owner: str, lease_seconds: float
+    ) -> DiscoveryClaim | None:
+        row = await self.pool.fetchrow(
+            """UPDATE sync_discovery d SET claimed_by = $2,
+                      lease_until = now() + make_interval(secs => $3)
+               WHERE (run_id, chat_service_sid) = (
+                   SELECT run_id, chat_service_sid FROM sync_discovery
+                   WHERE run_id = $1 AND completed_at IS NULL
+                     AND (lease_until IS NULL OR lease_until < now())
+                   ORDER BY chat_service_sid LIMIT 1 FOR UPDATE SKIP LOCKED)
+               RETURNING chat_service_sid, next_page_path, pages""",
+            run_id,
+            owner,
+            lease_seconds,
+        )
+        if row is None:
+            return None
+        return DiscoveryClaim(run_id, row["chat_service_sid"], row["next_page_path"], row["pages"])
+
+    async def save_users_page(
+        self,
+        claim: DiscoveryClaim,
+        owner: str,
+        lease_seconds: float,
+        page_number: int,
+        source_path: str,
+        users: Sequence[UserRow],
+        rejected: Sequence[Rejected],
+        next_page_path: str | None,
+    ) -> int:
+        """Upsert a users page, queue its users for this pass, advance discovery.
+
+        After the last page, users of the service not listed in this pass are marked gone
+        (with their memberships). Returns how many users were marked gone.
+        """
+        run_id, service = claim.run_id, claim.chat_service_sid
+        async with self.pool.acquire() as conn, conn.transaction():
+            advanced = await conn.fetchval(
+                """UPDATE sync_discovery SET next_page_path = $4, pages = pages + 1,
+                          users_seen = users_seen + $5,
+                          lease_until = now() + make_interval(secs => $6),
+                          completed_at = CASE WHEN $4::text IS NULL THEN now() END
+                   WHERE run_id = $1 AND chat_service_sid = $2 AND claimed_by = $3
+                     AND pages = $7 AND completed_at IS NULL
+                   RETURNING 1""",
+                run_id,
+                service,
+                owner,
+                next_page_path,
+                len(users),
+                lease_seconds,
+                page_number,
+            )
+            if advanced is None:
+                raise LeaseLost(f"discovery of {service} was taken over")
+            users = sorted(users, key=lambda u: u.user_sid)
+            await conn.execute(
+                """INSERT INTO users AS u (chat_service_sid, user_sid, account_sid, role_sid,
+                          identity, friendly_name, attributes, is_online, is_notifiable,
+                          date_created, date_updated, url, links)
+                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+                          $5::text[], $6::text[], $7::jsonb[], $8::bool[], $9::bool[],
+                          $10::timestamptz[], $11::timestamptz[], $12::text[], $13::jsonb[])
+                   ON CONFLICT (chat_service_sid, user_sid) DO UPDATE SET
+                     account_sid = EXCLUDED.account_sid, role_sid = EXCLUDED.role_sid,
+                     identity = EXCLUDED.identity, friendly_name = EXCLUDED.friendly_name,
+                     attributes = EXCLUDED.attributes, is_online = EXCLUDED.is_online,
+                     is_notifiable = EXCLUDED.is_notifiable,
+                     date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
+                     url = EXCLUDED.url, links = EXCLUDED.links,
+                     changed_at = now(), removed_at = NULL
+                   WHERE (u.account_sid, u.role_sid, u.identity, u.friendly_name, u.attributes,
+                          u.is_online, u.is_notifiable, u.date_created, u.date_updated, u.url,
+                          u.links, u.removed_at IS NULL)
+                     IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.role_sid,
+                          EXCLUDED.identity, EXCLUDED.friendly_name, EXCLUDED.attributes,
+                          EXCLUDED.is_online, EXCLUDED.is_notifiable, EXCLUDED.date_created,
+                          EXCLUDED.date_updated, EXCLUDED.url, EXCLUDED.links, true)""",
+                *_columns(users, 13),
+            )
+            await self._enqueue(conn, run_id, service, [u.user_sid for u in users])
+            await _quarantine(conn, run_id, service, None, source_path, rejected)
+            if next_page_path is not None:
+                return 0
+            return await self._mark_unlisted_users_gone(conn, run_id, service)
+
+    async def enqueue_users(self, run_id: int, service_sid: str, user_sids: Sequence[str]) -> None:
+        """Queue named users (``--user``) for this pass; no discovery, so nothing marked gone."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                """INSERT INTO users (chat_service_sid, user_sid)
+                   SELECT $1, unnest($2::text[]) ON CONFLICT DO NOTHING""",
+                service_sid,
+                sorted(user_sids),
+            )
+            await self._enqueue(conn, run_id, service_sid, sorted(user_sids))
+
+    @staticmethod
+    async def _enqueue(
+        conn: asyncpg.Connection, run_id: int, service: str, user_sids: list[str]
+    ) -> None:
+        # A user already queued in this pass keeps its state; one from an earlier pass keeps
+        # its cursor (an interrupted listing goes on) but gets fresh per-pass counters.
+        await conn.execute(
+            """INSERT INTO sync_cursors AS c (chat_service_sid, user_sid, run_id)
+               SELECT $2, unnest($3::text[]), $1
+               ON CONFLICT (chat_service_sid, user_sid) DO UPDATE SET
+                 run_id = EXCLUDED.run_id, state = 'pending', attempts = 0,
+                 claimed_by = NULL, lease_until = NULL,
+                 run_pages = 0, run_rows_inserted = 0, run_rows_updated = 0,
+                 run_rows_unchanged = 0, run_rows_removed = 0, run_rows_quarantined = 0
+               WHERE c.run_id < EXCLUDED.run_id""",
+            run_id,
+            service,
+            user_sids,
+        )
+
+    @staticmethod
+    async def _mark_unlisted_users_gone(conn: asyncpg.Connection, run_id: int, service: str) -> int:
+        gone = await conn.fetch(
+            """UPDATE sync_cursors SET state = 'gone', claimed_by = NULL, lease_until = NULL,
+                      next_page_path = NULL, listing_pages = 0, seen_conversations = '{}'
+               WHERE chat_service_sid = $1 AND run_id < $2 AND state <> 'gone'
+               RETURNING user_sid""",
+            service,
+            run_id,
+        )
+        sids = [r["user_sid"] for r in gone]
+        await _remove_users(conn, service, sids)
+        # Users known from an earlier pass without a cursor (never listed) are gone too.
+        await conn.execute(
+            """UPDATE users u SET removed_at = now() WHERE chat_service_sid = $1
+                 AND removed_at IS NULL
+                 AND NOT EXISTS (SELECT 1 FROM sync_cursors c
+                                 WHERE c.chat_service_sid = u.chat_service_sid
+                                   AND c.user_sid = u.user_sid)""",
+            service,
+        )
+        return len(sids)
+
+    # --- users ----------------------------------------------------------------------------
+
+    async def claim_user(self, run_id: int, owner: str, lease_seconds: float) -> UserClaim | None:
+        """Lease one pending user of this pass (``SKIP LOCKED``: replicas never collide)."""
+        row = await self.pool.fetchrow(
+            """UPDATE sync_cursors c SET claimed_by = $2,
+                      lease_until = now() + make_interval(secs => $3), attempts = attempts + 1
+               WHERE (chat_service_sid, user_sid) = (
+                   SELECT chat_service_sid, user_sid FROM sync_cursors
+                   WHERE run_id = $1 AND state = 'pending'
+                     AND (lease_until IS NULL OR lease_until < now())
+                   LIMIT 1 FOR UPDATE SKIP LOCKED)
+               RETURNING chat_service_sid, user_sid, next_page_path, listing_pages""",
+            run_id,
+            owner,
+            lease_seconds,
+        )
+        if row is None:
+            return None
+        return UserClaim(
+            run_id,
+            row["chat_service_sid"],
+            row["user_sid"],
+            row["next_page_path"],
+            row["listing_pages"],
+        )
+
+    async def save_conversations_page(
+        self,
+        claim: UserClaim,
+        owner: str,
+        lease_seconds: float,
+        page_number: int,
+        source_path: str,
+        page: ParsedConversationsPage,
+        next_page_path: str | None,
+    ) -> PageOutcome:
+        """Write one page of a user's listing and advance its cursor, atomically.
+
+        ``page_number`` is the count of pages of this listing already written; if the cursor
+        says otherwise, another worker got there first and nothing is written (LeaseLost).
+        On the listing's last page, memberships not seen in the whole listing are removed.
+        """
+        service, user = claim.chat_service_sid, claim.user_sid
+        async with self.pool.acquire() as conn, conn.transaction():
+            listed = await conn.fetchval(
+                """UPDATE sync_cursors SET
+                     next_page_path = $5,
+                     listing_pages = listing_pages + 1,
+                     listing_started_at = CASE WHEN listing_pages = 0 THEN now()
+                                               ELSE listing_started_at END,
+                     seen_conversations = CASE WHEN listing_pages = 0 THEN $6::text[]
+                                               ELSE seen_conversations || $6::text[] END,
+                     lease_until = now() + make_interval(secs => $7),
+                     run_pages = run_pages + 1
+                   WHERE chat_service_sid = $1 AND user_sid = $2 AND run_id = $8
+                     AND claimed_by = $3 AND listing_pages = $4 AND state = 'pending'
+                   RETURNING seen_conversations""",
+                service,
+                user,
+                owner,
+                page_number,
+                next_page_path,
+                page.seen_sids,
+                lease_seconds,
+                claim.run_id,
+            )
+            if listed is None:
+                raise LeaseLost(f"user {user} was taken over or its cursor moved")
+            await _upsert_conversations(conn, page)
+            inserted, updated = await _upsert_memberships(conn, page)
+            unchanged = len(page.memberships) - inserted - updated
+            await _quarantine(conn, claim.run_id, service, user, source_path, page.rejected)
+            removed = 0
+            if next_page_path is None:
+                removed = await _remove_unlisted(conn, service, user, list(listed))
+            await conn.execute(
+                """UPDATE sync_cursors SET run_rows_inserted = run_rows_inserted + $3,
+                          run_rows_updated = run_rows_updated + $4,
+                          run_rows_unchanged = run_rows_unchanged + $5,
+                          run_rows_removed = run_rows_removed + $6,
+                          run_rows_quarantined = run_rows_quarantined + $7,
+                          state = CASE WHEN $8 THEN 'done' ELSE state END,
+                          listing_pages = CASE WHEN $8 THEN 0 ELSE listing_pages END,
+                          seen_conversations = CASE WHEN $8 THEN '{}' ELSE seen_conversations END,
+                          last_listed_at = CASE WHEN $8 THEN now() ELSE last_listed_at END,
+                          last_error = CASE WHEN $8 THEN NULL ELSE last_error END,
+                          claimed_by = CASE WHEN $8 THEN NULL ELSE claimed_by END,
+                          lease_until = CASE WHEN $8 THEN NULL ELSE lease_until END
+                   WHERE chat_service_sid = $1 AND user_sid = $2""",
+                service,
+                user,
+                inserted,
+                updated,
+                unchanged,
+                removed,
+                len(page.rejected),
+                next_page_path is None,
+            )
+        return PageOutcome(inserted, updated, unchanged, removed, len(page.rejected))
+
+    async def restart_listing(self, claim: UserClaim, owner: str) -> None:
+        """Forget a rejected cursor: the listing starts again from page one, nothing removed."""
+        await self.pool.execute(
+            """UPDATE sync_cursors SET next_page_path = NULL, listing_pages = 0,
+                      seen_conversations = '{}', listing_started_at = NULL
+               WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
+            claim.chat_service_sid,
+            claim.user_sid,
+            owner,
+        )
+
+    async def mark_user_failed(self, claim: UserClaim, owner: str, error: str) -> None:
+        """The user failed this pass: its cursor stays, for the next pass to continue."""
+        await self.pool.execute(
+            """UPDATE sync_cursors SET state = 'failed', last_error = $4, last_error_at = now(),
+                      claimed_by = NULL, lease_until = NULL
+               WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3
+                 AND state = 'pending'""",
+            claim.chat_service_sid,
+            claim.user_sid,
+            owner,
+            error[:2000],
+        )
+
+    async def mark_user_gone(self, claim: UserClaim, owner: str) -> None:
+        """The user no longer exists upstream: it and its memberships are marked removed."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            updated = await conn.fetchval(
+                """UPDATE sync_cursors SET state = 'gone', claimed_by = NULL, lease_until = NULL,
+                          next_page_path = NULL, listing_pages = 0, seen_conversations = '{}'
+                   WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3
+                     AND state = 'pending'
+                   RETURNING 1""",
+                claim.chat_service_sid,
+                claim.user_sid,
+                owner,
+            )
+            if updated is not None:
+                await _remove_users(conn, claim.chat_service_sid, [claim.user_sid])
+
+    async def release_user(self, claim: UserClaim, owner: str) -> None:
+        """Give a claim back unfinished (shutdown): another worker may continue it."""
+        await self.pool.execute(
+            """UPDATE sync_cursors SET claimed_by = NULL, lease_until = NULL
+               WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
+            claim.chat_service_sid,
+            claim.user_sid,
+            owner,
+        )
+
+    async def release_all(self, owner: str) -> None:
+        """Give back every claim of this worker (shutdown)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute(
+                "UPDATE sync_cursors SET claimed_by = NULL, lease_until = NULL "
+                "WHERE claimed_by = $1",
+                owner,
+            )
+            await conn.execute(
+                "UPDATE sync_discovery SET claimed_by = NULL, lease_until = NULL "
+                "WHERE claimed_by = $1",
+                owner,
+            )
+
+
+# --- statements shared by the methods above ---------------------------------------------------
+
+
+def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
+    """Row objects (slotted dataclasses) -> one list per column, for ``unnest``."""
+    if not rows:
+        return [[] for _ in range(width)]
+    names = type(rows[0]).__slots__
+    return [[getattr(r, name) for r in rows] for name in names]
+
+
+async def _upsert_conversations(conn: asyncpg.Connection, page: ParsedConversationsPage) -> None:
+    if not page.conversations:
+        return
+    await conn.execute(
+        """INSERT INTO conversations AS c (chat_service_sid, conversation_sid, account_sid,
+                  friendly_name, unique_name, attributes, conversation_state, created_by,
+                  date_created, date_updated, date_inactive, date_closed)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                  $6::jsonb[], $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[],
+                  $11::timestamptz[], $12::timestamptz[])
+           ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
+             account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,
+             unique_name = EXCLUDED.unique_name, attributes = EXCLUDED.attributes,
+             conversation_state = EXCLUDED.conversation_state, created_by = EXCLUDED.created_by,
+             date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
+             date_inactive = EXCLUDED.date_inactive, date_closed = EXCLUDED.date_closed,
+             changed_at = now()
+           WHERE (c.date_updated IS NULL OR EXCLUDED.date_updated IS NULL
+                  OR EXCLUDED.date_updated >= c.date_updated)
+             AND (c.account_sid, c.friendly_name, c.unique_name, c.attributes,
+                  c.conversation_state, c.created_by, c.date_created, c.date_updated,
+                  c.date_inactive, c.date_closed)
+             IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.friendly_name,
+                  EXCLUDED.unique_name, EXCLUDED.attributes, EXCLUDED.conversation_state,
+                  EXCLUDED.created_by, EXCLUDED.date_created, EXCLUDED.date_updated,
+                  EXCLUDED.date_inactive, EXCLUDED.date_closed)""",
+        *_columns(page.conversations, 12),
+    )
+
+
+async def _upsert_memberships(
+    conn: asyncpg.Connection, page: ParsedConversationsPage
+) -> tuple[int, int]:
+    """Upsert memberships; returns (inserted, updated). A listed membership is not removed."""
+    if not page.memberships:
+        return 0, 0
+    rows = await conn.fetch(
+        """INSERT INTO memberships AS m (chat_service_sid, user_sid, conversation_sid,
+                  participant_sid, notification_level, unread_messages_count,
+                  last_read_message_index, url, links)
+           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
+                  $6::bigint[], $7::bigint[], $8::text[], $9::jsonb[])
+           ON CONFLICT (chat_service_sid, user_sid, conversation_sid) DO UPDATE SET
+             participant_sid = EXCLUDED.participant_sid,
+             notification_level = EXCLUDED.notification_level,
+             unread_messages_count = EXCLUDED.unread_messages_count,
+             last_read_message_index = EXCLUDED.last_read_message_index,
+             url = EXCLUDED.url, links = EXCLUDED.links, changed_at = now(), removed_at = NULL
+           WHERE (m.participant_sid, m.notification_level, m.unread_messages_count,
+                  m.last_read_message_index, m.url, m.links, m.removed_at IS NULL)
+             IS DISTINCT FROM (EXCLUDED.participant_sid, EXCLUDED.notification_level,
+                  EXCLUDED.unread_messages_count, EXCLUDED.last_read_message_index,
+                  EXCLUDED.url, EXCLUDED.links, true)
+           RETURNING (xmax = 0) AS inserted""",
+        *_columns(page.memberships, 9),
+    )
+    inserted = sum(1 for r in rows if r["inserted"])
+    return inserted, len(rows) - inserted
+
+
+async def _remove_unlisted(
+    conn: asyncpg.Connection, service: str, user: str, listed: list[str]
+) -> int:
+    result: str = await conn.execute(
+        """UPDATE memberships SET removed_at = now()
+           WHERE chat_service_sid = $1 AND user_sid = $2 AND removed_at IS NULL
+             AND NOT (conversation_sid = ANY($3::text[]))""",
+        service,
+        user,
+        listed,
+    )
+    return int(result.rsplit(" ", 1)[-1])
+
+
+async def _remove_users(conn: asyncpg.Connection, service: str, user_sids: list[str]) -> None:
+    if not user_sids:
+        return
+    await conn.execute(
+        """UPDATE users SET removed_at = now()
+           WHERE chat_service_sid = $1 AND user_sid = ANY($2::text[]) AND removed_at IS NULL""",
+        service,
+        user_sids,
+    )
+    await conn.execute(
+        """UPDATE memberships SET removed_at = now()
+           WHERE chat_service_sid = $1 AND user_sid = ANY($2::text[]) AND removed_at IS NULL""",
+        service,
+        user_sids,
+    )
+
+
+async def _quarantine(
+    conn: asyncpg.Connection,
+    run_id: int,
+    service: str | None,
+    user: str | None,
+    source_path: str,
+    rejected: Sequence[Rejected],
+) -> None:
+    if not rejected:
+        return
+    await conn.executemany(
+        """INSERT INTO quarantine (run_id, chat_service_sid, user_sid, source_path, item, reason)
+           VALUES ($1, $2, $3, $4, $5, $6)""",
+        [(run_id, service, user, source_path, r.item, r.reason) for r in rejected],
+    )
+
+
+# --- reports (``convsync status``) ------------------------------------------------------------
+
+
+async def recent_passes(conn: asyncpg.Connection, limit: int = 10) -> list[dict[str, Any]]:
+    """The last passes, newest first."""
+    rows = await conn.fetch(
+        """SELECT run_id, status, started_at, finished_at,
+                  extract(epoch FROM coalesce(finished_at, now()) - started_at)::float8 AS seconds,
+                  users_synced, users_failed, users_gone, pages, rows_inserted, rows_updated,
+                  rows_unchanged, rows_removed, rows_quarantined, error
+           FROM sync_runs ORDER BY run_id DESC LIMIT $1""",
+        limit,
+    )
+    return [dict(r) for r in rows]
+
+
+async def troubled_users(conn: asyncpg.Connection, limit: int = 50) -> list[dict[str, Any]]:
+    """Users whose last attempt failed, or whose listing is mid-way."""
+    rows = await conn.fetch(
+        """SELECT chat_service_sid, user_sid, state, run_id, listing_pages, last_error,
+                  last_error_at, claimed_by, lease_until
+           FROM sync_cursors
+           WHERE state = 'failed' OR listing_pages > 0
+           ORDER BY (state = 'failed') DESC, last_error_at DESC NULLS LAST, user_sid
+           LIMIT $1""",
+        limit,
+    )
+    return [dict(r) for r in rows]

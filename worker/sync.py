@@ -1,0 +1,358 @@
+"""One pass: discover services and users, list every user's conversations, record the outcome.
+
+The pass reads top to bottom: ``SyncPass.run`` discovers services, creates or resumes the
+``sync_runs`` row, then runs discovery loops (users of each service, streamed page by page into
+``sync_cursors``) beside user loops (claim a user, walk its pages from its cursor, write each
+page with its cursor). Work is claimed through PostgreSQL, so replicas and restarts share a pass.
+
+Failure policy, in one place (``_sync_user``): a user that is gone (404) is marked removed; a
+rejected page token restarts that user's listing once; other per-user errors fail that user
+only; fatal errors (credentials) stop the pass; a database that goes away is waited for, within
+a bound, and otherwise stops the pass with every committed page kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+import structlog
+
+from worker import client as api
+from worker.client import TwilioClient
+from worker.config import Settings
+from worker.errors import (
+    ConfigError,
+    ConvsyncError,
+    FatalError,
+    LeaseLost,
+    PageTokenRejected,
+    UserGone,
+    UserSyncError,
+)
+from worker.logs import redact
+from worker.metrics import Metrics
+from worker.metrics import metrics as default_metrics
+from worker.model import (
+    parse_conversations_page,
+    parse_service,
+    parse_services_page,
+    parse_users_page,
+)
+from worker.store import DiscoveryClaim, PassSummary, Store, UserClaim
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
+P = ParamSpec("P")
+
+# Errors that mean "the database connection is gone", not "the statement is wrong".
+DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.CrashShutdownError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+)
+
+
+class DatabaseUnavailable(ConvsyncError):
+    """PostgreSQL stayed unreachable longer than the pass waits; committed pages are kept."""
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a pass covers: some services (or all discovered), some users (or all listed)."""
+
+    services: tuple[str, ...] = ()
+    users: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, list[str] | None]:
+        return {
+            "services": sorted(self.services) or None,
+            "users": sorted(self.users) or None,
+        }
+
+
+@dataclass
+class PassState:
+    """In-process view of the pass, for the loops to coordinate."""
+
+    run_id: int = 0
+    work_available: asyncio.Event = field(default_factory=asyncio.Event)
+    done: asyncio.Event = field(default_factory=asyncio.Event)
+    pages_fetched: int = 0
+
+
+class SyncPass:
+    """Runs one pass to its end (or until ``stop`` is set) and returns its summary."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: TwilioClient,
+        scope: Scope | None = None,
+        *,
+        stop: asyncio.Event | None = None,
+        metrics: Metrics | None = None,
+        db_wait_seconds: float = 60.0,
+        idle_poll_seconds: float = 0.5,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.scope = scope or Scope(services=settings.services)
+        self.stop = stop or asyncio.Event()
+        self.metrics = metrics or default_metrics
+        self.owner = settings.worker_id
+        self.lease = settings.lease_seconds
+        self.page_size = settings.page_size
+        self.db_wait_seconds = db_wait_seconds
+        self.idle_poll_seconds = idle_poll_seconds
+        self.state = PassState()
+
+    # --- the pass, top to bottom ----------------------------------------------------------
+
+    async def run(self) -> PassSummary:
+        services = await self.discover_services()
+        info = await self.db(self.store.begin_or_resume_pass, self.scope.as_json())
+        self.state.run_id = info.run_id
+        with structlog.contextvars.bound_contextvars(run_id=info.run_id):
+            log.info("pass_started", resumed=info.resumed, services=len(services))
+            started = time.monotonic()
+            if self.scope.users:
+                for service in services:
+                    await self.db(self.store.enqueue_users, info.run_id, service, self.scope.users)
+            else:
+                await self.db(self.store.open_discovery, info.run_id, services)
+            try:
+                await self.run_loops()
+            except FatalError as error:
+                await self.db(self.store.finish_pass, info.run_id, redact(str(error)))
+                raise
+            if self.stop.is_set():
+                await self.db(self.store.release_all, self.owner)
+                log.info("pass_interrupted", seconds=round(time.monotonic() - started, 3))
+                return await self.db(self.store.pass_summary, info.run_id)
+            summary = await self.db(self.store.finish_pass, info.run_id)
+            self.record(summary)
+            log.info("pass_finished", **summary.__dict__)
+            return summary
+
+    async def discover_services(self) -> list[str]:
+        """The services of this pass: the configured ones (fetched), or every listed one."""
+        wanted = self.scope.services
+        if wanted:
+            rows = []
+            for sid in wanted:
+                try:
+                    body = await self.client.get_json(api.service_path(sid))
+                except UserGone:
+                    raise ConfigError(f"service {sid} does not exist (CONVSYNC_SERVICES)") from None
+                rows.append(parse_service(body))
+        else:
+            rows = []
+            path: str | None = api.services_path(self.page_size)
+            while path is not None:
+                page = await self.client.get_page(path, "services")
+                parsed = parse_services_page(page.items)
+                for rejected in parsed.rejected:
+                    log.error("service_rejected", reason=rejected.reason, item=rejected.item[:500])
+                rows.extend(parsed.rows)
+                path = page.next_page_path
+        await self.db(self.store.upsert_services, rows)
+        return [r.chat_service_sid for r in rows]
+
+    async def run_loops(self) -> None:
+        """Discovery loops and user loops until the pass's work is done (or stop is set)."""
+        loops: list[Awaitable[None]] = [self.discovery_loop() for _ in range(2)]
+        loops += [self.user_loop() for _ in range(self.settings.concurrency)]
+        tasks = [asyncio.ensure_future(loop) for loop in loops]
+        try:
+            # Fail fast: the first loop to raise cancels the rest.
+            for finished in asyncio.as_completed(tasks):
+                await finished
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+    async def discovery_loop(self) -> None:
+        while not self.stop.is_set():
+            claim = await self.db(
+                self.store.claim_discovery, self.state.run_id, self.owner, self.lease
+            )
+            if claim is None:
+                return
+            with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
+                await self.discover_users(claim)
+
+    async def discover_users(self, claim: DiscoveryClaim) -> None:
+        """Walk one service's users listing from its cursor, queueing users page by page."""
+        path = claim.next_page_path or api.users_path(claim.chat_service_sid, self.page_size)
+        page_number = claim.pages
+        while not self.stop.is_set():
+            try:
+                page = await self.client.get_page(path, "users")
+            except UserGone:
+                log.error("service_gone")
+                return
+            except UserSyncError as error:
+                log.error("users_listing_failed", error=redact(str(error)))
+                return
+            parsed = parse_users_page(page.items, claim.chat_service_sid)
+            try:
+                gone = await self.db(
+                    self.store.save_users_page,
+                    claim,
+                    self.owner,
+                    self.lease,
+                    page_number,
+                    page.path,
+                    parsed.rows,
+                    parsed.rejected,
+                    page.next_page_path,
+                )
+            except LeaseLost:
+                log.warning("discovery_taken_over")
+                return
+            self.metrics.inc("convsync_pages_total", kind="users")
+            self.state.work_available.set()
+            page_number += 1
+            if page.next_page_path is None:
+                log.info("users_listed", pages=page_number, users_gone=gone)
+                return
+            path = page.next_page_path
+
+    async def user_loop(self) -> None:
+        while not self.stop.is_set():
+            claim = await self.db(self.store.claim_user, self.state.run_id, self.owner, self.lease)
+            if claim is not None:
+                with structlog.contextvars.bound_contextvars(
+                    service_sid=claim.chat_service_sid, user_sid=claim.user_sid
+                ):
+                    await self.sync_user(claim)
+                continue
+            if await self.finished():
+                return
+            self.state.work_available.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.state.work_available.wait(), self.idle_poll_seconds)
+
+    async def finished(self) -> bool:
+        """True once discovery is complete and no user of the pass is pending anywhere."""
+        if self.state.done.is_set():
+            return True
+        progress = await self.db(self.store.pass_progress, self.state.run_id)
+        if progress.discovery_open == 0 and progress.users_pending == 0:
+            self.state.done.set()
+            self.state.work_available.set()
+            return True
+        return False
+
+    async def sync_user(self, claim: UserClaim) -> None:
+        """List one user from its cursor to its last page; the failure policy lives here."""
+        first_page = api.user_conversations_path(
+            claim.chat_service_sid, claim.user_sid, self.page_size
+        )
+        path = claim.next_page_path or first_page
+        page_number = claim.listing_pages
+        restarted = False
+        try:
+            while True:
+                if self.stop.is_set():
+                    await self.db(self.store.release_user, claim, self.owner)
+                    return
+                try:
+                    page = await self.client.get_page(path, "conversations")
+                except PageTokenRejected:
+                    if restarted or page_number == 0:
+                        raise
+                    log.warning("page_token_rejected", listing_pages=page_number)
+                    await self.db(self.store.restart_listing, claim, self.owner)
+                    path, page_number, restarted = first_page, 0, True
+                    continue
+                self.state.pages_fetched += 1
+                parsed = parse_conversations_page(
+                    page.items, claim.chat_service_sid, claim.user_sid
+                )
+                for rejected in parsed.rejected:
+                    log.warning("item_quarantined", reason=rejected.reason, sid=rejected.sid)
+                outcome = await self.db(
+                    self.store.save_conversations_page,
+                    claim,
+                    self.owner,
+                    self.lease,
+                    page_number,
+                    path,
+                    parsed,
+                    page.next_page_path,
+                )
+                self.metrics.inc("convsync_pages_total", kind="conversations")
+                for name in ("inserted", "updated", "unchanged", "removed", "quarantined"):
+                    self.metrics.inc("convsync_rows_total", getattr(outcome, name), outcome=name)
+                page_number += 1
+                if page.next_page_path is None:
+                    self.metrics.inc("convsync_users_total", outcome="done")
+                    log.debug("user_synced", pages=page_number)
+                    return
+                path = page.next_page_path
+        except UserGone:
+            log.info("user_gone")
+            self.metrics.inc("convsync_users_total", outcome="gone")
+            await self.db(self.store.mark_user_gone, claim, self.owner)
+        except LeaseLost:
+            log.warning("user_taken_over")
+            await self.db(self.store.release_user, claim, self.owner)
+        except UserSyncError as error:
+            message = redact(str(error))
+            log.error("user_failed", error=message, error_kind=type(error).__name__)
+            self.metrics.inc("convsync_users_total", outcome="failed")
+            await self.db(self.store.mark_user_failed, claim, self.owner, message)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    async def db(
+        self, operation: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """Run one store operation (one transaction), waiting out a database that went away.
+
+        A retried operation is safe: its transaction either committed or rolled back, and the
+        page guards turn a replay of a committed page into LeaseLost, never a double write.
+        """
+        deadline = time.monotonic() + self.db_wait_seconds
+        attempt = 0
+        while True:
+            try:
+                return await operation(*args, **kwargs)
+            except DB_CONNECTION_ERRORS as error:
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    raise DatabaseUnavailable(
+                        f"PostgreSQL unavailable for {self.db_wait_seconds:.0f}s: "
+                        f"{type(error).__name__}"
+                    ) from error
+                wait = min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
+                log.warning(
+                    "database_retry",
+                    retry_num=attempt,
+                    caused_by=type(error).__name__,
+                    wait_for=round(wait, 3),
+                )
+                await asyncio.sleep(wait)
+
+    def record(self, summary: PassSummary) -> None:
+        self.metrics.inc("convsync_passes_total", status=summary.status)
+        self.metrics.set("convsync_pass_duration_seconds", summary.seconds)
+        if summary.status == "succeeded":
+            self.metrics.set("convsync_last_success_timestamp_seconds", time.time())
