@@ -1,0 +1,68 @@
+"""Configuration: every bad variable is named, secrets never appear in repr or errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.config import VARIABLE_NAMES, load_settings
+from worker.errors import ConfigError
+
+KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-key"}
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        ({"DATABASE_URL": "mysql://x/y"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://u:pw@host:notaport/db"}, "DATABASE_URL"),
+        ({"CONVSYNC_SERVICES": "IS123"}, "CONVSYNC_SERVICES"),
+        ({"CONVSYNC_PAGE_SIZE": "51"}, "CONVSYNC_PAGE_SIZE"),
+        ({"CONVSYNC_PAGE_SIZE": "0"}, "CONVSYNC_PAGE_SIZE"),
+        ({"CONVSYNC_CONCURRENCY": "many"}, "CONVSYNC_CONCURRENCY"),
+        ({"CONVSYNC_SCHEDULE": "*/5 * * * *", "CONVSYNC_INTERVAL": "60"}, "CONVSYNC_INTERVAL"),
+        ({"TWILIO_API_KEY_SID": "SK" + "1" * 32}, "TWILIO_API_KEY_SECRET"),
+        ({"TWILIO_AUTH_TOKEN": "tok"}, "TWILIO_ACCOUNT_SID"),
+        ({"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
+        ({"TWILIO_CONVERSATIONS_BASE_URL": "ftp://x"}, "TWILIO_CONVERSATIONS_BASE_URL"),
+        ({"CONVSYNC_RUN_AT_START": "maybe"}, "CONVSYNC_RUN_AT_START"),
+    ],
+)
+def test_bad_values_name_their_variable(env: dict[str, str], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        load_settings(env)
+
+
+def test_api_key_is_preferred_and_secrets_stay_out_of_repr() -> None:
+    env = {
+        **KEY,
+        "TWILIO_ACCOUNT_SID": "AC" + "2" * 32,
+        "TWILIO_AUTH_TOKEN": "account-token",
+        "DATABASE_URL": "postgresql://me:dbpass@localhost/db",
+    }
+    settings = load_settings(env)
+    assert settings.credentials is not None
+    assert settings.credentials.username == KEY["TWILIO_API_KEY_SID"]
+    text = repr(settings)
+    for secret in ("s3cret-key", "dbpass"):
+        assert secret not in text
+    assert set(settings.secrets()) == {"s3cret-key", "dbpass"}
+
+
+def test_defaults() -> None:
+    settings = load_settings({})
+    assert (settings.concurrency, settings.page_size) == (16, 50)
+    assert settings.base_url == "https://conversations.twilio.com"
+    assert settings.services == ()
+
+
+def test_every_variable_read_is_declared() -> None:
+    """The configuration reference is generated from VARIABLES: nothing read may be missing."""
+    import inspect
+
+    import worker.config as config
+
+    source = inspect.getsource(config.load_settings) + inspect.getsource(config._credentials)
+    import re
+
+    read = set(re.findall(r'"((?:CONVSYNC|TWILIO|DATABASE)_[A-Z_]+)"', source))
+    assert read <= VARIABLE_NAMES

@@ -1,0 +1,173 @@
+"""The parser agrees with Twilio's spec, keeps good items and rejects bad ones with a reason."""
+
+from __future__ import annotations
+
+import copy
+import re
+from datetime import UTC, datetime
+from typing import Any
+
+import pytest
+
+from tests.twilio_spec import USER_CONVERSATION, resolve, schema, spec
+from worker import model
+
+SERVICE = "IS" + "a" * 32
+USER = "US" + "a" * 32
+
+
+def spec_example() -> list[dict[str, Any]]:
+    path = spec()["paths"]["/v1/Services/{ChatServiceSid}/Users/{UserSid}/Conversations"]
+    content = path["get"]["responses"]["200"]["content"]["application/json"]
+    items: list[dict[str, Any]] = content["examples"]["readFull"]["value"]["conversations"]
+    return items
+
+
+def good_item(**overrides: Any) -> dict[str, Any]:
+    item = copy.deepcopy(spec_example()[0])
+    item.update(overrides)
+    return item
+
+
+def test_sid_patterns_are_the_specs() -> None:
+    props = schema(USER_CONVERSATION)["properties"]
+    for field, prefix in [
+        ("account_sid", "AC"),
+        ("chat_service_sid", "IS"),
+        ("conversation_sid", "CH"),
+        ("participant_sid", "MB"),
+        ("user_sid", "US"),
+    ]:
+        assert props[field]["pattern"] == model.SID_PATTERNS[prefix].pattern
+    assert (
+        schema("conversations.v1.service.service_user")["properties"]["role_sid"]["pattern"]
+        == model.SID_PATTERNS["RL"].pattern
+    )
+
+
+def test_enums_are_the_specs() -> None:
+    props = schema(USER_CONVERSATION)["properties"]
+    assert set(resolve(props["conversation_state"])["enum"]) == model.CONVERSATION_STATES
+    assert set(resolve(props["notification_level"])["enum"]) == model.NOTIFICATION_LEVELS
+
+
+def test_every_spec_field_is_mapped_to_a_column() -> None:
+    """Each field of the API resource lands in the conversation or membership row."""
+    columns = set(model.ConversationRow.__slots__) | set(model.MembershipRow.__slots__)
+    for field in schema(USER_CONVERSATION)["properties"]:
+        if field == "timers":
+            assert {"date_inactive", "date_closed"} <= columns
+        else:
+            assert field in columns or field == "account_sid" or field == "user_sid", field
+
+
+def test_spec_example_parses_field_by_field() -> None:
+    item = spec_example()[0]
+    conversation, membership = model.parse_user_conversation(
+        item, item["chat_service_sid"], item["user_sid"]
+    )
+    assert conversation.conversation_sid == item["conversation_sid"]
+    assert conversation.friendly_name == item["friendly_name"]
+    assert conversation.conversation_state == item["conversation_state"]
+    assert conversation.attributes == item["attributes"]
+    assert conversation.date_created == datetime(2015, 7, 30, 20, 0, tzinfo=UTC)
+    assert conversation.date_inactive == datetime(2015, 12, 16, 22, 19, 38, tzinfo=UTC)
+    assert conversation.date_closed == datetime(2015, 12, 16, 22, 28, 38, tzinfo=UTC)
+    assert membership.unread_messages_count == item["unread_messages_count"]
+    assert membership.participant_sid == item["participant_sid"]
+    assert membership.notification_level == item["notification_level"]
+    assert membership.url == item["url"]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"conversation_sid": None}, "conversation_sid is missing"),
+        ({"conversation_sid": "CHnothex"}, "not a valid CH SID"),
+        ({"participant_sid": "XX" + "0" * 32}, "not a valid MB SID"),
+        ({"unread_messages_count": "3"}, "must be an integer"),
+        ({"unread_messages_count": True}, "must be an integer"),
+        ({"conversation_state": "archived"}, "unknown value"),
+        ({"notification_level": "loud"}, "unknown value"),
+        ({"attributes": "{not json"}, "not valid JSON"),
+        ({"attributes": '{"a": "\\u0000"}'}, "NUL"),
+        ({"friendly_name": "a\x00b"}, "NUL"),
+        ({"date_created": "yesterday"}, "not an ISO 8601"),
+        ({"date_updated": "2015-07-30T20:00:00"}, "no time zone"),
+        ({"timers": "soon"}, "timers must be an object"),
+        ({"links": ["x"]}, "links must be an object"),
+        ({"user_sid": "US" + "b" * 32}, "does not match"),
+    ],
+)
+def test_bad_items_are_rejected_with_a_reason(overrides: dict[str, Any], reason: str) -> None:
+    item = good_item(**overrides)
+    page = model.parse_conversations_page(
+        [good_item(conversation_sid="CH" + "1" * 32), item],
+        item.get("chat_service_sid") or SERVICE,
+        "US" + "a" * 32,
+    )
+    assert len(page.memberships) == 1, "the good item of the page is kept"
+    assert len(page.rejected) == 1
+    assert reason in page.rejected[0].reason
+
+
+def test_dates_with_offsets_and_milliseconds_are_exact() -> None:
+    item = good_item(date_updated="2020-01-02T03:04:05.678+02:00")
+    conversation, _ = model.parse_user_conversation(item, SERVICE, USER)
+    assert conversation.date_updated == datetime(2020, 1, 2, 1, 4, 5, 678000, tzinfo=UTC)
+
+
+def test_rejected_items_with_a_readable_sid_still_count_as_seen() -> None:
+    sid = "CH" + "2" * 32
+    page = model.parse_conversations_page(
+        [good_item(conversation_sid=sid, conversation_state="bogus")], SERVICE, USER
+    )
+    assert page.memberships == []
+    assert page.seen_sids == [sid]
+
+
+def test_extra_fields_and_null_timers_are_accepted() -> None:
+    page = model.parse_conversations_page(
+        [good_item(brand_new_field={"x": 1}, timers=None, unique_name=None)], SERVICE, USER
+    )
+    assert page.rejected == []
+    assert page.conversations[0].date_closed is None
+    assert page.conversations[0].unique_name is None
+
+
+def test_non_object_items_are_rejected() -> None:
+    page = model.parse_conversations_page([["not", "an", "object"], 7], SERVICE, USER)
+    assert [r.reason for r in page.rejected] == [
+        "item must be an object, got list",
+        "item must be an object, got int",
+    ]
+
+
+def test_duplicates_within_a_page_collapse_and_rows_are_sorted() -> None:
+    sids = ["CH" + c * 32 for c in "3a1"]
+    items = [good_item(conversation_sid=s) for s in [*sids, sids[0]]]
+    page = model.parse_conversations_page(items, SERVICE, USER)
+    assert [m.conversation_sid for m in page.memberships] == sorted(set(sids))
+    assert [c.conversation_sid for c in page.conversations] == sorted(set(sids))
+
+
+def test_users_page_follows_the_user_schema() -> None:
+    props = schema("conversations.v1.service.service_user")["properties"]
+    columns = set(model.UserRow.__slots__)
+    for field in props:
+        assert (field if field != "sid" else "user_sid") in columns, field
+    row = model.parse_user(
+        {
+            "sid": USER,
+            "chat_service_sid": SERVICE,
+            "identity": "ада",
+            "is_online": None,
+            "attributes": '{"deep": {"x": [1, 2]}}',
+            "date_created": "2021-05-06T07:08:09Z",
+        },
+        SERVICE,
+    )
+    assert row.identity == "ада"
+    assert re.match(model.SID_PATTERNS["US"], row.user_sid)
+    with pytest.raises(model.InvalidItem, match="is_online must be a boolean"):
+        model.parse_user({"sid": USER, "is_online": "yes"}, SERVICE)
