@@ -80,6 +80,7 @@ CREATE TABLE sync_runs (
     status        text NOT NULL DEFAULT 'running'
                   CHECK (status IN ('running', 'succeeded', 'partial', 'failed')),
     scope         jsonb NOT NULL DEFAULT '{}',
+    tick          timestamptz UNIQUE,  -- the schedule tick a `convsync run` pass serves
     error         text,
     users_synced  integer NOT NULL DEFAULT 0,
     users_failed  integer NOT NULL DEFAULT 0,

@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "simulate":
         from worker.simulator import simulate_main
 
-        return simulate_main(list(args.args))
+        code: int = simulate_main(list(args.args))
+        return code
     settings: Settings | None = None
     try:
         settings = load_settings()
@@ -104,7 +105,8 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "demo":
         from worker.demo import run_demo
 
-        return await run_demo(settings, args.users)
+        code: int = await run_demo(settings, args.users)
+        return code
     raise ConfigError(f"unknown command {args.command}")
 
 
@@ -156,7 +158,7 @@ async def sync_command(settings: Settings, services: Sequence[str], users: Seque
             except DatabaseUnavailable as error:
                 log.error("pass_stopped", error=str(error))
                 return EXIT_PARTIAL
-        if stop.is_set():
+        if stop.is_set() or summary is None:
             return EXIT_PARTIAL
         return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL
     finally:

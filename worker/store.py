@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import asyncpg
@@ -99,8 +100,14 @@ class Store:
 
     # --- passes ---------------------------------------------------------------------------
 
-    async def begin_or_resume_pass(self, scope: dict[str, Any]) -> PassInfo:
-        """Continue the unfinished pass of the same scope, or start one (superseding another)."""
+    async def begin_or_resume_pass(
+        self, scope: dict[str, Any], tick: datetime | None = None
+    ) -> PassInfo | None:
+        """Continue the unfinished pass of the same scope, or start one (superseding another).
+
+        With a schedule ``tick``, a pass is created once per tick whatever the number of
+        replicas: None means this tick's pass already ran to its end.
+        """
         scope_json = json.dumps(scope, sort_keys=True)
         async with self.pool.acquire() as conn, conn.transaction():
             # One pass at a time across replicas: serialise creation on the partial index.
@@ -117,8 +124,14 @@ class Store:
                        WHERE run_id = $1""",
                     running["run_id"],
                 )
+            if tick is not None and await conn.fetchval(
+                "SELECT 1 FROM sync_runs WHERE tick = $1", tick
+            ):
+                return None
             run_id = await conn.fetchval(
-                "INSERT INTO sync_runs (scope) VALUES ($1::jsonb) RETURNING run_id", scope_json
+                "INSERT INTO sync_runs (scope, tick) VALUES ($1::jsonb, $2) RETURNING run_id",
+                scope_json,
+                tick,
             )
             return PassInfo(run_id, resumed=False)
 

@@ -19,6 +19,7 @@ import random
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import ParamSpec, TypeVar
 
 import asyncpg
@@ -107,6 +108,7 @@ class SyncPass:
         metrics: Metrics | None = None,
         db_wait_seconds: float = 60.0,
         idle_poll_seconds: float = 0.5,
+        tick: datetime | None = None,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -119,13 +121,18 @@ class SyncPass:
         self.page_size = settings.page_size
         self.db_wait_seconds = db_wait_seconds
         self.idle_poll_seconds = idle_poll_seconds
+        self.tick = tick
         self.state = PassState()
 
     # --- the pass, top to bottom ----------------------------------------------------------
 
-    async def run(self) -> PassSummary:
+    async def run(self) -> PassSummary | None:
+        """The pass's summary; None when its schedule tick was already served elsewhere."""
         services = await self.discover_services()
-        info = await self.db(self.store.begin_or_resume_pass, self.scope.as_json())
+        info = await self.db(self.store.begin_or_resume_pass, self.scope.as_json(), self.tick)
+        if info is None:
+            log.info("tick_already_served", tick=self.tick.isoformat() if self.tick else None)
+            return None
         self.state.run_id = info.run_id
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             log.info("pass_started", resumed=info.resumed, services=len(services))

@@ -1,0 +1,206 @@
+"""``convsync run``: scheduled passes, /healthz /readyz /metrics, graceful shutdown.
+
+The scheduler only ticks; PostgreSQL decides who works (a pass is created once per tick, users
+are leased), so any number of replicas can run this against one database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import structlog
+from aiohttp import web
+from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.triggers.cron import CronTrigger
+from apscheduler.triggers.interval import IntervalTrigger
+
+from worker.client import TwilioClient
+from worker.config import Settings
+from worker.errors import ConfigError, FatalError
+from worker.metrics import metrics
+from worker.migrate import pending_migrations
+from worker.store import Store
+from worker.sync import DatabaseUnavailable, Scope, SyncPass
+
+log = structlog.get_logger(__name__)
+DEFAULT_INTERVAL = 3600.0
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def build_trigger(settings: Settings) -> CronTrigger | IntervalTrigger:
+    """Cron (CONVSYNC_SCHEDULE) or an interval aligned to the epoch, so replicas tick together."""
+    if settings.schedule:
+        try:
+            return CronTrigger.from_crontab(settings.schedule, timezone=UTC)
+        except ValueError as error:
+            raise ConfigError(f"CONVSYNC_SCHEDULE is not a cron expression: {error}") from None
+    seconds = settings.interval or DEFAULT_INTERVAL
+    return IntervalTrigger(seconds=seconds, start_date=EPOCH, timezone=UTC)
+
+
+def current_tick(settings: Settings, now: datetime | None = None) -> datetime:
+    """The schedule tick ``now`` belongs to: the same on every replica."""
+    now = now or datetime.now(UTC)
+    if settings.schedule:
+        return now.replace(second=0, microsecond=0)
+    seconds = settings.interval or DEFAULT_INTERVAL
+    elapsed = (now - EPOCH).total_seconds()
+    return EPOCH + timedelta(seconds=elapsed - elapsed % seconds)
+
+
+class Service:
+    """The long-running worker: one pass at a time, stopped cleanly by SIGTERM."""
+
+    def __init__(self, settings: Settings, store: Store, client: TwilioClient) -> None:
+        self.settings = settings
+        self.store = store
+        self.client = client
+        self.stop = asyncio.Event()
+        self.fatal: FatalError | None = None
+        self._pass_lock = asyncio.Lock()
+        self._pass_task: asyncio.Task[Any] | None = None
+        self._started = time.time()
+
+    async def tick(self) -> None:
+        """One scheduled pass (skipped if one is already running in this process)."""
+        if self._pass_lock.locked():
+            log.warning("tick_skipped", reason="a pass is still running")
+            return
+        async with self._pass_lock:
+            if self.stop.is_set():
+                return
+            self._pass_task = asyncio.current_task()
+            tick = current_tick(self.settings)
+            sync = SyncPass(
+                self.settings,
+                self.store,
+                self.client,
+                Scope(services=self.settings.services),
+                stop=self.stop,
+                tick=tick,
+            )
+            try:
+                await sync.run()
+            except FatalError as error:
+                log.error("pass_fatal", error=str(error))
+                self.fatal = error
+                self.stop.set()
+            except DatabaseUnavailable as error:
+                log.error("pass_stopped", error=str(error))
+            finally:
+                self._pass_task = None
+
+    async def wait_for_pass(self, grace: float) -> None:
+        """Let the running pass commit its in-flight pages; cancel it after ``grace`` seconds."""
+        task = self._pass_task
+        if task is None:
+            return
+        done, _ = await asyncio.wait({task}, timeout=grace)
+        if not done:
+            log.warning("shutdown_grace_exceeded", grace_seconds=grace)
+            task.cancel()
+            await asyncio.wait({task}, timeout=5)
+
+    # --- HTTP -----------------------------------------------------------------------------
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/healthz", self.healthz)
+        app.router.add_get("/readyz", self.readyz)
+        app.router.add_get("/metrics", self.metrics)
+        return app
+
+    async def healthz(self, _request: web.Request) -> web.Response:
+        """The event loop answers: the process is alive."""
+        return web.json_response(
+            {"status": "ok", "uptime_seconds": round(time.time() - self._started)}
+        )
+
+    async def readyz(self, _request: web.Request) -> web.Response:
+        """Ready when the database answers and every migration is applied."""
+        try:
+            async with asyncio.timeout(3):
+                async with self.store.pool.acquire() as conn:
+                    missing = await pending_migrations(conn)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            return web.json_response(
+                {"status": "database unavailable", "error": type(error).__name__}, status=503
+            )
+        if missing:
+            return web.json_response(
+                {"status": "migrations pending", "pending": missing}, status=503
+            )
+        return web.json_response({"status": "ready"})
+
+    async def metrics(self, _request: web.Request) -> web.Response:
+        metrics.set("convsync_concurrency_limit", self.client.limiter.limit)
+        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+async def run_service(settings: Settings) -> int:
+    """Run until SIGTERM/SIGINT; exit 0 after a clean stop, 2 on a fatal error."""
+    trigger = build_trigger(settings)
+    dsn = settings.require_database()
+    settings.require_credentials()
+    store = await Store.connect(dsn, settings.db_pool_size)
+    try:
+        async with TwilioClient(settings) as client:
+            service = Service(settings, store, client)
+            return await _serve(service, trigger)
+    finally:
+        await store.close()
+
+
+async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> int:
+    settings = service.settings
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, service.stop.set)
+    runner = web.AppRunner(service.app(), access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "0.0.0.0", settings.http_port)  # noqa: S104 (probes come from outside)
+    await site.start()
+    log.info("service_started", port=settings.http_port, trigger=str(trigger))
+
+    scheduler = AsyncIOScheduler(timezone=UTC)
+
+    def on_skipped(event: JobExecutionEvent) -> None:
+        log.warning("tick_skipped", reason="a pass is still running")
+
+    scheduler.add_listener(on_skipped, EVENT_JOB_MAX_INSTANCES)
+    first_run: dict[str, Any] = (
+        {"next_run_time": datetime.now(UTC)} if settings.run_at_start else {}
+    )
+    scheduler.add_job(
+        service.tick,
+        trigger,
+        id="pass",
+        max_instances=1,
+        coalesce=True,
+        misfire_grace_time=None,
+        **first_run,
+    )
+    scheduler.start()
+    try:
+        await service.stop.wait()
+        log.info("shutdown_started", grace_seconds=settings.shutdown_grace)
+        scheduler.shutdown(wait=False)
+        await service.wait_for_pass(settings.shutdown_grace)
+        try:
+            await service.store.release_all(settings.worker_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("claims_not_released", error=type(error).__name__)
+    finally:
+        await runner.cleanup()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    if service.fatal is not None:
+        raise service.fatal
+    log.info("shutdown_complete")
+    return 0
