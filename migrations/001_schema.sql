@@ -102,6 +102,7 @@ CREATE TABLE sync_discovery (
     pages            integer NOT NULL DEFAULT 0,
     users_seen       integer NOT NULL DEFAULT 0,
     completed_at     timestamptz,
+    error            text,         -- set when the listing ended without its last page
     claimed_by       text,
     lease_until      timestamptz,
     PRIMARY KEY (run_id, chat_service_sid)

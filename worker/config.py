@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -203,6 +204,11 @@ def parse_sids(raw: str | None, pattern: re.Pattern[str], name: str) -> tuple[st
     return sids
 
 
+def _default_worker_id() -> str:
+    """host:pid:nonce, unique per process even when a container restarts as pid 1."""
+    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+
+
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """Read and validate the environment; raise ConfigError naming the first bad variable."""
     env = os.environ if env is None else env
@@ -245,7 +251,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         services=parse_sids(_get(env, "CONVSYNC_SERVICES"), SERVICE_SID, "CONVSYNC_SERVICES"),
         schedule=schedule,
         interval=interval,
-        worker_id=_get(env, "CONVSYNC_WORKER_ID") or f"{socket.gethostname()}:{os.getpid()}",
+        worker_id=_get(env, "CONVSYNC_WORKER_ID") or _default_worker_id(),
         log_format=log_format,
         log_level=log_level,
         **{k: v for k, v in values.items() if v is not None},

@@ -168,7 +168,10 @@ class Store:
                    UPDATE sync_runs r SET
                      finished_at = now(),
                      status = CASE WHEN $2::text IS NOT NULL THEN 'failed'
-                                   WHEN t.failed > 0 THEN 'partial' ELSE 'succeeded' END,
+                                   WHEN t.failed > 0 OR EXISTS (
+                                        SELECT 1 FROM sync_discovery d
+                                        WHERE d.run_id = $1 AND d.error IS NOT NULL)
+                                   THEN 'partial' ELSE 'succeeded' END,
                      error = $2,
                      users_synced = t.synced, users_failed = t.failed, users_gone = t.gone,
                      pages = t.pages, rows_inserted = t.ins, rows_updated = t.upd,
@@ -323,6 +326,26 @@ class Store:
             if next_page_path is not None:
                 return 0
             return await self._mark_unlisted_users_gone(conn, run_id, service)
+
+    async def fail_discovery(self, claim: DiscoveryClaim, owner: str, error: str) -> None:
+        """End a users listing that cannot finish this pass; nobody is marked gone."""
+        await self.pool.execute(
+            """UPDATE sync_discovery SET completed_at = now(), error = $4,
+                      claimed_by = NULL, lease_until = NULL
+               WHERE run_id = $1 AND chat_service_sid = $2 AND claimed_by = $3""",
+            claim.run_id,
+            claim.chat_service_sid,
+            owner,
+            error[:2000],
+        )
+
+    async def claim_owners(self) -> list[str]:
+        """Workers holding claims now."""
+        rows = await self.pool.fetch(
+            """SELECT claimed_by FROM sync_cursors WHERE claimed_by IS NOT NULL
+               UNION SELECT claimed_by FROM sync_discovery WHERE claimed_by IS NOT NULL"""
+        )
+        return [r["claimed_by"] for r in rows]
 
     async def enqueue_users(self, run_id: int, service_sid: str, user_sids: Sequence[str]) -> None:
         """Queue named users (``--user``) for this pass; no discovery, so nothing marked gone."""

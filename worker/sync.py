@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import Awaitable, Callable
@@ -64,6 +65,24 @@ DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+
+
+def parse_owner(owner: str) -> tuple[str, int] | None:
+    """(host, pid) of a default worker id; None for a configured CONVSYNC_WORKER_ID."""
+    parts = owner.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit():
+        return None
+    return parts[0], int(parts[1])
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 class DatabaseUnavailable(ConvsyncError):
@@ -126,6 +145,20 @@ class SyncPass:
 
     # --- the pass, top to bottom ----------------------------------------------------------
 
+    async def release_dead_local_claims(self) -> None:
+        """Free claims of earlier processes on this host that are dead (e.g. SIGKILLed), so a
+        restart continues at once instead of waiting for their leases to expire."""
+        mine = parse_owner(self.owner)
+        if mine is None:
+            return
+        for owner in await self.db(self.store.claim_owners):
+            theirs = parse_owner(owner)
+            if theirs is None or owner == self.owner or theirs[0] != mine[0]:
+                continue
+            if theirs[1] == mine[1] or not pid_alive(theirs[1]):
+                log.info("dead_claims_released", owner=owner)
+                await self.db(self.store.release_all, owner)
+
     async def run(self) -> PassSummary | None:
         """The pass's summary; None when its schedule tick was already served elsewhere."""
         services = await self.discover_services()
@@ -134,6 +167,7 @@ class SyncPass:
             log.info("tick_already_served", tick=self.tick.isoformat() if self.tick else None)
             return None
         self.state.run_id = info.run_id
+        await self.release_dead_local_claims()
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             log.info("pass_started", resumed=info.resumed, services=len(services))
             started = time.monotonic()
@@ -195,14 +229,21 @@ class SyncPass:
             await asyncio.gather(*tasks, return_exceptions=True)
 
     async def discovery_loop(self) -> None:
+        """Claim service users listings until none is open (one held by a dead worker is
+        taken over when its lease expires)."""
         while not self.stop.is_set():
             claim = await self.db(
                 self.store.claim_discovery, self.state.run_id, self.owner, self.lease
             )
-            if claim is None:
+            if claim is not None:
+                with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
+                    await self.discover_users(claim)
+                continue
+            progress = await self.db(self.store.pass_progress, self.state.run_id)
+            if progress.discovery_open == 0:
                 return
-            with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
-                await self.discover_users(claim)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), self.idle_poll_seconds)
 
     async def discover_users(self, claim: DiscoveryClaim) -> None:
         """Walk one service's users listing from its cursor, queueing users page by page."""
@@ -211,11 +252,11 @@ class SyncPass:
         while not self.stop.is_set():
             try:
                 page = await self.client.get_page(path, "users")
-            except UserGone:
-                log.error("service_gone")
-                return
             except UserSyncError as error:
-                log.error("users_listing_failed", error=redact(str(error)))
+                # Without its last page the listing proves nothing gone: nobody is marked.
+                message = redact(str(error))
+                log.error("users_listing_failed", error=message, error_kind=type(error).__name__)
+                await self.db(self.store.fail_discovery, claim, self.owner, message)
                 return
             parsed = parse_users_page(page.items, claim.chat_service_sid)
             try:
