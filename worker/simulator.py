@@ -650,7 +650,8 @@ class Simulator:
         """``/_sim/...``: stats, config, targeted faults, clock (see the module docstring)."""
         name = request.match_info["name"]
         try:
-            payload: Any = await request.json() if request.method == "POST" else {}
+            text = await request.text() if request.method == "POST" else ""
+            payload: Any = json.loads(text) if text.strip() else {}
             if not isinstance(payload, dict):
                 raise ValueError("body must be a JSON object")
             if name == "stats" and request.method == "GET":
