@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,17 @@ import structlog
 
 from worker.errors import FatalError
 
-MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+def _default_migrations_dir() -> Path:
+    """$CONVSYNC_MIGRATIONS_DIR, else migrations/ beside the package, else ./migrations."""
+    configured = os.environ.get("CONVSYNC_MIGRATIONS_DIR", "").strip()
+    if configured:
+        return Path(configured)
+    beside = Path(__file__).resolve().parent.parent / "migrations"
+    return beside if beside.is_dir() else Path.cwd() / "migrations"
+
+
+MIGRATIONS_DIR = _default_migrations_dir()
 # pg_advisory_lock key: "convsync" as a 64-bit number, shared by every replica.
 MIGRATION_LOCK_KEY = int.from_bytes(hashlib.sha256(b"convsync-migrations").digest()[:8], "big") >> 1
 
@@ -82,7 +93,9 @@ async def apply_migrations(dsn: str, directory: Path = MIGRATIONS_DIR) -> list[s
         await conn.close()
 
 
-async def pending_migrations(conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR) -> list[str]:
+async def pending_migrations(
+    conn: asyncpg.Connection, directory: Path = MIGRATIONS_DIR
+) -> list[str]:
     """Names of migrations not yet applied (all of them if the table does not exist)."""
     names = [m.name for m in load_migrations(directory)]
     exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
