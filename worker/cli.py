@@ -55,10 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="the last passes and users failing or mid-listing")
     status.add_argument("--json", action="store_true", help="machine-readable output")
     status.add_argument("--limit", type=int, default=10, help="passes to show")
-    simulate = commands.add_parser(
-        "simulate", help="serve the bundled Twilio simulator", add_help=False
-    )
-    simulate.add_argument("args", nargs=argparse.REMAINDER)
+    commands.add_parser("simulate", help="serve the bundled Twilio simulator (see --help)")
     commands.add_parser("run", help="long-running: scheduled passes, /healthz, /metrics")
     demo = commands.add_parser("demo", help="simulator + local Postgres + one pass + queries")
     demo.add_argument("--users", type=int, default=300, help="simulated users per service")
@@ -66,12 +63,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.command == "simulate":
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["simulate"]:
+        # The simulator has its own options; it shares nothing with the worker.
         from worker.simulator import simulate_main
 
-        code: int = simulate_main(list(args.args))
-        return code
+        return simulate_main(argv[1:])
+    args = build_parser().parse_args(argv)
     settings: Settings | None = None
     try:
         settings = load_settings()
