@@ -7,6 +7,7 @@ errors of ``worker.errors``; what to do about a failure is the caller's policy.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import random
 import time
@@ -100,7 +101,8 @@ class TwilioClient:
         credentials = settings.require_credentials()
         self._base_url = settings.base_url
         self._origin = _origin(settings.base_url)
-        self._auth = aiohttp.BasicAuth(credentials.username, credentials.password)
+        token = f"{credentials.username}:{credentials.password}".encode()
+        self._authorization = "Basic " + base64.b64encode(token).decode("ascii")
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
         self._backoff = backoff or Backoff(settings.max_attempts, settings.max_retry_seconds)
         self.limiter = AdaptiveLimiter(settings.concurrency)
@@ -111,10 +113,13 @@ class TwilioClient:
 
     async def __aenter__(self) -> TwilioClient:
         self._session = aiohttp.ClientSession(
-            auth=self._auth,
             timeout=self._timeout,
             connector=aiohttp.TCPConnector(limit=self._connector_limit, ttl_dns_cache=300),
-            headers={"Accept": "application/json", "User-Agent": "convsync/0.1"},
+            headers={
+                "Accept": "application/json",
+                "User-Agent": "convsync/0.1",
+                "Authorization": self._authorization,
+            },
             raise_for_status=False,
         )
         return self
@@ -188,7 +193,9 @@ class TwilioClient:
         self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
         try:
             try:
-                async with self._session.get(self._base_url + path) as response:
+                async with self._session.get(
+                    self._base_url + path, allow_redirects=False
+                ) as response:
                     status = response.status
                     raw = await response.read()
             except (aiohttp.ClientError, TimeoutError) as error:

@@ -347,6 +347,14 @@ class Store:
         )
         return [r["claimed_by"] for r in rows]
 
+    async def services_of_users(self, user_sids: Sequence[str]) -> dict[str, str]:
+        """The service each known user belongs to."""
+        rows = await self.pool.fetch(
+            "SELECT user_sid, chat_service_sid FROM users WHERE user_sid = ANY($1::text[])",
+            list(user_sids),
+        )
+        return {r["user_sid"]: r["chat_service_sid"] for r in rows}
+
     async def enqueue_users(self, run_id: int, service_sid: str, user_sids: Sequence[str]) -> None:
         """Queue named users (``--user``) for this pass; no discovery, so nothing marked gone."""
         async with self.pool.acquire() as conn, conn.transaction():
@@ -380,9 +388,17 @@ class Store:
 
     @staticmethod
     async def _mark_unlisted_users_gone(conn: asyncpg.Connection, run_id: int, service: str) -> int:
+        # Gone users count in this pass, with the memberships their removal takes along.
         gone = await conn.fetch(
-            """UPDATE sync_cursors SET state = 'gone', claimed_by = NULL, lease_until = NULL,
-                      next_page_path = NULL, listing_pages = 0, seen_conversations = '{}'
+            """UPDATE sync_cursors c SET state = 'gone', run_id = $2,
+                      claimed_by = NULL, lease_until = NULL, next_page_path = NULL,
+                      listing_pages = 0, seen_conversations = '{}', run_pages = 0,
+                      run_rows_inserted = 0, run_rows_updated = 0, run_rows_unchanged = 0,
+                      run_rows_quarantined = 0,
+                      run_rows_removed = (SELECT count(*) FROM memberships m
+                                          WHERE m.chat_service_sid = c.chat_service_sid
+                                            AND m.user_sid = c.user_sid
+                                            AND m.removed_at IS NULL)
                WHERE chat_service_sid = $1 AND run_id < $2 AND state <> 'gone'
                RETURNING user_sid""",
             service,

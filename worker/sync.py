@@ -172,8 +172,8 @@ class SyncPass:
             log.info("pass_started", resumed=info.resumed, services=len(services))
             started = time.monotonic()
             if self.scope.users:
-                for service in services:
-                    await self.db(self.store.enqueue_users, info.run_id, service, self.scope.users)
+                for service, users in (await self.services_of_users(services)).items():
+                    await self.db(self.store.enqueue_users, info.run_id, service, users)
             else:
                 await self.db(self.store.open_discovery, info.run_id, services)
             try:
@@ -213,6 +213,21 @@ class SyncPass:
                 path = page.next_page_path
         await self.db(self.store.upsert_services, rows)
         return [r.chat_service_sid for r in rows]
+
+    async def services_of_users(self, services: list[str]) -> dict[str, list[str]]:
+        """Group ``--user`` SIDs by service: known from the database, or the only service."""
+        known = await self.db(self.store.services_of_users, self.scope.users)
+        grouped: dict[str, list[str]] = {}
+        for user in self.scope.users:
+            service = known.get(user)
+            if service is None and len(services) == 1:
+                service = services[0]
+            if service is None or service not in services:
+                raise ConfigError(
+                    f"--user {user}: its service is unknown here; name it with --service"
+                )
+            grouped.setdefault(service, []).append(user)
+        return grouped
 
     async def run_loops(self) -> None:
         """Discovery loops and user loops until the pass's work is done (or stop is set)."""

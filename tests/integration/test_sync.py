@@ -1,0 +1,210 @@
+"""The core promise, against real PostgreSQL and the simulator over a real socket: a pass
+mirrors the API field by field, a second pass rewrites nothing, removals are detected only
+after complete listings, and an interrupted pass resumes where it stopped."""
+
+from __future__ import annotations
+
+import asyncpg
+import pytest
+
+from tests.harness import FAST_BACKOFF, assert_mirrors, run_pass, settings_for
+from worker.simdata import Dataset
+from worker.simulator import Simulator, SimulatorServer
+from worker.sync import Scope
+
+
+@pytest.fixture
+def server() -> SimulatorServer:
+    with SimulatorServer(
+        Simulator(Dataset.generate(seed=11, services=2, users_per_service=60))
+    ) as s:
+        yield s
+
+
+async def fetch(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+def heavy_user(server: SimulatorServer, service: str, min_pages: int = 3) -> str:
+    """A user whose listing spans at least ``min_pages`` pages of 50."""
+    for user in server.sim.dataset.user_sids(service):
+        if server.sim.dataset.membership_count(service, user) > 50 * (min_pages - 1):
+            return user
+    raise AssertionError("the dataset has no heavy user")
+
+
+async def test_a_pass_mirrors_the_api_and_a_second_pass_rewrites_nothing(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url)
+    first = await run_pass(settings)
+    rows = await assert_mirrors(server, db_url)
+    assert first.status == "succeeded"
+    assert first.rows_inserted == rows > 1000
+    assert first.users_synced == 120
+
+    physical = "SELECT xmin::text, ctid::text FROM {} ORDER BY 1, 2"
+    before = {t: await fetch(db_url, physical.format(t)) for t in ("memberships", "conversations")}
+    second = await run_pass(settings)
+    assert (second.rows_inserted, second.rows_updated, second.rows_removed) == (0, 0, 0)
+    assert second.rows_unchanged == rows
+    after = {t: await fetch(db_url, physical.format(t)) for t in ("memberships", "conversations")}
+    assert before == after, "unchanged rows must not be rewritten"
+    await assert_mirrors(server, db_url)
+
+
+async def test_typed_columns_and_keys(server: SimulatorServer, db_url: str) -> None:
+    await run_pass(settings_for(server, db_url))
+    types = dict(
+        (r["column_name"], r["data_type"])
+        for r in await fetch(
+            db_url,
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = 'user_conversations_v'",
+        )
+    )
+    assert types["attributes"] == types["links"] == "jsonb"
+    for column in ("date_created", "date_updated", "date_inactive", "date_closed"):
+        assert types[column] == "timestamp with time zone"
+    assert types["unread_messages_count"] == "bigint"
+    # nested attributes are queryable as JSON
+    nested = await fetch(
+        db_url, "SELECT count(*) AS n FROM conversations WHERE jsonb_typeof(attributes) = 'object'"
+    )
+    assert nested[0]["n"] > 0
+
+
+async def test_upstream_changes_and_removals_are_applied(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url)
+    await run_pass(settings)
+    data = server.sim.dataset
+    service = data.service_sids()[0]
+    users = [u for u in data.user_sids(service) if data.membership_count(service, u) >= 2]
+    left = data.memberships(service, users[0])[0]["conversation_sid"]
+    data.remove_membership(service, users[0], left)
+    gone_user = users[1]
+    gone_count = data.membership_count(service, gone_user)
+    data.delete_user(service, gone_user)
+    changed = data.memberships(service, users[2])[0]["conversation_sid"]
+    data.update_conversation(
+        service, changed, friendly_name="renamed ✨", conversation_state="closed"
+    )
+    data.set_unread(
+        service, users[3], data.memberships(service, users[3])[0]["conversation_sid"], 42
+    )
+
+    summary = await run_pass(settings)
+    await assert_mirrors(server, db_url)
+    assert summary.rows_removed == 1 + gone_count
+    assert summary.users_gone == 1
+    assert summary.rows_updated >= 1
+    removed = await fetch(
+        db_url,
+        "SELECT user_sid, conversation_sid FROM memberships WHERE removed_at IS NOT NULL",
+    )
+    assert (users[0], left) in {(r["user_sid"], r["conversation_sid"]) for r in removed}
+    assert {r["user_sid"] for r in removed} == {users[0], gone_user}
+    user_row = await fetch(db_url, "SELECT removed_at FROM users WHERE user_sid = $1", gone_user)
+    assert user_row[0]["removed_at"] is not None
+    # rejoining clears removed_at, and keeps first_seen_at history
+    data.add_membership(service, users[0], left)
+    await run_pass(settings)
+    await assert_mirrors(server, db_url)
+    again = await fetch(
+        db_url,
+        "SELECT removed_at FROM memberships WHERE user_sid = $1 AND conversation_sid = $2",
+        users[0],
+        left,
+    )
+    assert again[0]["removed_at"] is None
+
+
+async def test_an_interrupted_listing_removes_nothing_until_it_completes(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url, CONVSYNC_MAX_ATTEMPTS="2")
+    data = server.sim.dataset
+    service = data.service_sids()[0]
+    user = heavy_user(server, service)
+    await run_pass(settings, Scope(services=(service,), users=(user,)))
+    items = data.memberships(service, user)
+    early, late = items[0]["conversation_sid"], items[-1]["conversation_sid"]
+    data.remove_membership(service, user, early)
+    data.remove_membership(service, user, late)
+
+    # Page 2 of this user keeps failing: the listing stops after page 1.
+    server.sim.fail_next(f"{user}/Conversations?PageSize=50&Page=1&PageToken", 500, count=10)
+    failed = await run_pass(settings, Scope(services=(service,), users=(user,)))
+    server.sim.clear_faults()
+    assert failed.status == "partial" and failed.users_failed == 1
+    removed = await fetch(
+        db_url, "SELECT count(*) AS n FROM memberships WHERE removed_at IS NOT NULL"
+    )
+    assert removed[0]["n"] == 0, "an incomplete listing must not mark anything removed"
+    cursor = await fetch(
+        db_url, "SELECT listing_pages, last_error FROM sync_cursors WHERE user_sid = $1", user
+    )
+    assert cursor[0]["listing_pages"] == 1 and "500" in cursor[0]["last_error"]
+
+    # The next pass continues the same listing from page 2 and then removes exactly both.
+    server.sim.reset_stats()
+    done = await run_pass(settings, Scope(services=(service,), users=(user,)))
+    assert done.status == "succeeded" and done.rows_removed == 2
+    first_page = f"/v1/Services/{service}/Users/{user}/Conversations"
+    assert server.sim.stats().pages[(first_page, None)] == 0, "page 1 is not fetched again"
+    await assert_mirrors_user(server, db_url, service, user)
+
+
+async def test_a_rejected_page_token_restarts_the_listing_without_false_removals(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url, CONVSYNC_MAX_ATTEMPTS="2")
+    data = server.sim.dataset
+    service = data.service_sids()[0]
+    user = heavy_user(server, service)
+    server.sim.fail_next(f"{user}/Conversations?PageSize=50&Page=1&PageToken", 503, count=10)
+    await run_pass(settings, Scope(services=(service,), users=(user,)))
+    server.sim.clear_faults()
+    # The saved token expires; a membership on page 1 is removed meanwhile.
+    server.sim.configure(token_ttl=60)
+    server.sim.advance_clock(3600)
+    gone = data.memberships(service, user)[0]["conversation_sid"]
+    data.remove_membership(service, user, gone)
+
+    summary = await run_pass(settings, Scope(services=(service,), users=(user,)))
+    assert summary.status == "succeeded"
+    assert summary.rows_removed == 1
+    await assert_mirrors_user(server, db_url, service, user)
+
+
+async def assert_mirrors_user(
+    server: SimulatorServer, db_url: str, service: str, user: str
+) -> None:
+    current = await fetch(
+        db_url,
+        "SELECT conversation_sid FROM memberships WHERE chat_service_sid = $1 AND user_sid = $2 "
+        "AND removed_at IS NULL",
+        service,
+        user,
+    )
+    expected = {i["conversation_sid"] for i in server.sim.dataset.memberships(service, user)}
+    assert {r["conversation_sid"] for r in current} == expected
+
+
+async def test_a_user_deleted_mid_pass_is_gone_and_the_rest_commit(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url)
+    data = server.sim.dataset
+    service = data.service_sids()[1]
+    victim = heavy_user(server, service)
+    server.sim.fail_next(f"{victim}/Conversations?PageSize=50&Page=1&PageToken", 404, count=1)
+    summary = await run_pass(settings)
+    assert summary.users_gone == 1 and summary.users_failed == 0
+    assert summary.users_synced == 119
