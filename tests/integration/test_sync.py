@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncpg
 import pytest
 
-from tests.harness import FAST_BACKOFF, assert_mirrors, run_pass, settings_for
+from tests.harness import assert_mirrors, run_pass, settings_for
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 from worker.sync import Scope
@@ -142,7 +142,8 @@ async def test_an_interrupted_listing_removes_nothing_until_it_completes(
     server.sim.fail_next(f"{user}/Conversations?PageSize=50&Page=1&PageToken", 500, count=10)
     failed = await run_pass(settings, Scope(services=(service,), users=(user,)))
     server.sim.clear_faults()
-    assert failed.status == "partial" and failed.users_failed == 1
+    assert failed.status == "partial"
+    assert failed.users_failed == 1
     removed = await fetch(
         db_url, "SELECT count(*) AS n FROM memberships WHERE removed_at IS NOT NULL"
     )
@@ -150,12 +151,14 @@ async def test_an_interrupted_listing_removes_nothing_until_it_completes(
     cursor = await fetch(
         db_url, "SELECT listing_pages, last_error FROM sync_cursors WHERE user_sid = $1", user
     )
-    assert cursor[0]["listing_pages"] == 1 and "500" in cursor[0]["last_error"]
+    assert cursor[0]["listing_pages"] == 1
+    assert "500" in cursor[0]["last_error"]
 
     # The next pass continues the same listing from page 2 and then removes exactly both.
     server.sim.reset_stats()
     done = await run_pass(settings, Scope(services=(service,), users=(user,)))
-    assert done.status == "succeeded" and done.rows_removed == 2
+    assert done.status == "succeeded"
+    assert done.rows_removed == 2
     first_page = f"/v1/Services/{service}/Users/{user}/Conversations"
     assert server.sim.stats().pages[(first_page, None)] == 0, "page 1 is not fetched again"
     await assert_mirrors_user(server, db_url, service, user)
@@ -206,5 +209,6 @@ async def test_a_user_deleted_mid_pass_is_gone_and_the_rest_commit(
     victim = heavy_user(server, service)
     server.sim.fail_next(f"{victim}/Conversations?PageSize=50&Page=1&PageToken", 404, count=1)
     summary = await run_pass(settings)
-    assert summary.users_gone == 1 and summary.users_failed == 0
+    assert summary.users_gone == 1
+    assert summary.users_failed == 0
     assert summary.users_synced == 119
