@@ -1,0 +1,155 @@
+"""The real CLI in child processes: exit codes, SIGKILL and resume, secrets kept out."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from tests.harness import assert_mirrors, convsync, spawn_convsync, worker_env
+from worker.simdata import Dataset
+from worker.simulator import Simulator, SimulatorServer
+
+CONCURRENCY = 8
+
+
+@pytest.fixture
+def server() -> Iterator[SimulatorServer]:
+    sim = Simulator(Dataset.generate(seed=5, services=2, users_per_service=150))
+    with SimulatorServer(sim) as s:
+        yield s
+
+
+async def scalar(db_url: str, sql: str) -> object:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def wait_for(db_url: str, sql: str, predicate: object, timeout: float = 60) -> object:
+    """Poll a query until its value satisfies ``predicate`` (a condition, not a guess)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await scalar(db_url, sql)
+        if predicate(value):  # type: ignore[operator]
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting on {sql}")
+
+
+def conversation_pages_fetched_twice(server: SimulatorServer) -> int:
+    return sum(
+        1 for (path, _), n in server.sim.stats().pages.items() if "/Conversations" in path and n > 1
+    )
+
+
+async def test_sigkill_mid_pass_then_resume_ends_equal_with_few_pages_refetched(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(latency_ms=15, jitter_ms=10)
+    env = worker_env(server, db_url, CONVSYNC_CONCURRENCY=str(CONCURRENCY))
+    child = spawn_convsync(["sync"], env)
+    try:
+        await wait_for(
+            db_url, "SELECT coalesce(sum(run_pages), 0) FROM sync_cursors", lambda n: n >= 60
+        )
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "running"
+
+    result = convsync(["sync"], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    await assert_mirrors(server, db_url)
+    assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1, "the pass was continued"
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "succeeded"
+    twice = conversation_pages_fetched_twice(server)
+    assert twice <= CONCURRENCY, f"{twice} pages fetched twice"
+
+
+async def test_wrong_credentials_exit_2_fast_without_leaking(
+    server: SimulatorServer, db_url: str
+) -> None:
+    secret = "wrong-token-0123456789abcdef"
+    env = worker_env(server, db_url, TWILIO_AUTH_TOKEN=secret)
+    started = time.monotonic()
+    result = convsync(["sync"], env)
+    elapsed = time.monotonic() - started
+    assert result.returncode == 2
+    assert "rejected the credentials" in result.stderr
+    assert secret not in result.stdout + result.stderr
+    assert server.sim.stats().requests <= 3
+    assert elapsed < 15
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ({"CONVSYNC_SERVICES": "IS-not-a-sid"}, "CONVSYNC_SERVICES"),
+        ({"DATABASE_URL": "postgresql://u:pw@host:port/db"}, "DATABASE_URL"),
+        ({"CONVSYNC_PAGE_SIZE": "500"}, "CONVSYNC_PAGE_SIZE"),
+        ({"TWILIO_AUTH_TOKEN": ""}, "TWILIO_AUTH_TOKEN"),
+    ],
+)
+def test_bad_configuration_exits_2_before_any_request(
+    server: SimulatorServer, db_url: str, override: dict[str, str], named: str
+) -> None:
+    result = convsync(["sync"], worker_env(server, db_url, **override))
+    assert result.returncode == 2
+    assert named in result.stderr
+    assert server.sim.stats().requests == 0
+
+
+def test_unknown_user_scope_is_a_clear_error(server: SimulatorServer, db_url: str) -> None:
+    user = "US" + "0" * 32
+    result = convsync(["sync", "--user", user], worker_env(server, db_url))
+    assert result.returncode == 2
+    assert f"--user {user}" in result.stderr
+
+
+async def test_failed_users_exit_1_and_show_in_status(server: SimulatorServer, db_url: str) -> None:
+    data = server.sim.dataset
+    service = data.service_sids()[0]
+    victim = data.user_sids(service)[3]
+    server.sim.fail_next(f"Users/{victim}/Conversations", 500, count=50)
+    env = worker_env(server, db_url, CONVSYNC_MAX_ATTEMPTS="2")
+    result = convsync(["sync"], env)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "partial"
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") > 1000, "the rest committed"
+
+    status = convsync(["status", "--json"], env)
+    assert status.returncode == 0
+    report = json.loads(status.stdout)
+    assert report["passes"][0]["users_failed"] == 1
+    assert [u["user_sid"] for u in report["users"] if u["state"] == "failed"] == [victim]
+    table = convsync(["status"], env)
+    assert "partial" in table.stdout
+    assert victim in table.stdout
+
+
+def test_two_migrations_at_once_both_succeed(empty_db_url: str) -> None:
+    env = {"DATABASE_URL": empty_db_url}
+    children = [spawn_convsync(["migrate"], env) for _ in range(2)]
+    for child in children:
+        child.communicate(timeout=60)
+        assert child.returncode == 0
+
+
+def test_python_dash_m_and_console_script_agree() -> None:
+    result = convsync(["--help"], {})
+    assert result.returncode == 0
+    for command in ("migrate", "sync", "status", "simulate", "run", "demo"):
+        assert command in result.stdout
+    script = Path(sys.executable).with_name("convsync")
+    assert script.exists(), "the console script is installed beside the interpreter"
