@@ -101,25 +101,24 @@ def now_epoch() -> int:
 class _Bits:
     """Deterministic draws from a keyed digest (re-hashed when used up)."""
 
-    __slots__ = ("_data", "_pos")
+    __slots__ = ("_data", "_pool")
 
     def __init__(self, data: bytes) -> None:
         self._data = data
-        self._pos = 0
+        self._pool = int.from_bytes(data, "big")
 
     def below(self, n: int) -> int:
-        if self._pos + 4 > len(self._data):
+        if self._pool < 1 << 64:
             self._data = hashlib.blake2b(self._data).digest()
-            self._pos = 0
-        value = int.from_bytes(self._data[self._pos : self._pos + 4], "big")
-        self._pos += 4
-        return value % n
+            self._pool = int.from_bytes(self._data, "big")
+        self._pool, value = divmod(self._pool, n)
+        return value
 
     def seed(self) -> int:
         return int.from_bytes(self._data, "big")
 
     def chance(self, p: float) -> bool:
-        return self.below(1_000_000) < p * 1_000_000
+        return self.below(1024) < p * 1024
 
     def pick(self, options: tuple[str, ...]) -> str:
         return options[self.below(len(options))]
@@ -179,8 +178,9 @@ class Dataset:
         self._membership_overrides: dict[tuple[int, int, int], dict[str, Any]] = {}
         self._generation = 0
         self._base_memberships = lru_cache(maxsize=32_768)(self._compute_base_memberships)
-        self._conversation = lru_cache(maxsize=131_072)(self._compute_conversation)
-        self._user = lru_cache(maxsize=131_072)(self._compute_user)
+        self._conversation = lru_cache(maxsize=65_536)(self._compute_conversation)
+        self._user = lru_cache(maxsize=32_768)(self._compute_user)
+        self._attribute_pool = self._attribute_variants()
         self._service_sids = [self._ordered_sid("IS", 0, s) for s in range(params.services)]
 
     @classmethod
@@ -269,8 +269,14 @@ class Dataset:
         count = self._membership_count(s, u)
         if count == 0:
             return ()
+        # Conversations cluster around the user's place in the pool (teams, cohorts): users
+        # near each other in SID order share conversations, which keeps caches warm for
+        # SID-ordered sweeps; heavy users reach wider.
         rng = random.Random(self._bits("members", s, u).seed())
-        return tuple(sorted(rng.sample(range(self._pool), count)))
+        pool = self._pool
+        window = min(pool, max(512, 4 * count))
+        start = u * pool // max(1, self.params.users_per_service) - window // 2
+        return tuple(sorted((start + x) % pool for x in rng.sample(range(window), count)))
 
     def _compute_conversation(self, s: int, c: int) -> dict[str, Any]:
         bits = self._bits("conversation", s, c)
@@ -287,7 +293,7 @@ class Dataset:
                 timers["date_closed"] = twilio_date(inactive + bits.below(60 * 86_400))
         unique: str | None = None
         if bits.chance(0.3):
-            unique = f"conv-{s}-{c}-{self._hex(6, 'unique', s, c)}"
+            unique = f"conv-{s}-{c}-{bits.below(1 << 24):06x}"
         friendly: str | None = None
         if not bits.chance(0.15):
             topic = bits.pick(_TOPICS)
@@ -310,18 +316,30 @@ class Dataset:
             "unique_name": unique,
         }
 
+    def _attribute_variants(self) -> list[str]:
+        """A seeded pool of non-empty attribute JSON strings (flat and nested)."""
+        variants = []
+        for index in range(64):
+            bits = self._bits("attributes", index)
+            if index % 2:
+                variants.append(json.dumps({"priority": bits.below(5), "tags": [bits.pick(_TAGS)]}))
+                continue
+            nested = {
+                "customer": {
+                    "tier": bits.pick(("gold", "silver")),
+                    "name": bits.pick(_PERSON_NAMES),
+                },
+                "routing": {"queue": {"id": bits.below(1000), "skills": [bits.pick(_TAGS)]}},
+                "flags": [True, None, 1.5],
+            }
+            variants.append(json.dumps(nested, ensure_ascii=False))
+        return variants
+
     def _attributes(self, bits: _Bits) -> str:
-        shape = bits.below(10)
-        if shape < 6:
+        """``"{}"`` (Twilio's default) 60% of the time, else a flat or nested JSON object."""
+        if bits.below(10) < 6:
             return "{}"
-        if shape < 8:
-            return json.dumps({"priority": bits.below(5), "tags": [bits.pick(_TAGS)]})
-        nested = {
-            "customer": {"tier": bits.pick(("gold", "silver")), "name": bits.pick(_PERSON_NAMES)},
-            "routing": {"queue": {"id": bits.below(1000), "skills": [bits.pick(_TAGS)]}},
-            "flags": [True, None, 1.5],
-        }
-        return json.dumps(nested, ensure_ascii=False)
+        return self._attribute_pool[bits.below(len(self._attribute_pool))]
 
     def _identity(self, s: int, u: int) -> str:
         bits = self._bits("identity", s, u)
@@ -355,18 +373,22 @@ class Dataset:
         }
 
     def _membership_fields(self, s: int, u: int, c: int) -> dict[str, Any]:
-        override = self._membership_overrides.get((s, u, c))
-        bits = self._bits("membership", s, u, c)
-        last_read: int | None = None if bits.chance(0.2) else bits.below(500)
+        """Per-membership fields: one digest gives the participant SID and every draw."""
+        digest = hashlib.blake2b(
+            f"membership|{s}|{u}|{c}".encode(), digest_size=24, key=self._key
+        ).digest()
+        last_read: int | None = None
         unread: int | None = None
-        if last_read is not None:
-            unread = 0 if bits.chance(0.6) else 1 + bits.below(50)
+        if digest[16] >= 51:  # ~20% have never read
+            last_read = int.from_bytes(digest[17:19], "big") % 500
+            unread = 0 if digest[19] < 154 else 1 + digest[20] % 50  # ~60% caught up
         fields: dict[str, Any] = {
-            "participant_sid": "MB" + self._hex(32, "participant", s, u, c),
-            "notification_level": "muted" if bits.chance(0.1) else "default",
+            "participant_sid": "MB" + digest[:16].hex(),
+            "notification_level": "muted" if digest[21] < 26 else "default",  # ~10%
             "unread_messages_count": unread,
             "last_read_message_index": last_read,
         }
+        override = self._membership_overrides.get((s, u, c))
         if override:
             fields.update(override)
         return fields
@@ -564,44 +586,67 @@ class Dataset:
     ) -> dict[str, Any]:
         """A user-conversation resource; ``default_service_form`` renders it as under
         ``/v1/Users/{UserSid}/Conversations`` (the account's default service)."""
-        with self._lock:
-            conv = self._conversation(s, c)
-            override = self._conversation_overrides.get((s, c))
-            if override:
-                conv = {**conv, **override}
-            member = self._membership_fields(s, u, c)
-            user_sid = self._user(s, u)["sid"]
+        return self.membership_resources(
+            s, u, [c], base_url, default_service_form=default_service_form
+        )[0]
+
+    def membership_resources(
+        self,
+        s: int,
+        u: int,
+        conversations: list[int],
+        base_url: str = DEFAULT_BASE_URL,
+        *,
+        default_service_form: bool = False,
+    ) -> list[dict[str, Any]]:
+        """:meth:`membership_resource` for several conversations of one user (one lock)."""
         service_sid = self.service_sid(s)
-        conv_sid = conv["sid"]
+        account_sid = self.account_sid
+        with self._lock:
+            user_sid = self._user(s, u)["sid"]
+            rows = []
+            for c in conversations:
+                conv = self._conversation(s, c)
+                override = self._conversation_overrides.get((s, c))
+                if override:
+                    conv = {**conv, **override}
+                rows.append((conv, self._membership_fields(s, u, c)))
         if default_service_form:
-            url = f"{base_url}/v1/Users/{user_sid}/Conversations/{conv_sid}"
-            conv_url = f"{base_url}/v1/Conversations/{conv_sid}"
+            item_base = f"{base_url}/v1/Users/{user_sid}/Conversations/"
+            conv_base = f"{base_url}/v1/Conversations/"
         else:
-            url = f"{base_url}/v1/Services/{service_sid}/Users/{user_sid}/Conversations/{conv_sid}"
-            conv_url = f"{base_url}/v1/Services/{service_sid}/Conversations/{conv_sid}"
-        return {
-            "account_sid": self.account_sid,
-            "chat_service_sid": service_sid,
-            "conversation_sid": conv_sid,
-            "unread_messages_count": member["unread_messages_count"],
-            "last_read_message_index": member["last_read_message_index"],
-            "participant_sid": member["participant_sid"],
-            "user_sid": user_sid,
-            "friendly_name": conv["friendly_name"],
-            "conversation_state": conv["conversation_state"],
-            "timers": dict(conv["timers"]),
-            "attributes": conv["attributes"],
-            "date_created": conv["date_created"],
-            "date_updated": conv["date_updated"],
-            "created_by": conv["created_by"],
-            "notification_level": member["notification_level"],
-            "unique_name": conv["unique_name"],
-            "url": url,
-            "links": {
-                "participant": f"{conv_url}/Participants/{member['participant_sid']}",
-                "conversation": conv_url,
-            },
-        }
+            item_base = f"{base_url}/v1/Services/{service_sid}/Users/{user_sid}/Conversations/"
+            conv_base = f"{base_url}/v1/Services/{service_sid}/Conversations/"
+        items = []
+        for conv, member in rows:
+            conv_sid = conv["sid"]
+            conv_url = conv_base + conv_sid
+            items.append(
+                {
+                    "account_sid": account_sid,
+                    "chat_service_sid": service_sid,
+                    "conversation_sid": conv_sid,
+                    "unread_messages_count": member["unread_messages_count"],
+                    "last_read_message_index": member["last_read_message_index"],
+                    "participant_sid": member["participant_sid"],
+                    "user_sid": user_sid,
+                    "friendly_name": conv["friendly_name"],
+                    "conversation_state": conv["conversation_state"],
+                    "timers": dict(conv["timers"]),
+                    "attributes": conv["attributes"],
+                    "date_created": conv["date_created"],
+                    "date_updated": conv["date_updated"],
+                    "created_by": conv["created_by"],
+                    "notification_level": member["notification_level"],
+                    "unique_name": conv["unique_name"],
+                    "url": item_base + conv_sid,
+                    "links": {
+                        "participant": f"{conv_url}/Participants/{member['participant_sid']}",
+                        "conversation": conv_url,
+                    },
+                }
+            )
+        return items
 
     # -- expectations for tests -------------------------------------------------------------
 
@@ -643,10 +688,9 @@ class Dataset:
         s, u = self._service(service_sid), self._user_of(service_sid, user)
         with self._lock:
             items = list(self._memberships(s, u))
-        return [
-            self.membership_resource(s, u, c, base_url, default_service_form=default_service_form)
-            for c in items
-        ]
+        return self.membership_resources(
+            s, u, items, base_url, default_service_form=default_service_form
+        )
 
     def expected_memberships(
         self, base_url: str = DEFAULT_BASE_URL, service_sid: str | None = None
@@ -656,8 +700,7 @@ class Dataset:
             for u in self.user_indices(s):
                 with self._lock:
                     items = list(self._memberships(s, u))
-                for c in items:
-                    yield self.membership_resource(s, u, c, base_url)
+                yield from self.membership_resources(s, u, items, base_url)
 
     def membership_count(self, service_sid: str, user: str) -> int:
         s, u = self._service(service_sid), self._user_of(service_sid, user)

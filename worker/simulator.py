@@ -208,7 +208,7 @@ class _Listing:
     page: Callable[[int | None, int | None, int], tuple[list[int], bool]]
     marker: Callable[[int], str]
     position: Callable[[str], int | None]
-    render: Callable[[int, str], dict[str, Any]]
+    render: Callable[[list[int], str], list[dict[str, Any]]]
 
 
 class _BadRequest(Exception):
@@ -561,7 +561,7 @@ class Simulator:
             page=data.service_page,
             marker=lambda i: data.position_sid("IS", 0, i),
             position=lambda sid: data.position_of("IS", 0, sid),
-            render=lambda i, b: data.service_resource(i, b),
+            render=lambda indices, b: [data.service_resource(i, b) for i in indices],
         )
 
     def _users_listing(self, s: int) -> _Listing:
@@ -573,7 +573,7 @@ class Simulator:
             page=lambda after, before, limit: data.user_page(s, after, before, limit),
             marker=lambda i: data.position_sid("US", s, i),
             position=lambda sid: data.position_of("US", s, sid),
-            render=lambda i, b: data.user_resource(s, i, b),
+            render=lambda indices, b: [data.user_resource(s, i, b) for i in indices],
         )
 
     def _memberships_listing(self, s: int, u: int, *, default_form: bool) -> _Listing:
@@ -585,8 +585,8 @@ class Simulator:
             page=lambda after, before, limit: data.membership_page(s, u, after, before, limit),
             marker=lambda i: data.position_sid("CH", s, i),
             position=lambda sid: data.position_of("CH", s, sid),
-            render=lambda c, b: data.membership_resource(
-                s, u, c, b, default_service_form=default_form
+            render=lambda indices, b: data.membership_resources(
+                s, u, indices, b, default_service_form=default_form
             ),
         )
 
@@ -631,7 +631,7 @@ class Simulator:
             previous_token = self._token("b", listing.scope, listing.marker(boundary))
             previous_url = f"{here}&Page={page - 1}&PageToken={previous_token}"
         body = {
-            listing.key: [listing.render(index, base) for index in indices],
+            listing.key: listing.render(indices, base),
             "meta": {
                 "page": page,
                 "page_size": size,
