@@ -217,13 +217,12 @@ def routes() -> dict[str, str]:
 def cli_accepts(argv: list[str]) -> bool:
     """Whether ``convsync *argv`` parses (and, for simulate, the simulator's own options)."""
     try:
-        build_parser().parse_args(argv)
-        if argv[:1] == ["simulate"]:
-            from worker import simulator
+        if argv[:1] == ["simulate"]:  # main() hands these to the simulator's own parser
+            from worker.simulator import _parser
 
-            parser = getattr(simulator, "_parser", None)
-            if parser is not None:
-                parser().parse_args(argv[1:])
+            _parser().parse_args(argv[1:])
+        else:
+            build_parser().parse_args(argv)
     except SystemExit:
         return False
     return True
