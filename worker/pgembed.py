@@ -758,7 +758,7 @@ class LocalPostgres:
                     return False
                 raise PgEmbedError(f"postgres exited with {process.returncode}:\n{tail[-4000:]}")
             try:
-                rows = run_sql(endpoint, SUPERUSER, "postgres", "SHOW data_directory", timeout=2.0)
+                rows = run_sql(endpoint, SUPERUSER, "postgres", "SHOW data_directory", timeout=0.5)
             except (OSError, ServerError):
                 rows = []
             if rows:

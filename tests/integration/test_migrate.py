@@ -1,0 +1,157 @@
+"""The migration runner against real PostgreSQL: once each, in order, safe when concurrent."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from worker import migrate
+from worker.migrate import (
+    MIGRATIONS_DIR,
+    MigrationError,
+    apply_migrations,
+    load_migrations,
+    pending_migrations,
+)
+
+ALL = [m.name for m in load_migrations()]
+TABLES = {"services", "users", "conversations", "memberships", "sync_runs", "sync_cursors"}
+
+
+@pytest.fixture
+async def empty_db(empty_db_url: str) -> AsyncIterator[asyncpg.Connection]:
+    conn = await asyncpg.connect(empty_db_url)
+    try:
+        yield conn
+    finally:
+        await conn.close()
+
+
+@pytest.fixture
+def migrations_copy(tmp_path: Path) -> Path:
+    """A private copy of the real migrations, free to edit."""
+    directory = tmp_path / "migrations"
+    shutil.copytree(MIGRATIONS_DIR, directory)
+    return directory
+
+
+async def _applied(conn: asyncpg.Connection) -> list[tuple[str, int]]:
+    rows = await conn.fetch(
+        "SELECT name, count(*) AS n FROM schema_migrations GROUP BY name ORDER BY name"
+    )
+    return [(r["name"], r["n"]) for r in rows]
+
+
+async def _tables(conn: asyncpg.Connection) -> set[str]:
+    rows = await conn.fetch("SELECT tablename FROM pg_tables WHERE schemaname = 'public'")
+    return {r["tablename"] for r in rows}
+
+
+def test_the_project_ships_ordered_migrations() -> None:
+    assert len(ALL) >= 2
+    assert sorted(ALL) == ALL
+    assert ALL[0].startswith("001_")
+
+
+async def test_migrations_apply_into_an_empty_database(
+    empty_db_url: str, empty_db: asyncpg.Connection
+) -> None:
+    assert await pending_migrations(empty_db) == ALL
+    assert await apply_migrations(empty_db_url) == ALL
+    assert await _tables(empty_db) >= TABLES
+    assert await _applied(empty_db) == [(name, 1) for name in ALL]
+    assert await pending_migrations(empty_db) == []
+
+
+async def test_rerunning_applies_nothing(empty_db_url: str, empty_db: asyncpg.Connection) -> None:
+    await apply_migrations(empty_db_url)
+    first = await empty_db.fetch("SELECT name, checksum, applied_at FROM schema_migrations")
+    assert await apply_migrations(empty_db_url) == []
+    again = await empty_db.fetch("SELECT name, checksum, applied_at FROM schema_migrations")
+    assert sorted(map(tuple, again)) == sorted(map(tuple, first))
+
+
+async def test_concurrent_runs_both_succeed_and_apply_each_file_once(
+    empty_db_url: str, empty_db: asyncpg.Connection
+) -> None:
+    results = await asyncio.gather(*(apply_migrations(empty_db_url) for _ in range(3)))
+    applied = [name for result in results for name in result]
+    assert sorted(applied) == ALL  # every file applied by exactly one runner
+    assert await _applied(empty_db) == [(name, 1) for name in ALL]
+
+
+async def test_a_changed_migration_is_refused(
+    empty_db_url: str, empty_db: asyncpg.Connection, migrations_copy: Path
+) -> None:
+    await apply_migrations(empty_db_url, migrations_copy)
+    first = migrations_copy / ALL[0]
+    first.write_text(first.read_text() + "\n-- edited after it was applied\n")
+    with pytest.raises(MigrationError, match=f"{ALL[0]} changed after it was applied"):
+        await apply_migrations(empty_db_url, migrations_copy)
+    # The advisory lock was released: another runner is not stuck behind the failed one.
+    assert await asyncio.wait_for(apply_migrations(empty_db_url), 10) == []
+
+
+async def test_a_new_file_is_pending_then_applied(
+    empty_db_url: str, empty_db: asyncpg.Connection, migrations_copy: Path
+) -> None:
+    await apply_migrations(empty_db_url, migrations_copy)
+    (migrations_copy / "999_extra.sql").write_text("CREATE TABLE extra (id int PRIMARY KEY);")
+    assert await pending_migrations(empty_db, migrations_copy) == ["999_extra.sql"]
+    assert await apply_migrations(empty_db_url, migrations_copy) == ["999_extra.sql"]
+    assert await pending_migrations(empty_db, migrations_copy) == []
+    assert "extra" in await _tables(empty_db)
+
+
+async def test_a_failing_migration_is_rolled_back_and_not_recorded(
+    empty_db_url: str, empty_db: asyncpg.Connection, migrations_copy: Path
+) -> None:
+    (migrations_copy / "999_broken.sql").write_text(
+        "CREATE TABLE half_done (id int); SELECT no_such_function();"
+    )
+    with pytest.raises(asyncpg.UndefinedFunctionError):
+        await apply_migrations(empty_db_url, migrations_copy)
+    assert await pending_migrations(empty_db, migrations_copy) == ["999_broken.sql"]
+    assert "half_done" not in await _tables(empty_db)
+    assert await _applied(empty_db) == [(name, 1) for name in ALL]
+
+
+async def test_an_empty_directory_is_an_error(empty_db_url: str, tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="no migrations found"):
+        await apply_migrations(empty_db_url, tmp_path)
+
+
+async def test_the_template_clone_is_fully_migrated(db: asyncpg.Connection) -> None:
+    assert await pending_migrations(db) == []
+    assert await _tables(db) >= TABLES
+
+
+@pytest.mark.parametrize("run", [1, 2])
+async def test_each_test_gets_its_own_database(db: asyncpg.Connection, run: int) -> None:
+    # Both runs insert the same key: the second would fail on a shared database.
+    await db.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", "IS" + "0" * 32)
+    assert await db.fetchval("SELECT count(*) FROM services") == 1
+
+
+def test_migrations_dir_honours_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("CONVSYNC_MIGRATIONS_DIR", str(tmp_path))
+    assert migrate._default_migrations_dir() == tmp_path
+    monkeypatch.delenv("CONVSYNC_MIGRATIONS_DIR")
+    assert migrate._default_migrations_dir() == MIGRATIONS_DIR
+
+
+def test_migrations_dir_falls_back_to_the_working_directory(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.delenv("CONVSYNC_MIGRATIONS_DIR", raising=False)
+    # As if installed as a wheel: no migrations/ beside the package.
+    monkeypatch.setattr(migrate, "__file__", str(tmp_path / "site-packages/worker/migrate.py"))
+    monkeypatch.chdir(tmp_path)
+    assert migrate._default_migrations_dir() == tmp_path / "migrations"
