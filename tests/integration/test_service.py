@@ -1,0 +1,278 @@
+"""`convsync run` as real processes: replicas sharing a pass through PostgreSQL, SIGKILL and
+lease takeover, SIGTERM within the grace, probes and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import asyncpg
+import pytest
+
+from tests.harness import REPO, _base_env, assert_mirrors, convsync, worker_env
+from worker.simdata import Dataset
+from worker.simulator import Simulator, SimulatorServer
+
+CONCURRENCY = 8
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+class Replica:
+    """A `convsync run` child process with its logs in a file (a pipe could fill and block)."""
+
+    def __init__(self, env: dict[str, str], log_path: Path) -> None:
+        self.port = free_port()
+        self.log_path = log_path
+        self._log = log_path.open("w")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "worker", "run"],
+            env={**_base_env(), **env, "CONVSYNC_HTTP_PORT": str(self.port)},
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+            cwd=REPO,
+        )
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def events(self) -> list[dict[str, Any]]:
+        lines = self.log_path.read_text().splitlines()
+        return [json.loads(line) for line in lines if line.startswith("{")]
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+        code = self.process.wait(timeout=timeout)
+        self._log.close()
+        return code
+
+
+@pytest.fixture
+def server() -> Iterator[SimulatorServer]:
+    sim = Simulator(Dataset.generate(seed=21, services=2, users_per_service=120))
+    with SimulatorServer(sim) as s:
+        yield s
+
+
+@pytest.fixture
+def replicas(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
+    started: list[Replica] = []
+
+    def start(env: dict[str, str]) -> Replica:
+        replica = Replica(env, tmp_path / f"replica-{len(started)}.log")
+        started.append(replica)
+        return replica
+
+    yield start
+    for replica in started:
+        replica.stop(signal.SIGKILL)
+
+
+def service_env(server: SimulatorServer, db_url: str, **overrides: str) -> dict[str, str]:
+    return worker_env(
+        server,
+        db_url,
+        CONVSYNC_CONCURRENCY=str(CONCURRENCY),
+        CONVSYNC_INTERVAL="3600",
+        CONVSYNC_LOG_LEVEL="debug",
+        **overrides,
+    )
+
+
+async def scalar(db_url: str, sql: str) -> Any:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetchval(sql)
+    finally:
+        await conn.close()
+
+
+async def until(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+    """Poll an async condition until it is truthy."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+async def get(url: str) -> tuple[int, str]:
+    try:
+        async with aiohttp.ClientSession() as session, session.get(url) as response:
+            return response.status, await response.text()
+    except aiohttp.ClientError:
+        return 0, ""
+
+
+def pass_status(db_url: str) -> Callable[[], Any]:
+    async def check() -> Any:
+        return await scalar(db_url, "SELECT status FROM sync_runs WHERE status <> 'running'")
+
+    return check
+
+
+def pages_fetched_twice(server: SimulatorServer) -> int:
+    pages = server.sim.stats().pages
+    return sum(1 for (path, _), n in pages.items() if "/Conversations" in path and n > 1)
+
+
+async def test_two_replicas_share_one_pass_without_fetching_a_page_twice(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    server.sim.configure(latency_ms=20)
+    server.sim.hold()  # both replicas' first requests wait: both start the pass together
+    env = service_env(server, db_url)
+    first, second = replicas(env), replicas(env)
+    both_waiting = await asyncio.to_thread(
+        server.sim.wait_until, lambda stats: stats.in_flight >= 2, 60
+    )
+    assert both_waiting
+    server.sim.release()
+    assert await until(pass_status(db_url), what="the pass to end") == "succeeded"
+    await assert_mirrors(server, db_url)
+    assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1, "one pass per tick"
+    assert pages_fetched_twice(server) == 0
+    assert first.stop() == 0
+    assert second.stop() == 0
+    synced = [
+        sum(1 for e in r.events() if e.get("event") == "user_synced") for r in (first, second)
+    ]
+    assert sum(synced) == 240
+    assert min(synced) > 0, f"both replicas did work: {synced}"
+
+
+async def test_a_killed_replicas_users_are_taken_over_after_its_lease(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    server.sim.configure(latency_ms=20, jitter_ms=10)
+    env = service_env(server, db_url, CONVSYNC_LEASE_SECONDS="2")
+    doomed = replicas(env)
+    await until(
+        lambda: scalar(db_url, "SELECT coalesce(sum(run_pages), 0) > 40 FROM sync_cursors"),
+        what="pages to flow",
+    )
+    survivor = replicas(env)
+    await until(
+        lambda: scalar(db_url, "SELECT count(DISTINCT claimed_by) = 2 FROM sync_cursors"),
+        what="both replicas to hold claims",
+    )
+    assert doomed.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert await until(pass_status(db_url), what="the pass to end") == "succeeded"
+    await assert_mirrors(server, db_url)
+    assert pages_fetched_twice(server) <= CONCURRENCY
+    assert survivor.stop() == 0
+
+
+async def test_sigterm_exits_0_within_the_grace_and_the_next_pass_resumes(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    server.sim.configure(latency_ms=30, jitter_ms=10)
+    env = service_env(server, db_url, CONVSYNC_SHUTDOWN_GRACE="10")
+    replica = replicas(env)
+    await until(
+        lambda: scalar(db_url, "SELECT coalesce(sum(run_pages), 0) > 30 FROM sync_cursors"),
+        what="pages to flow",
+    )
+    started = time.monotonic()
+    assert replica.stop(signal.SIGTERM) == 0
+    assert time.monotonic() - started < 10
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "running"
+    assert (
+        await scalar(db_url, "SELECT count(*) FROM sync_cursors WHERE claimed_by IS NOT NULL") == 0
+    )
+    events = [e["event"] for e in replica.events()]
+    assert "shutdown_complete" in events
+
+    result = convsync(["sync"], worker_env(server, db_url))
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1, "the pass was continued"
+    await assert_mirrors(server, db_url)
+    assert pages_fetched_twice(server) <= CONCURRENCY
+
+
+async def test_metrics_move_as_pages_flow(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    replica = replicas(service_env(server, db_url))
+    await until(lambda: _ok(replica.url + "/healthz"), what="the HTTP server")
+    assert await until(pass_status(db_url), what="the pass to end") == "succeeded"
+    status, text = await get(replica.url + "/metrics")
+    assert status == 200
+    metrics = parse_metrics(text)
+    pages = await scalar(db_url, "SELECT pages FROM sync_runs")
+    assert metrics['convsync_pages_total{kind="conversations"}'] == pages
+    assert metrics['convsync_requests_total{status="200"}'] >= pages
+    assert 1 <= metrics["convsync_concurrency_limit"] <= CONCURRENCY
+    assert metrics['convsync_passes_total{status="succeeded"}'] == 1
+    assert metrics["convsync_last_success_timestamp_seconds"] > time.time() - 120
+    rows = await scalar(db_url, "SELECT rows_inserted FROM sync_runs")
+    assert metrics['convsync_rows_total{outcome="inserted"}'] == rows
+    assert replica.stop() == 0
+
+
+async def test_readyz_fails_while_the_database_is_down(
+    server: SimulatorServer,
+    restartable_db_url: str,
+    pg_restartable: Any,
+    replicas: Callable[..., Replica],
+) -> None:
+    replica = replicas(service_env(server, restartable_db_url, CONVSYNC_RUN_AT_START="false"))
+    await until(lambda: _ok(replica.url + "/readyz"), what="ready")
+    pg_restartable.stop()
+    try:
+        await until(lambda: _status_is(replica.url + "/readyz", 503), what="not ready")
+        assert (await get(replica.url + "/healthz"))[0] == 200, "alive though not ready"
+    finally:
+        pg_restartable.start()
+    await until(lambda: _ok(replica.url + "/readyz"), what="ready again")
+    assert replica.stop() == 0
+
+
+def test_both_schedules_is_a_configuration_error(server: SimulatorServer, db_url: str) -> None:
+    env = worker_env(server, db_url, CONVSYNC_SCHEDULE="*/5 * * * *", CONVSYNC_INTERVAL="60")
+    result = convsync(["run"], env)
+    assert result.returncode == 2
+    assert "CONVSYNC_INTERVAL" in result.stderr
+
+
+def test_a_bad_cron_expression_is_a_configuration_error(
+    server: SimulatorServer, db_url: str
+) -> None:
+    result = convsync(["run"], worker_env(server, db_url, CONVSYNC_SCHEDULE="every tuesday"))
+    assert result.returncode == 2
+    assert "CONVSYNC_SCHEDULE" in result.stderr
+
+
+async def _ok(url: str) -> bool:
+    return (await get(url))[0] == 200
+
+
+async def _status_is(url: str, status: int) -> bool:
+    return (await get(url))[0] == status
+
+
+def parse_metrics(text: str) -> dict[str, float]:
+    values = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            values[name] = float(value)
+    return values
