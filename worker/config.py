@@ -51,14 +51,25 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CONVSYNC_MAX_RETRY_SECONDS", "120", "Total seconds one request may spend retrying."),
     Variable("CONVSYNC_DB_POOL_SIZE", "8", "PostgreSQL connections held by the worker."),
     Variable("CONVSYNC_LEASE_SECONDS", "60", "How long a claimed user stays claimed unrenewed."),
-    Variable("CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pid)."),
+    Variable(
+        "CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pid:random)."
+    ),
     Variable("CONVSYNC_SCHEDULE", None, "`convsync run`: cron expression (UTC) for passes."),
-    Variable("CONVSYNC_INTERVAL", None, "`convsync run`: seconds between passes."),
+    Variable(
+        "CONVSYNC_INTERVAL",
+        None,
+        "`convsync run`: seconds between passes (3600 when no schedule is set).",
+    ),
     Variable("CONVSYNC_RUN_AT_START", "true", "`convsync run`: start a pass immediately."),
     Variable("CONVSYNC_HTTP_PORT", "8080", "`convsync run`: port of /healthz, /readyz, /metrics."),
     Variable("CONVSYNC_SHUTDOWN_GRACE", "25", "Seconds in-flight work gets after SIGTERM."),
     Variable("CONVSYNC_LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json or console."),
     Variable("CONVSYNC_LOG_LEVEL", "info", "debug, info, warning or error."),
+    Variable(
+        "CONVSYNC_MIGRATIONS_DIR",
+        None,
+        "Folder of the migration files (default: migrations/ beside the package, or ./migrations).",
+    ),
 )
 VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
 
@@ -256,3 +267,13 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_level=log_level,
         **{k: v for k, v in values.items() if v is not None},
     )
+
+
+def reference_table() -> str:
+    """The configuration reference as a Markdown table (README.md embeds it verbatim)."""
+    lines = ["| variable | default | meaning |", "|---|---|---|"]
+    for v in VARIABLES:
+        default = f"`{v.default}`" if v.default is not None else ""
+        secret = " Secret: never logged." if v.secret else ""
+        lines.append(f"| `{v.name}` | {default} | {v.help}{secret} |")
+    return "\n".join(lines)
