@@ -20,7 +20,8 @@ Errors carry Twilio's body ``{"code", "message", "more_info", "status"}``; codes
 Test and benchmark controls live under ``/_sim/`` (no auth, not counted, never faulted):
 ``GET /_sim/stats``, ``POST /_sim/reset_stats``, ``GET|POST /_sim/config`` (JSON of knobs),
 ``POST /_sim/fail_next`` (``{"path", "fault", "count"}``), ``POST /_sim/clock``
-(``{"advance": seconds}``).
+(``{"advance": seconds}``). Schema-breaking pages, for tests: ``Simulator.corrupt_next``
+(in-process only).
 
 Nothing here may import the worker's client, model or store: only ``worker.simdata``.
 """
@@ -191,6 +192,13 @@ class _Targeted:
     remaining: int
 
 
+@dataclass
+class _Corruption:
+    needle: str
+    mutate: Callable[[dict[str, Any]], Any]
+    remaining: int
+
+
 @dataclass(frozen=True)
 class _Reply:
     status: int
@@ -236,6 +244,7 @@ class Simulator:
         self._lock = threading.Lock()
         self._changed = threading.Condition(self._lock)
         self._targeted: list[_Targeted] = []
+        self._corruptions: list[_Corruption] = []
         self._clock_offset = 0.0
         self._held = False
         self._release = asyncio.Event()
@@ -278,10 +287,51 @@ class Simulator:
         with self._lock:
             self._targeted.append(_Targeted(path_substring, fault, count))
 
+    def corrupt_next(
+        self, path_substring: str, mutate: Callable[[dict[str, Any]], Any], count: int = 1
+    ) -> None:
+        """Test-only bad input: the next ``count`` list pages answered 200 whose path and query
+        contain ``path_substring`` are served as ``mutate(body)`` instead of ``body``.
+
+        ``body`` is the page object about to be serialised (items under the listing's key,
+        ``meta``), freshly built, so ``mutate`` may change it in place and return it. Whatever
+        it returns is served: any JSON value (lone surrogates come out as ``\\udXXX`` escapes),
+        or ``bytes`` verbatim. Counted in ``stats().faults["corrupt"]``. In-process only: a
+        callable does not travel through ``/_sim/``.
+        """
+        if count < 1:
+            raise ValueError("count must be >= 1")
+        with self._lock:
+            self._corruptions.append(_Corruption(path_substring, mutate, count))
+
     def clear_faults(self) -> None:
-        """Forget pending :meth:`fail_next` faults."""
+        """Forget pending :meth:`fail_next` faults and :meth:`corrupt_next` corruptions."""
         with self._lock:
             self._targeted.clear()
+            self._corruptions.clear()
+
+    def _corrupt(self, target: str, body: dict[str, Any]) -> _Reply:
+        """A 200 reply of ``body``, or of what a pending corruption for ``target`` makes of it."""
+        mutate: Callable[[dict[str, Any]], Any] | None = None
+        with self._lock:
+            for index, corruption in enumerate(self._corruptions):
+                if corruption.needle in target:
+                    corruption.remaining -= 1
+                    if corruption.remaining <= 0:
+                        del self._corruptions[index]
+                    mutate = corruption.mutate
+                    self._faults["corrupt"] += 1
+                    break
+        if mutate is None:
+            return _json(200, body)
+        served = mutate(body)
+        if isinstance(served, bytes):
+            return _Reply(200, served, {})
+        try:
+            data = json.dumps(served, ensure_ascii=False, separators=(",", ":")).encode()
+        except UnicodeEncodeError:
+            data = json.dumps(served, separators=(",", ":")).encode()
+        return _Reply(200, data, {})
 
     # -- clock and gate ----------------------------------------------------------------------
 
@@ -642,7 +692,7 @@ class Simulator:
                 "key": listing.key,
             },
         }
-        return _json(200, body)
+        return self._corrupt(str(request.rel_url), body)
 
     # -- control endpoints -------------------------------------------------------------------
 
