@@ -20,7 +20,7 @@ import structlog
 
 from worker.client import TwilioClient
 from worker.config import SERVICE_SID, USER_SID, Settings, load_settings, parse_sids
-from worker.errors import ConfigError, FatalError
+from worker.errors import ConfigError, ConvsyncError, FatalError
 from worker.logs import configure_logging, redact
 from worker.migrate import apply_migrations, pending_migrations
 from worker.store import Store, recent_passes, troubled_users
@@ -77,6 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_dispatch(args, settings))
     except FatalError as error:
         return _fail(str(error), settings)
+    except DatabaseUnreachable as error:
+        return _fail(str(error), settings, EXIT_PARTIAL)
     except KeyboardInterrupt:
         return EXIT_PARTIAL
 
@@ -120,15 +122,15 @@ async def _database(settings: Settings) -> str:
     ) as error:
         raise ConfigError(f"DATABASE_URL was refused: {type(error).__name__}") from None
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
-        raise DatabaseUnavailableConfig(
+        raise DatabaseUnreachable(
             f"cannot reach the database in DATABASE_URL: {type(error).__name__}"
         ) from None
     await conn.close()
     return dsn
 
 
-class DatabaseUnavailableConfig(FatalError):
-    """The database could not be reached at start."""
+class DatabaseUnreachable(ConvsyncError):
+    """The database could not be reached at start (transient: exit 1, try again later)."""
 
 
 async def sync_command(settings: Settings, services: Sequence[str], users: Sequence[str]) -> int:

@@ -148,7 +148,7 @@ async def run_service(settings: Settings) -> int:
     trigger = build_trigger(settings)
     dsn = settings.require_database()
     settings.require_credentials()
-    store = await Store.connect(dsn, settings.db_pool_size)
+    store = await Store.connect(dsn, settings.db_pool_size, lazy=True)
     try:
         async with TwilioClient(settings) as client:
             service = Service(settings, store, client)

@@ -89,9 +89,15 @@ class Store:
         self.pool = pool
 
     @classmethod
-    async def connect(cls, dsn: str, size: int = 8) -> Store:
+    async def connect(cls, dsn: str, size: int = 8, *, lazy: bool = False) -> Store:
+        """A pool of ``size`` connections; ``lazy`` opens none until needed (a service may
+        start while its database is down)."""
         pool = await asyncpg.create_pool(
-            dsn, min_size=1, max_size=size, init=_init_connection, command_timeout=60
+            dsn,
+            min_size=0 if lazy else 1,
+            max_size=size,
+            init=_init_connection,
+            command_timeout=60,
         )
         return cls(pool)
 

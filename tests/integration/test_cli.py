@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -153,3 +154,15 @@ def test_python_dash_m_and_console_script_agree() -> None:
         assert command in result.stdout
     script = Path(sys.executable).with_name("convsync")
     assert script.exists(), "the console script is installed beside the interpreter"
+
+
+def test_an_unreachable_database_is_transient_exit_1(server: SimulatorServer) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"postgresql://nobody:hunter2-db-pass@127.0.0.1:{port}/nowhere"
+    result = convsync(["sync"], worker_env(server, url))
+    assert result.returncode == 1
+    assert "cannot reach the database" in result.stderr
+    assert "hunter2-db-pass" not in result.stdout + result.stderr
+    assert server.sim.stats().requests == 0

@@ -85,14 +85,12 @@ def replicas(tmp_path: Path) -> Iterator[Callable[..., Replica]]:
 
 
 def service_env(server: SimulatorServer, db_url: str, **overrides: str) -> dict[str, str]:
-    return worker_env(
-        server,
-        db_url,
-        CONVSYNC_CONCURRENCY=str(CONCURRENCY),
-        CONVSYNC_INTERVAL="3600",
-        CONVSYNC_LOG_LEVEL="debug",
-        **overrides,
-    )
+    defaults = {
+        "CONVSYNC_CONCURRENCY": str(CONCURRENCY),
+        "CONVSYNC_INTERVAL": "3600",
+        "CONVSYNC_LOG_LEVEL": "debug",
+    }
+    return worker_env(server, db_url, **{**defaults, **overrides})
 
 
 async def scalar(db_url: str, sql: str) -> Any:
@@ -276,3 +274,35 @@ def parse_metrics(text: str) -> dict[str, float]:
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
     return values
+
+
+async def test_a_tick_during_a_running_pass_is_skipped_and_logged(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    server.sim.hold()  # the first pass cannot finish until released
+    replica = replicas(service_env(server, db_url, CONVSYNC_INTERVAL="1"))
+    await until(lambda: _logged(replica, "tick_skipped"), timeout=30, what="a skipped tick")
+    server.sim.release()
+    assert await scalar(db_url, "SELECT count(*) FROM sync_runs") <= 1
+    assert replica.stop() == 0
+
+
+async def test_run_starts_while_the_database_is_down_and_becomes_ready(
+    server: SimulatorServer,
+    restartable_db_url: str,
+    pg_restartable: Any,
+    replicas: Callable[..., Replica],
+) -> None:
+    pg_restartable.stop()
+    try:
+        replica = replicas(service_env(server, restartable_db_url, CONVSYNC_RUN_AT_START="false"))
+        await until(lambda: _ok(replica.url + "/healthz"), what="alive")
+        assert (await get(replica.url + "/readyz"))[0] == 503
+    finally:
+        pg_restartable.start()
+    await until(lambda: _ok(replica.url + "/readyz"), what="ready once the database is up")
+    assert replica.stop() == 0
+
+
+async def _logged(replica: Replica, event: str) -> bool:
+    return any(e.get("event") == event for e in replica.events())
