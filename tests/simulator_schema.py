@@ -8,45 +8,18 @@ properties, so :func:`check` also demands that every object carries exactly the 
 
 from __future__ import annotations
 
-import json
-import os
 import re
 from datetime import datetime
-from functools import cache
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
-import pytest
 from jsonschema import Draft202012Validator, FormatChecker
 
-SPEC_FILE = "twilio_conversations_v1.json"
+from tests.twilio_spec import spec
+
 _DROPPED = frozenset({"nullable", "x-twilio", "description", "example", "examples"})
 _DATE_TIME = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$")
 _URI_CHARS = re.compile(r"^[A-Za-z0-9\-._~:/?#\[\]@!$&'()*+,;=%]+$")
-
-
-def spec_path() -> Path:
-    """``$CONVSYNC_TWILIO_OAI`` (the file or its folder), else ``../shared/twilio-oai``."""
-    override = os.environ.get("CONVSYNC_TWILIO_OAI")
-    if override:
-        path = Path(override)
-        return path / SPEC_FILE if path.is_dir() else path
-    return Path(__file__).resolve().parents[1] / ".." / "shared" / "twilio-oai" / SPEC_FILE
-
-
-@cache
-def _load(path: Path) -> dict[str, Any]:
-    loaded: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
-    return loaded
-
-
-def spec() -> dict[str, Any]:
-    """The parsed spec; skips the calling test (saying where it looked) if the file is absent."""
-    path = spec_path()
-    if not path.is_file():
-        pytest.skip(f"Twilio OpenAPI spec not found at {path} (set CONVSYNC_TWILIO_OAI)")
-    return _load(path)
 
 
 def _convert(node: Any) -> Any:
