@@ -68,7 +68,6 @@ SOCKET_DIRS = ("/var/run/postgresql", "/tmp")  # noqa: S108 - where servers put 
 TEMP_PREFIX = "convsync-pg-"
 DEFAULT_OS_USER = "convsync-pg"
 _STOP_SIGNALS = {"smart": signal.SIGTERM, "fast": signal.SIGINT, "immediate": signal.SIGQUIT}
-_CANNOT_CONNECT_NOW = "57P03"  # the database system is starting up / shutting down
 _DUPLICATE_DATABASE = "42P04"
 log = logging.getLogger(__name__)
 

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
@@ -13,6 +16,19 @@ import pytest
 from tests.conftest import PgServer
 from worker import pgembed
 from worker.pgembed import Endpoint, LocalPostgres, NoPostgresBinaries, PgEmbedError
+
+
+@pytest.fixture
+def pg_dir() -> Iterator[Path]:
+    """A scratch directory for data dirs and sockets, reachable by the server's OS user.
+
+    Not pytest's tmp_path: as root the server runs as another user, and every pytest session
+    that starts resets /tmp/pytest-of-root to 0700, which would cut off a server under it.
+    """
+    path = Path(tempfile.mkdtemp(prefix="convsync-pgtest-"))
+    path.chmod(0o711)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 def _uid_of(pid: int) -> int:
@@ -101,8 +117,8 @@ async def test_restartable_db_url_is_migrated(restartable_db_url: str) -> None:
         await conn.close()
 
 
-async def test_persistent_data_dir_survives_close_and_is_reused(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+async def test_persistent_data_dir_survives_close_and_is_reused(pg_dir: Path) -> None:
+    data_dir = pg_dir / "pgdata"
     url, server = pgembed.find_or_start("demo", data_dir, env={})
     assert server is not None
     assert url.endswith(f"/{pgembed.DEMO_DATABASE}")
@@ -125,8 +141,8 @@ async def test_persistent_data_dir_survives_close_and_is_reused(tmp_path: Path) 
         server2.close()
 
 
-def test_leftover_postmaster_on_the_data_dir_is_stopped_before_start(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+def test_leftover_postmaster_on_the_data_dir_is_stopped_before_start(pg_dir: Path) -> None:
+    data_dir = pg_dir / "pgdata"
     first = LocalPostgres(data_dir)
     first.start()
     assert first._running is not None
@@ -192,13 +208,13 @@ async def test_tests_prefer_a_reachable_local_server(pg_restartable: LocalPostgr
     await conn.close()
 
 
-async def test_without_explicit_or_local_server_tests_start_their_own(tmp_path: Path) -> None:
-    url, handle = pgembed.find_or_start("test", tmp_path / "data", env={"CONVSYNC_PG_LOCAL": "0"})
+async def test_without_explicit_or_local_server_tests_start_their_own(pg_dir: Path) -> None:
+    url, handle = pgembed.find_or_start("test", pg_dir / "data", env={"CONVSYNC_PG_LOCAL": "0"})
     assert handle is not None
     try:
         conn = await asyncpg.connect(url)
         assert await conn.fetchval("SELECT current_setting('data_directory')") == str(
-            (tmp_path / "data").resolve()
+            (pg_dir / "data").resolve()
         )
         await conn.close()
     finally:
@@ -234,6 +250,21 @@ def test_probe_skips_a_role_that_cannot_create_databases(pg_restartable: LocalPo
         assert pgembed.find_local_server(1.0, [endpoint]) == endpoint.url(me, "postgres")
     finally:
         pgembed.run_sql(endpoint, "postgres", "postgres", f"DROP ROLE {role}")
+
+
+async def test_unix_socket_endpoints_are_probed_and_give_asyncpg_urls(pg_dir: Path) -> None:
+    sockets = pg_dir / "sockets"
+    sockets.mkdir()
+    sockets.chmod(0o777)  # as root, the server runs as another OS user
+    with LocalPostgres(settings={"unix_socket_directories": str(sockets)}) as server:
+        endpoint = Endpoint(str(sockets), server.port)
+        url = pgembed.find_local_server(1.0, [endpoint])
+        assert url == f"postgresql://postgres@/postgres?host={sockets}&port={server.port}"
+        conn = await asyncpg.connect(url)
+        try:
+            assert await conn.fetchval("SELECT inet_server_addr()") is None  # not TCP
+        finally:
+            await conn.close()
 
 
 def test_session_server_is_usable(pg_server: PgServer) -> None:
