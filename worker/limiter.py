@@ -11,8 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 
 class AdaptiveLimiter:
@@ -81,34 +80,34 @@ class AdaptiveLimiter:
                 self._in_flight += 1
                 waiter.set_result(None)
 
-    @asynccontextmanager
-    async def slot(self) -> AsyncIterator[None]:
-        """Hold a slot for the block; a plain success unless the caller releases otherwise."""
-        await self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
 
 class TokenBucket:
     """At most ``rate`` acquisitions per second on average, bursts up to ``burst``."""
 
-    def __init__(self, rate: float, burst: float | None = None) -> None:
+    def __init__(
+        self,
+        rate: float,
+        burst: float | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    ) -> None:
         self.rate = rate
         self.capacity = burst if burst is not None else max(1.0, rate)
+        self._clock = clock
+        self._sleep = sleep
         self._tokens = self.capacity
-        self._updated = time.monotonic()
+        self._updated = clock()
         self._lock = asyncio.Lock()
 
     async def acquire(self) -> None:
         """Wait for one token."""
         async with self._lock:
             while True:
-                now = time.monotonic()
+                now = self._clock()
                 self._tokens = min(self.capacity, self._tokens + (now - self._updated) * self.rate)
                 self._updated = now
-                if self._tokens >= 1.0:
-                    self._tokens -= 1.0
+                if self._tokens >= 1.0 - 1e-9:  # rounding must not leave a token unspent
+                    self._tokens = max(0.0, self._tokens - 1.0)
                     return
-                await asyncio.sleep((1.0 - self._tokens) / self.rate)
+                await self._sleep((1.0 - self._tokens) / self.rate)

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from worker.limiter import AdaptiveLimiter
+from worker.limiter import AdaptiveLimiter, TokenBucket
 
 
 async def test_overload_halves_and_success_grows_back_by_one_per_window() -> None:
@@ -84,3 +84,38 @@ async def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     assert limiter.in_flight == 0
     await asyncio.wait_for(limiter.acquire(), 1)
     assert limiter.in_flight == 1
+
+
+class FakeClock:
+    """Time that moves only when the bucket sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.now += seconds
+
+
+async def test_token_bucket_allows_a_burst_then_holds_the_rate() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=10, burst=5, clock=clock, sleep=clock.sleep)
+    for _ in range(5):
+        await bucket.acquire()
+    assert clock.now == 0.0, "the burst needs no wait"
+    for _ in range(20):
+        await bucket.acquire()
+    assert clock.now == pytest.approx(2.0), "20 more at 10/s take 2 s"
+
+
+async def test_token_bucket_refills_while_idle_up_to_its_capacity() -> None:
+    clock = FakeClock()
+    bucket = TokenBucket(rate=2, burst=2, clock=clock, sleep=clock.sleep)
+    await bucket.acquire()
+    await bucket.acquire()
+    clock.now += 100  # idle: refills to capacity, not to 200 tokens
+    for _ in range(3):
+        await bucket.acquire()
+    assert clock.now == pytest.approx(100.5)
