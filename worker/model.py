@@ -125,15 +125,25 @@ class ParsedConversationsPage:
 # --- field readers ----------------------------------------------------------------------------
 
 
+def _storable(text: str, name: str) -> str:
+    """``text`` if PostgreSQL can hold it: no NUL, and valid UTF-8 (a lone surrogate, which
+    JSON's ``\\ud800`` escapes can produce, is not)."""
+    if "\x00" in text:
+        raise InvalidItem(f"{name} contains a NUL character")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidItem(f"{name} is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
 def _text(item: dict[str, Any], name: str) -> str | None:
     value = item.get(name)
     if value is None:
         return None
     if not isinstance(value, str):
         raise InvalidItem(f"{name} must be a string, got {type(value).__name__}")
-    if "\x00" in value:
-        raise InvalidItem(f"{name} contains a NUL character")
-    return value
+    return _storable(value, name)
 
 
 def _sid(item: dict[str, Any], name: str, prefix: str, *, required: bool = False) -> str | None:
@@ -192,11 +202,13 @@ def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
     if value is None:
         return None
     try:
-        json.loads(value)
+        decoded = json.loads(value)
     except ValueError:
         raise InvalidItem(f"{name} is not valid JSON") from None
     if "\\u0000" in value:
         raise InvalidItem(f"{name} contains a NUL character")
+    # jsonb refuses escaped lone surrogates too: check what the escapes decode to.
+    _storable(json.dumps(decoded, ensure_ascii=False), name)
     return value
 
 
@@ -209,7 +221,7 @@ def _links(item: dict[str, Any]) -> str | None:
     text = json.dumps(value, ensure_ascii=False, sort_keys=True)
     if "\\u0000" in text:
         raise InvalidItem("links contains a NUL character")
-    return text
+    return _storable(text, "links")
 
 
 def _matches(item: dict[str, Any], name: str, prefix: str, expected: str) -> None:
@@ -219,7 +231,14 @@ def _matches(item: dict[str, Any], name: str, prefix: str, expected: str) -> Non
 
 
 def _raw(item: Any) -> str:
-    return json.dumps(item, ensure_ascii=False, default=str)
+    """The item as JSON text for the quarantine: readable, and storable whatever it holds
+    (NULs are escaped by JSON; lone surrogates force ASCII escapes)."""
+    text = json.dumps(item, ensure_ascii=False, default=str)
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = json.dumps(item, default=str)
+    return text
 
 
 def _readable_sid(item: Any, name: str, prefix: str) -> str | None:
