@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, Generic, TypeVar
 
 SID_PATTERNS = {
@@ -193,7 +193,16 @@ def _date(value: Any, name: str) -> datetime | None:
         raise InvalidItem(f"{name} is not an ISO 8601 date-time: {value[:40]!r}") from None
     if parsed.tzinfo is None:
         raise InvalidItem(f"{name} has no time zone: {value[:40]!r}")
+    try:
+        parsed.astimezone(UTC)  # how it is stored; 0001-01-01T00:00+01:00 has no UTC form
+    except OverflowError:
+        raise InvalidItem(f"{name} is out of range: {value[:40]!r}") from None
     return parsed
+
+
+def _no_constant(name: str) -> Any:
+    """NaN and Infinity: Python's json reads them, JSON (and jsonb) has no such values."""
+    raise ValueError(f"{name} is not JSON")
 
 
 def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
@@ -202,7 +211,7 @@ def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
     if value is None:
         return None
     try:
-        decoded = json.loads(value)
+        decoded = json.loads(value, parse_constant=_no_constant)
     except ValueError:
         raise InvalidItem(f"{name} is not valid JSON") from None
     if "\\u0000" in value:
@@ -218,7 +227,10 @@ def _links(item: dict[str, Any]) -> str | None:
         return None
     if not isinstance(value, dict):
         raise InvalidItem(f"links must be an object, got {type(value).__name__}")
-    text = json.dumps(value, ensure_ascii=False, sort_keys=True)
+    try:
+        text = json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
+    except ValueError:
+        raise InvalidItem("links holds NaN or Infinity, which JSON has not") from None
     if "\\u0000" in text:
         raise InvalidItem("links contains a NUL character")
     return _storable(text, "links")
