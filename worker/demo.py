@@ -404,12 +404,11 @@ async def _refuse_foreign_data(
 # --- the demo ----------------------------------------------------------------------------------
 
 
-def _summary(summary: PassSummary, interrupted: bool) -> str:
+def _summary(summary: PassSummary) -> str:
     rate = summary.pages / summary.seconds if summary.seconds > 0 else 0.0
-    state = "interrupted (run the demo again to continue it)" if interrupted else summary.status
     return "\n".join(
         (
-            f"pass {summary.run_id} {state} in {summary.seconds:.2f} s",
+            f"pass {summary.run_id} {summary.status} in {summary.seconds:.2f} s",
             f"  users  {summary.users_synced} synced, {summary.users_failed} failed, "
             f"{summary.users_gone} gone",
             f"  pages  {summary.pages} ({rate:.1f} pages/s)",
@@ -420,11 +419,21 @@ def _summary(summary: PassSummary, interrupted: bool) -> str:
     )
 
 
+def _interrupted(summary: PassSummary, metrics: Metrics) -> str:
+    """An unfinished pass has no recorded counts yet: what this run did, from its metrics."""
+    users = int(metrics.value("convsync_users_total", outcome="done"))
+    pages = int(metrics.value("convsync_pages_total", kind="conversations"))
+    rows = int(metrics.total("convsync_rows_total"))
+    return (
+        f"pass {summary.run_id} interrupted after {summary.seconds:.2f} s: {users} users, "
+        f"{pages} pages, {rows} rows written; run the demo again to continue it"
+    )
+
+
 async def _run_pass(
-    settings: Settings, store: Store, interactive: bool
+    settings: Settings, store: Store, metrics: Metrics, interactive: bool
 ) -> tuple[PassSummary, bool]:
     """One pass with progress; (its summary, whether Ctrl-C/SIGTERM interrupted it)."""
-    metrics = Metrics()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     signals = (signal.SIGINT, signal.SIGTERM)
@@ -517,15 +526,17 @@ async def run_demo(settings: Settings, users: int) -> int:
         print(f"  database  {database.label}")
         print(f"  ready in {time.monotonic() - began:.1f} s; syncing...", flush=True)
         interactive = sys.stderr.isatty()
+        metrics = Metrics()
         try:
-            summary, interrupted = await _run_pass(settings, store, interactive)
+            summary, interrupted = await _run_pass(settings, store, metrics, interactive)
         except DatabaseUnavailable as error:
             log.error("pass_stopped", error=str(error))
             return EXIT_PARTIAL
         print()
-        print(_summary(summary, interrupted))
         if interrupted:
+            print(_interrupted(summary, metrics))
             return EXIT_PARTIAL
+        print(_summary(summary))
         queries_ok = await _show_queries(store, cookbook)
         print(f"\ndone in {time.monotonic() - began:.1f} s")
         return EXIT_OK if summary.status == "succeeded" and queries_ok else EXIT_PARTIAL
