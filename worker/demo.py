@@ -6,6 +6,9 @@ Without Twilio credentials: the bundled simulator in-process (a seeded dataset o
 ``worker.pgembed``), migrations, one pass with a progress line, a summary, and a few
 ``cookbook/*.sql`` queries as small tables. With ``TWILIO_*`` credentials set, the same steps sync
 the account they name (``TWILIO_CONVERSATIONS_BASE_URL``) and no simulator is started.
+Simulated data never goes into a database that holds another account's (checked with
+``cookbook/services.sql``): a real pass left running there would be resumed against the
+simulator, and its users marked gone.
 
 The cookbook files are documentation SQL; this module parses their headers (``-- title:``,
 ``-- answers:``, ``-- params: $1 name = example, ...``) and binds the examples, typed by the
