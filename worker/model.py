@@ -21,6 +21,9 @@ SID_PATTERNS = {
     "MB": re.compile(r"^MB[0-9a-fA-F]{32}$"),
     "RL": re.compile(r"^RL[0-9a-fA-F]{32}$"),
 }
+# Stands, among seen SIDs, for an item whose SID could not be read: a listing holding one does
+# not prove any membership gone. Never a valid SID.
+UNIDENTIFIED = "?"
 CONVERSATION_STATES = frozenset({"inactive", "active", "closed"})
 NOTIFICATION_LEVELS = frozenset({"default", "muted"})
 
@@ -116,9 +119,12 @@ class ParsedConversationsPage:
 
     @property
     def seen_sids(self) -> list[str]:
-        """Every conversation SID this page proves the user still has, rejected ones included."""
+        """Every conversation SID this page proves the user still has, rejected ones included;
+        ``UNIDENTIFIED`` too if an item had no readable SID (it may be any membership)."""
         sids = [m.conversation_sid for m in self.memberships]
         sids.extend(r.sid for r in self.rejected if r.sid is not None)
+        if any(r.sid is None for r in self.rejected):
+            sids.append(UNIDENTIFIED)
         return sids
 
 

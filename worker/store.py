@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 
 from worker.errors import LeaseLost
-from worker.model import ParsedConversationsPage, Rejected, ServiceRow, UserRow
+from worker.model import UNIDENTIFIED, ParsedConversationsPage, Rejected, ServiceRow, UserRow
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ class PageOutcome:
     unchanged: int
     removed: int
     quarantined: int
+    removals_skipped: bool = False  # the listing had an item without a readable SID
 
 
 @dataclass(frozen=True)
@@ -496,9 +497,10 @@ class Store:
             inserted, updated = await _upsert_memberships(conn, page)
             unchanged = len(page.memberships) - inserted - updated
             await _quarantine(conn, claim.run_id, service, user, source_path, page.rejected)
-            removed = 0
+            removed, removals_skipped = 0, False
             if next_page_path is None:
-                removed = await _remove_unlisted(conn, service, user, list(listed))
+                unlisted = await _remove_unlisted(conn, service, user, list(listed))
+                removed, removals_skipped = unlisted or 0, unlisted is None
             await conn.execute(
                 """UPDATE sync_cursors SET run_rows_inserted = run_rows_inserted + $3,
                           run_rows_updated = run_rows_updated + $4,
@@ -522,7 +524,9 @@ class Store:
                 len(page.rejected),
                 next_page_path is None,
             )
-        return PageOutcome(inserted, updated, unchanged, removed, len(page.rejected))
+        return PageOutcome(
+            inserted, updated, unchanged, removed, len(page.rejected), removals_skipped
+        )
 
     async def restart_listing(self, claim: UserClaim, owner: str) -> None:
         """Forget a rejected cursor: the listing starts again from page one, nothing removed."""
@@ -662,7 +666,11 @@ async def _upsert_memberships(
 
 async def _remove_unlisted(
     conn: asyncpg.Connection, service: str, user: str, listed: list[str]
-) -> int:
+) -> int | None:
+    """Mark removed what a complete listing did not list; None (nothing marked) when an item of
+    the listing could not be identified: it may have been any of them."""
+    if UNIDENTIFIED in listed:
+        return None
     result: str = await conn.execute(
         """UPDATE memberships SET removed_at = now()
            WHERE chat_service_sid = $1 AND user_sid = $2 AND removed_at IS NULL

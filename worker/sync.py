@@ -365,6 +365,8 @@ class SyncPass:
                 for name in ("inserted", "updated", "unchanged", "removed", "quarantined"):
                     self.metrics.inc("convsync_rows_total", getattr(outcome, name), outcome=name)
                 page_number += 1
+                if outcome.removals_skipped:
+                    log.warning("removals_skipped", reason="an item without a readable SID")
                 if page.next_page_path is None:
                     self.metrics.inc("convsync_users_total", outcome="done")
                     log.debug("user_synced", pages=page_number)
