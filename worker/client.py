@@ -188,7 +188,7 @@ class TwilioClient:
             raise RuntimeError("TwilioClient used outside 'async with'")
         if self._bucket is not None:
             await self._bucket.acquire()
-        await self.limiter.acquire()
+        started = await self.limiter.acquire()
         overloaded = dropped = False
         self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
         try:
@@ -209,7 +209,7 @@ class TwilioClient:
                 raise RateLimited("429 Too Many Requests", _retry_after(response.headers))
             return self._decode(path, status, raw, response.headers)
         finally:
-            self.limiter.release(overloaded=overloaded, dropped=dropped)
+            self.limiter.release(started, overloaded=overloaded, dropped=dropped)
             self._metrics.set("convsync_concurrency_limit", self.limiter.limit)
             self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
 
