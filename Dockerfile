@@ -34,6 +34,7 @@ RUN groupadd --system --gid 10001 convsync \
 
 COPY --from=builder /opt/venv /opt/venv
 COPY migrations/ /app/migrations/
+COPY cookbook/ /app/cookbook/
 WORKDIR /app
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.

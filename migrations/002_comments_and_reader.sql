@@ -121,6 +121,27 @@ COMMENT ON COLUMN quarantine.reason IS 'Why it was not stored.';
 COMMENT ON COLUMN quarantine.quarantined_at IS 'When.';
 
 COMMENT ON VIEW user_conversations_v IS 'The API''s User Conversation resource, one row per current membership; timers flattened to date_inactive and date_closed.';
+COMMENT ON COLUMN user_conversations_v.account_sid IS 'The account (AC...).';
+COMMENT ON COLUMN user_conversations_v.chat_service_sid IS 'The service (IS...).';
+COMMENT ON COLUMN user_conversations_v.conversation_sid IS 'The conversation (CH...).';
+COMMENT ON COLUMN user_conversations_v.unread_messages_count IS 'Messages the user has not read.';
+COMMENT ON COLUMN user_conversations_v.last_read_message_index IS 'Index of the last message the user read.';
+COMMENT ON COLUMN user_conversations_v.participant_sid IS 'The user''s participant (MB...) in the conversation.';
+COMMENT ON COLUMN user_conversations_v.user_sid IS 'The user (US...).';
+COMMENT ON COLUMN user_conversations_v.friendly_name IS 'The conversation''s display name.';
+COMMENT ON COLUMN user_conversations_v.conversation_state IS 'inactive, active or closed.';
+COMMENT ON COLUMN user_conversations_v.date_inactive IS 'timers.date_inactive.';
+COMMENT ON COLUMN user_conversations_v.date_closed IS 'timers.date_closed.';
+COMMENT ON COLUMN user_conversations_v.attributes IS 'The conversation''s attributes (jsonb).';
+COMMENT ON COLUMN user_conversations_v.date_created IS 'When the conversation was created.';
+COMMENT ON COLUMN user_conversations_v.date_updated IS 'When the conversation was last updated.';
+COMMENT ON COLUMN user_conversations_v.created_by IS 'Identity of the creator.';
+COMMENT ON COLUMN user_conversations_v.notification_level IS 'default or muted.';
+COMMENT ON COLUMN user_conversations_v.unique_name IS 'The application-defined unique name.';
+COMMENT ON COLUMN user_conversations_v.url IS 'The API URL of the user conversation.';
+COMMENT ON COLUMN user_conversations_v.links IS 'The API links (participant, conversation) as jsonb.';
+COMMENT ON COLUMN user_conversations_v.first_seen_at IS 'When convsync first saw the user in the conversation.';
+COMMENT ON COLUMN user_conversations_v.last_seen_at IS 'When a listing last confirmed the membership (its last change or the user''s last complete listing).';
 
 -- Read-only role for dashboards and analysts. Roles are cluster-wide: create once; where the
 -- migrating role may not create roles (managed Postgres), skip with a notice.
@@ -129,8 +150,11 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'convsync_reader') THEN
         CREATE ROLE convsync_reader NOLOGIN;
     END IF;
-EXCEPTION WHEN insufficient_privilege THEN
-    RAISE NOTICE 'convsync_reader not created: this role may not create roles';
+EXCEPTION
+    WHEN insufficient_privilege THEN
+        RAISE NOTICE 'convsync_reader not created: this role may not create roles';
+    WHEN duplicate_object OR unique_violation THEN
+        NULL;  -- created meanwhile by a migration of another database of this cluster
 END
 $$;
 

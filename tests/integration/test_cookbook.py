@@ -483,9 +483,5 @@ async def test_every_table_and_column_has_a_comment(db_url: str) -> None:
     assert await undocumented(db_url, ["r"]) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="migrations comment the view itself but none of its columns (needs a migration)",
-)
 async def test_every_view_column_has_a_comment(db_url: str) -> None:
     assert await undocumented(db_url, ["v"]) == []
