@@ -328,9 +328,38 @@ class Store:
                           EXCLUDED.date_updated, EXCLUDED.url, EXCLUDED.links, true)""",
                 *_columns(users, 13),
             )
-            await self._enqueue(conn, run_id, service, [u.user_sid for u in users])
+            # A user listed with a record that cannot be stored still exists: its stored row
+            # (or a bare one) stays, its conversations are listed, it is never marked gone.
+            listed = {u.user_sid for u in users}
+            unstorable = sorted({r.sid for r in rejected if r.sid is not None} - listed)
+            if unstorable:
+                await conn.execute(
+                    """INSERT INTO users AS u (chat_service_sid, user_sid)
+                       SELECT $1, unnest($2::text[])
+                       ON CONFLICT (chat_service_sid, user_sid) DO UPDATE SET
+                         removed_at = NULL, changed_at = now()
+                       WHERE u.removed_at IS NOT NULL""",
+                    service,
+                    unstorable,
+                )
+            await self._enqueue(conn, run_id, service, sorted(listed.union(unstorable)))
             await _quarantine(conn, run_id, service, None, source_path, rejected)
+            if any(r.sid is None for r in rejected):
+                # It may have been any user: this listing proves nobody gone (pass: partial).
+                await conn.execute(
+                    """UPDATE sync_discovery SET error = coalesce(error, $3)
+                       WHERE run_id = $1 AND chat_service_sid = $2""",
+                    run_id,
+                    service,
+                    "a listed user had no readable SID; nobody is marked gone this pass",
+                )
             if next_page_path is not None:
+                return 0
+            if await conn.fetchval(
+                "SELECT error FROM sync_discovery WHERE run_id = $1 AND chat_service_sid = $2",
+                run_id,
+                service,
+            ):
                 return 0
             return await self._mark_unlisted_users_gone(conn, run_id, service)
 
