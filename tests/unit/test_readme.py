@@ -32,3 +32,8 @@ def test_the_two_set_up_commands_come_first() -> None:
     assert commands == ["./dev demo", "./dev test"]
     ci = (REPO / ".ci" / "run").read_text()
     assert "./dev test" in ci
+
+
+def test_every_cookbook_query_is_listed() -> None:
+    for path in sorted((REPO / "cookbook").glob("*.sql")):
+        assert f"`cookbook/{path.name}`" in README, path.name
