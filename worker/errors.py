@@ -44,6 +44,10 @@ class MalformedPage(UserSyncError):
     """A page's body is not a Twilio list page."""
 
 
+class PageRefused(UserSyncError):
+    """PostgreSQL refused a page's rows (a value the parser let through); nothing of it is kept."""
+
+
 class RetriesExhausted(UserSyncError):
     """A request kept failing transiently until its retry budget ran out."""
 

@@ -34,6 +34,7 @@ from worker.errors import (
     ConvsyncError,
     FatalError,
     LeaseLost,
+    PageRefused,
     PageTokenRejected,
     UserGone,
     UserSyncError,
@@ -65,6 +66,11 @@ DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
 )
+# Errors that mean "PostgreSQL refused this page's values": that listing fails, not the pass.
+PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
 
 
 def parse_owner(owner: str) -> tuple[str, int] | None:
@@ -83,6 +89,10 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _refused(path: str, error: BaseException) -> str:
+    return f"{path.split('?', 1)[0]}: PostgreSQL refused the page: {type(error).__name__}: {error}"
 
 
 class DatabaseUnavailable(ConvsyncError):
@@ -289,6 +299,11 @@ class SyncPass:
             except LeaseLost:
                 log.warning("discovery_taken_over")
                 return
+            except PAGE_REFUSED_ERRORS as error:
+                message = redact(_refused(page.path, error))
+                log.error("users_listing_failed", error=message, error_kind="PageRefused")
+                await self.db(self.store.fail_discovery, claim, self.owner, message)
+                return
             self.metrics.inc("convsync_pages_total", kind="users")
             self.state.work_available.set()
             page_number += 1
@@ -351,16 +366,19 @@ class SyncPass:
                 )
                 for rejected in parsed.rejected:
                     log.warning("item_quarantined", reason=rejected.reason, sid=rejected.sid)
-                outcome = await self.db(
-                    self.store.save_conversations_page,
-                    claim,
-                    self.owner,
-                    self.lease,
-                    page_number,
-                    path,
-                    parsed,
-                    page.next_page_path,
-                )
+                try:
+                    outcome = await self.db(
+                        self.store.save_conversations_page,
+                        claim,
+                        self.owner,
+                        self.lease,
+                        page_number,
+                        path,
+                        parsed,
+                        page.next_page_path,
+                    )
+                except PAGE_REFUSED_ERRORS as error:
+                    raise PageRefused(_refused(path, error)) from error
                 self.metrics.inc("convsync_pages_total", kind="conversations")
                 for name in ("inserted", "updated", "unchanged", "removed", "quarantined"):
                     self.metrics.inc("convsync_rows_total", getattr(outcome, name), outcome=name)
