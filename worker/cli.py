@@ -24,7 +24,7 @@ from worker.errors import ConfigError, ConvsyncError, FatalError
 from worker.logs import configure_logging, redact
 from worker.migrate import apply_migrations, pending_migrations
 from worker.store import Store, recent_passes, troubled_users
-from worker.sync import DatabaseUnavailable, Scope, SyncPass
+from worker.sync import Scope, SyncPass
 
 log = structlog.get_logger("convsync")
 
@@ -77,7 +77,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(_dispatch(args, settings))
     except FatalError as error:
         return _fail(str(error), settings)
-    except DatabaseUnreachable as error:
+    except ConvsyncError as error:
+        # Not fatal (e.g. the API or the database unreachable past every retry): try later.
         return _fail(str(error), settings, EXIT_PARTIAL)
     except KeyboardInterrupt:
         return EXIT_PARTIAL
@@ -153,11 +154,7 @@ async def sync_command(settings: Settings, services: Sequence[str], users: Seque
         _install_stop_handlers(stop)
         async with TwilioClient(settings) as client:
             sync = SyncPass(settings, store, client, scope, stop=stop)
-            try:
-                summary = await sync.run()
-            except DatabaseUnavailable as error:
-                log.error("pass_stopped", error=str(error))
-                return EXIT_PARTIAL
+            summary = await sync.run()
         if stop.is_set() or summary is None:
             return EXIT_PARTIAL
         return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL

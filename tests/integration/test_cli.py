@@ -166,3 +166,13 @@ def test_an_unreachable_database_is_transient_exit_1(server: SimulatorServer) ->
     assert "cannot reach the database" in result.stderr
     assert "hunter2-db-pass" not in result.stdout + result.stderr
     assert server.sim.stats().requests == 0
+
+
+def test_the_api_down_at_start_exits_1_with_one_message(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(api_down=True)
+    result = convsync(["sync"], worker_env(server, db_url, CONVSYNC_MAX_ATTEMPTS="2"))
+    assert result.returncode == 1
+    assert "convsync: error: /v1/Services: gave up after 2 attempts" in result.stderr
+    assert "Traceback" not in result.stderr
