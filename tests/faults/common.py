@@ -1,0 +1,146 @@
+"""Plumbing shared by the fault tests: database probes, cursor invariants, fault figures."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from tests.harness import expected_row, view_rows
+from worker.simulator import SimulatorServer
+
+FIGURES_PATH = Path(os.environ.get("CONVSYNC_FAULT_FIGURES", "/tmp/convsync-fault-figures.json"))
+# Everything injected and checked by tests/faults, summed over the session (see conftest.py).
+FIGURES: Counter[str] = Counter()
+
+
+def record(**counts: int) -> None:
+    FIGURES.update(counts)
+
+
+def record_sim_faults(server: SimulatorServer) -> Counter[str]:
+    """Add the simulator's injected faults (by kind) to the figures; returns them."""
+    faults = server.sim.stats().faults
+    FIGURES.update({f"http_fault_{kind}": n for kind, n in faults.items()})
+    return faults
+
+
+def write_figures() -> str:
+    summary = {"figures": dict(sorted(FIGURES.items())), "written_at": time.time()}
+    FIGURES_PATH.write_text(json.dumps(summary, indent=2, sort_keys=True))
+    return " ".join(f"{k}={v}" for k, v in sorted(FIGURES.items()))
+
+
+async def fetch(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def scalar(db_url: str, sql: str, *args: object) -> Any:
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def wait_for(
+    conn: asyncpg.Connection,
+    sql: str,
+    predicate: Callable[[Any], bool],
+    timeout: float = 60,
+    every: float = 0.01,
+) -> Any:
+    """Poll ``sql`` on ``conn`` until its value satisfies ``predicate`` (a condition, not a
+    guessed sleep)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await conn.fetchval(sql)
+        if predicate(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting on {sql} (last value {value!r})")
+        await asyncio.sleep(every)
+
+
+COMMITTED_PAGES = "SELECT coalesce(sum(run_pages), 0) FROM sync_cursors"
+
+
+async def check_cursors(
+    db_url: str,
+    server: SimulatorServer | None = None,
+    page_size: int | None = None,
+    *,
+    quarantined_ok: bool = False,
+) -> int:
+    """The committed state is consistent wherever a process stopped; returns cursors checked.
+
+    For every listing under way (``listing_pages > 0``): its cursor is not ahead of its rows
+    (every SID seen so far is a current membership), it is unfinished (a next page is saved),
+    and, given the simulator and page size (data unchanged since the listing began), the SIDs
+    seen are exactly the first pages of the listing and their rows hold the API's values: no
+    half-written page.
+    """
+    conn = await asyncpg.connect(db_url)
+    try:
+        cursors = await conn.fetch(
+            """SELECT chat_service_sid, user_sid, state, listing_pages, next_page_path,
+                      seen_conversations FROM sync_cursors WHERE listing_pages > 0"""
+        )
+        dangling = await conn.fetch(
+            """SELECT c.user_sid, s.sid FROM sync_cursors c, unnest(c.seen_conversations) s(sid)
+               WHERE c.listing_pages > 0 AND NOT EXISTS (
+                   SELECT 1 FROM memberships m WHERE m.chat_service_sid = c.chat_service_sid
+                      AND m.user_sid = c.user_sid AND m.conversation_sid = s.sid
+                      AND m.removed_at IS NULL)"""
+        )
+        finished_with_listing = await conn.fetchval(
+            "SELECT count(*) FROM sync_cursors WHERE state = 'done' "
+            "AND (listing_pages > 0 OR cardinality(seen_conversations) > 0)"
+        )
+    finally:
+        await conn.close()
+    if not quarantined_ok:
+        assert dangling == [], f"cursor ahead of its rows: {[tuple(r) for r in dangling[:5]]}"
+    assert finished_with_listing == 0, "a finished user kept a listing open"
+    for c in cursors:
+        assert c["next_page_path"] is not None, f"{c['user_sid']}: pages counted, no next page"
+        if server is None or page_size is None:
+            continue
+        seen = list(c["seen_conversations"])
+        assert len(seen) == c["listing_pages"] * page_size, f"{c['user_sid']}: short pages"
+        upstream = server.sim.dataset.memberships(c["chat_service_sid"], c["user_sid"], server.url)
+        prefix = upstream[: len(seen)]
+        assert seen == [i["conversation_sid"] for i in prefix], f"{c['user_sid']}: seen != API"
+    if server is not None and cursors:
+        await check_rows_of_open_listings(db_url, server, cursors)
+    return len(cursors)
+
+
+async def check_rows_of_open_listings(
+    db_url: str, server: SimulatorServer, cursors: list[asyncpg.Record]
+) -> None:
+    """Rows of the pages committed so far hold exactly the API's values."""
+    stored = set(await view_rows(db_url))
+    for c in cursors:
+        seen = set(c["seen_conversations"])
+        items = server.sim.dataset.memberships(c["chat_service_sid"], c["user_sid"], server.url)
+        for item in items:
+            if item["conversation_sid"] in seen:
+                assert expected_row(item) in stored, f"half-written page: {item['url']}"
+
+
+def conversation_pages_fetched_twice(server: SimulatorServer) -> int:
+    return sum(
+        1 for (path, _), n in server.sim.stats().pages.items() if "/Conversations" in path and n > 1
+    )
