@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping
+import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -165,3 +167,43 @@ async def assert_mirrors(server: SimulatorServer, db_url: str) -> int:
 
 def demo_credentials() -> tuple[str, str]:
     return DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
+
+
+# --- reading the database and waiting on conditions ----------------------------------------
+
+
+async def fetch(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
+    """Rows of one query on a short-lived connection."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetch(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def scalar(db_url: str, sql: str, *args: object) -> Any:
+    """The first value of one query on a short-lived connection."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        return await conn.fetchval(sql, *args)
+    finally:
+        await conn.close()
+
+
+async def until(check: Callable[[], Awaitable[Any]], timeout: float = 60, what: str = "") -> Any:
+    """Poll an async condition until it is truthy (a condition, never a guessed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await check()
+        if value:
+            return value
+        await asyncio.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def heavy_user(server: SimulatorServer, service: str, min_pages: int = 3) -> str:
+    """A user whose listing spans at least ``min_pages`` pages of 50."""
+    for user in server.sim.dataset.user_sids(service):
+        if server.sim.dataset.membership_count(service, user) > 50 * (min_pages - 1):
+            return user
+    raise AssertionError("the dataset has no heavy user")

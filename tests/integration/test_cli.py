@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import signal
 import socket
@@ -11,10 +10,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import asyncpg
 import pytest
 
-from tests.harness import assert_mirrors, convsync, spawn_convsync, worker_env
+from tests.harness import assert_mirrors, convsync, scalar, spawn_convsync, until, worker_env
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 
@@ -26,25 +24,6 @@ def server() -> Iterator[SimulatorServer]:
     sim = Simulator(Dataset.generate(seed=5, services=2, users_per_service=150))
     with SimulatorServer(sim) as s:
         yield s
-
-
-async def scalar(db_url: str, sql: str) -> object:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await conn.fetchval(sql)
-    finally:
-        await conn.close()
-
-
-async def wait_for(db_url: str, sql: str, predicate: object, timeout: float = 60) -> object:
-    """Poll a query until its value satisfies ``predicate`` (a condition, not a guess)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await scalar(db_url, sql)
-        if predicate(value):  # type: ignore[operator]
-            return value
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"timed out waiting on {sql}")
 
 
 def conversation_pages_fetched_twice(server: SimulatorServer) -> int:
@@ -60,8 +39,9 @@ async def test_sigkill_mid_pass_then_resume_ends_equal_with_few_pages_refetched(
     env = worker_env(server, db_url, CONVSYNC_CONCURRENCY=str(CONCURRENCY))
     child = spawn_convsync(["sync"], env)
     try:
-        await wait_for(
-            db_url, "SELECT coalesce(sum(run_pages), 0) FROM sync_cursors", lambda n: n >= 60
+        await until(
+            lambda: scalar(db_url, "SELECT coalesce(sum(run_pages), 0) >= 60 FROM sync_cursors"),
+            what="pages to flow",
         )
     finally:
         child.send_signal(signal.SIGKILL)

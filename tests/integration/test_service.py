@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
-import asyncpg
 import pytest
 
-from tests.harness import REPO, _base_env, assert_mirrors, convsync, worker_env
+from tests.harness import REPO, _base_env, assert_mirrors, convsync, scalar, until, worker_env
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 
@@ -91,25 +90,6 @@ def service_env(server: SimulatorServer, db_url: str, **overrides: str) -> dict[
         "CONVSYNC_LOG_LEVEL": "debug",
     }
     return worker_env(server, db_url, **{**defaults, **overrides})
-
-
-async def scalar(db_url: str, sql: str) -> Any:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await conn.fetchval(sql)
-    finally:
-        await conn.close()
-
-
-async def until(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    """Poll an async condition until it is truthy."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await check()
-        if value:
-            return value
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 async def get(url: str) -> tuple[int, str]:

@@ -4,10 +4,9 @@ after complete listings, and an interrupted pass resumes where it stopped."""
 
 from __future__ import annotations
 
-import asyncpg
 import pytest
 
-from tests.harness import assert_mirrors, run_pass, settings_for
+from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_for
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 from worker.sync import Scope
@@ -19,22 +18,6 @@ def server() -> SimulatorServer:
         Simulator(Dataset.generate(seed=11, services=2, users_per_service=60))
     ) as s:
         yield s
-
-
-async def fetch(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-def heavy_user(server: SimulatorServer, service: str, min_pages: int = 3) -> str:
-    """A user whose listing spans at least ``min_pages`` pages of 50."""
-    for user in server.sim.dataset.user_sids(service):
-        if server.sim.dataset.membership_count(service, user) > 50 * (min_pages - 1):
-            return user
-    raise AssertionError("the dataset has no heavy user")
 
 
 async def test_a_pass_mirrors_the_api_and_a_second_pass_rewrites_nothing(
