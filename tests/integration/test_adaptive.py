@@ -29,7 +29,8 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
                 limiter = client.limiter
         finally:
             await store.close()
-        assert summary is not None and summary.status == "succeeded"
+        assert summary is not None
+        assert summary.status == "succeeded"
         await assert_mirrors(server, db_url)
         stats = sim.stats()
     share_429 = stats.by_status[429] / stats.requests
