@@ -595,7 +595,14 @@ class Store:
                 owner,
             )
             if updated is not None:
-                await _remove_users(conn, claim.chat_service_sid, [claim.user_sid])
+                removed = await _remove_users(conn, claim.chat_service_sid, [claim.user_sid])
+                await conn.execute(
+                    """UPDATE sync_cursors SET run_rows_removed = run_rows_removed + $3
+                       WHERE chat_service_sid = $1 AND user_sid = $2""",
+                    claim.chat_service_sid,
+                    claim.user_sid,
+                    removed,
+                )
 
     async def release_user(self, claim: UserClaim, owner: str) -> None:
         """Give a claim back unfinished (shutdown): another worker may continue it."""
@@ -711,21 +718,23 @@ async def _remove_unlisted(
     return int(result.rsplit(" ", 1)[-1])
 
 
-async def _remove_users(conn: asyncpg.Connection, service: str, user_sids: list[str]) -> None:
+async def _remove_users(conn: asyncpg.Connection, service: str, user_sids: list[str]) -> int:
+    """Mark users and their memberships removed; returns the memberships marked."""
     if not user_sids:
-        return
+        return 0
     await conn.execute(
         """UPDATE users SET removed_at = now()
            WHERE chat_service_sid = $1 AND user_sid = ANY($2::text[]) AND removed_at IS NULL""",
         service,
         user_sids,
     )
-    await conn.execute(
+    result: str = await conn.execute(
         """UPDATE memberships SET removed_at = now()
            WHERE chat_service_sid = $1 AND user_sid = ANY($2::text[]) AND removed_at IS NULL""",
         service,
         user_sids,
     )
+    return int(result.rsplit(" ", 1)[-1])
 
 
 async def _quarantine(
