@@ -222,6 +222,8 @@ class TwilioClient:
             except ValueError as error:
                 # A truncated or garbled body: the next attempt may well be whole.
                 raise ConnectionFailed(f"body is not valid JSON ({len(raw)} bytes)") from error
+            except RecursionError:
+                raise MalformedPage(f"{_path_only(path)}: body is nested too deeply") from None
             if not isinstance(body, dict):
                 raise MalformedPage(f"{_path_only(path)}: body is JSON but not an object")
             return body

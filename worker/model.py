@@ -8,6 +8,7 @@ quarantined, while the page's good items are kept.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -211,15 +212,25 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    """A JSON number as a float; one beyond float range would overflow jsonb's numeric."""
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:20]} is out of range")
+    return value
+
+
 def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
     """The attributes string, which must hold JSON that PostgreSQL's jsonb accepts."""
     value = _text(item, name)
     if value is None:
         return None
     try:
-        decoded = json.loads(value, parse_constant=_no_constant)
-    except ValueError:
-        raise InvalidItem(f"{name} is not valid JSON") from None
+        decoded = json.loads(value, parse_constant=_no_constant, parse_float=_finite)
+    except ValueError as error:
+        raise InvalidItem(f"{name} is not valid JSON ({str(error)[:60]})") from None
+    except RecursionError:
+        raise InvalidItem(f"{name} is nested too deeply") from None
     if "\\u0000" in value:
         raise InvalidItem(f"{name} contains a NUL character")
     # jsonb refuses escaped lone surrogates too: check what the escapes decode to.
@@ -251,7 +262,10 @@ def _matches(item: dict[str, Any], name: str, prefix: str, expected: str) -> Non
 def _raw(item: Any) -> str:
     """The item as JSON text for the quarantine: readable, and storable whatever it holds
     (NULs are escaped by JSON; lone surrogates force ASCII escapes)."""
-    text = json.dumps(item, ensure_ascii=False, default=str)
+    try:
+        text = json.dumps(item, ensure_ascii=False, default=str)
+    except (RecursionError, ValueError):
+        return '"<item nested too deeply to serialize>"'
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -352,7 +366,7 @@ def parse_services_page(items: list[Any]) -> ParsedPage[ServiceRow]:
     for item in items:
         try:
             page.rows.append(parse_service(item))
-        except InvalidItem as error:
+        except (InvalidItem, RecursionError) as error:
             page.rejected.append(Rejected(_raw(item), str(error), _readable_sid(item, "sid", "IS")))
     return page
 
@@ -362,7 +376,7 @@ def parse_users_page(items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
     for item in items:
         try:
             page.rows.append(parse_user(item, service_sid))
-        except InvalidItem as error:
+        except (InvalidItem, RecursionError) as error:
             page.rejected.append(Rejected(_raw(item), str(error), _readable_sid(item, "sid", "US")))
     return page
 
@@ -377,7 +391,7 @@ def parse_conversations_page(
     for item in items:
         try:
             conversation, membership = parse_user_conversation(item, service_sid, user_sid)
-        except InvalidItem as error:
+        except (InvalidItem, RecursionError) as error:
             sid = _readable_sid(item, "conversation_sid", "CH")
             page.rejected.append(Rejected(_raw(item), str(error), sid))
             continue

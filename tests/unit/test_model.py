@@ -171,3 +171,32 @@ def test_users_page_follows_the_user_schema() -> None:
     assert re.match(model.SID_PATTERNS["US"], row.user_sid)
     with pytest.raises(model.InvalidItem, match="is_online must be a boolean"):
         model.parse_user({"sid": USER, "is_online": "yes"}, SERVICE)
+
+
+def test_deeply_nested_attributes_are_quarantined_not_fatal() -> None:
+    deep = "[" * 5000 + "]" * 5000
+    page = model.parse_conversations_page(
+        [good_item(attributes=deep), good_item(conversation_sid="CH" + "9" * 32)], SERVICE, USER
+    )
+    assert len(page.memberships) == 1
+    assert "nested too deeply" in page.rejected[0].reason
+
+
+def test_a_deeply_nested_item_is_quarantined_with_a_marker() -> None:
+    item: Any = {}
+    for _ in range(5000):
+        item = {"x": item}
+    page = model.parse_conversations_page(
+        [{"conversation_sid": "CH" + "1" * 32, "links": item}], SERVICE, USER
+    )
+    assert len(page.rejected) == 1
+    assert page.rejected[0].sid == "CH" + "1" * 32
+    assert "nested too deeply" in page.rejected[0].item
+
+
+@pytest.mark.parametrize("number", ["1e999999", "-1e400"])
+def test_numbers_beyond_range_are_quarantined(number: str) -> None:
+    page = model.parse_conversations_page(
+        [good_item(attributes='{"a": ' + number + "}")], SERVICE, USER
+    )
+    assert "out of range" in page.rejected[0].reason
