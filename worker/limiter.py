@@ -63,8 +63,8 @@ class AdaptiveLimiter:
                 await waiter  # the releaser counted us in
             except asyncio.CancelledError:
                 if waiter.done() and not waiter.cancelled():
-                    self._release_slot()
-                else:
+                    self._release_slot()  # admitted before the cancellation landed
+                elif waiter in self._waiters:
                     self._waiters.remove(waiter)
                 raise
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)

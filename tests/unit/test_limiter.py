@@ -150,3 +150,16 @@ async def test_token_bucket_refills_while_idle_up_to_its_capacity() -> None:
     for _ in range(3):
         await bucket.acquire()
     assert clock.now == pytest.approx(100.5)
+
+
+async def test_a_waiter_cancelled_after_admission_returns_its_slot_cleanly() -> None:
+    limiter = AdaptiveLimiter(maximum=1)
+    await limiter.acquire()
+    task = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    limiter.release(0.0, dropped=True)  # admits the waiter...
+    task.cancel()  # ...which is cancelled before it runs
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert limiter.in_flight == 0
+    await asyncio.wait_for(limiter.acquire(), 1)
