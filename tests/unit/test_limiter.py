@@ -152,13 +152,18 @@ async def test_token_bucket_refills_while_idle_up_to_its_capacity() -> None:
     assert clock.now == pytest.approx(100.5)
 
 
-async def test_a_waiter_cancelled_after_admission_returns_its_slot_cleanly() -> None:
+@pytest.mark.parametrize("cancel_first", [True, False])
+async def test_a_waiter_cancelled_around_its_admission_leaves_no_trace(cancel_first: bool) -> None:
     limiter = AdaptiveLimiter(maximum=1)
     await limiter.acquire()
     task = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0)
-    limiter.release(0.0, dropped=True)  # admits the waiter...
-    task.cancel()  # ...which is cancelled before it runs
+    if cancel_first:
+        task.cancel()
+        limiter.release(0.0, dropped=True)  # pops the already-cancelled waiter
+    else:
+        limiter.release(0.0, dropped=True)  # admits the waiter...
+        task.cancel()  # ...which is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
         await task
     assert limiter.in_flight == 0
