@@ -1,0 +1,1 @@
+"""convsync's throughput benchmark: ``python -m bench`` (see bench/README.md)."""

@@ -1,0 +1,368 @@
+"""``python -m bench``: every measurement in one run, a table of figures against the targets,
+and the same figures as JSON in ``bench/results/<timestamp>.json``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from bench.ceiling import walk
+from bench.convsync_run import SyncRun, run_sync
+from bench.pg import Databases
+from bench.sim import REPO, SimProcess, machine_busy, process_cpu
+
+RESULTS = REPO / "bench" / "results"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One target: what is compared, its figure, the bound, and whether it holds."""
+
+    name: str
+    value: float | None
+    bound: str
+    met: bool | None  # None: not measured (skipped)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "value": self.value, "target": self.bound, "met": self.met}
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    add = parser.add_argument
+    add("--quick", action="store_true", help="small sizes for CI (< 60 s)")
+    add("--users", type=int, help="users (one service; default 4000, quick 300)")
+    add("--latency-ms", type=float, help="simulated latency per request (default 50, quick 10)")
+    add("--concurrency", type=int, default=64, help="CONVSYNC_CONCURRENCY (default 64)")
+    add("--big-users", type=int, help="users of the second RSS size (default 100000, quick 1000;"
+        " 0 skips it)")  # fmt: skip
+    add("--hidden-ceiling", type=int, default=32, help="the simulator's K (default 32; 0 skips)")
+    add("--naive-users", type=int, help="users the SDK loop lists (default 100, quick 20)")
+    add("--skip-naive", action="store_true", help="skip the twilio SDK loop")
+    add("--skip-dlt", action="store_true", help="skip dlt's rest_api pipeline")
+    add(
+        "--profile",
+        action="store_true",
+        help="two extra convsync runs: under py-spy (wall) and cProfile (CPU time), summarised",
+    )
+    add("--output", type=Path, help="JSON file (default bench/results/<timestamp>.json)")
+    add("--strict", action="store_true", help="exit 1 when a target is missed")
+    args = parser.parse_args(argv)
+    quick = args.quick
+    args.users = args.users or (300 if quick else 4000)
+    args.latency_ms = args.latency_ms if args.latency_ms is not None else (10.0 if quick else 50.0)
+    args.big_users = args.big_users if args.big_users is not None else (1000 if quick else 100_000)
+    args.naive_users = args.naive_users or (20 if quick else 100)
+    return args
+
+
+def say(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    output: Path = args.output or RESULTS / f"{stamp}.json"
+    started = time.monotonic()
+    results: dict[str, Any] = {
+        "timestamp": stamp,
+        "config": {
+            "users": args.users,
+            "latency_ms": args.latency_ms,
+            "concurrency": args.concurrency,
+            "big_users": args.big_users,
+            "hidden_ceiling": args.hidden_ceiling,
+            "naive_users": args.naive_users,
+            "quick": args.quick,
+        },
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+    }
+    dbs = Databases()
+    try:
+        asyncio.run(_measure(args, dbs, results))
+    finally:
+        asyncio.run(dbs.drop_all())
+        dbs.close()
+    results["seconds"] = time.monotonic() - started
+    targets = evaluate(args, results)
+    results["targets"] = [t.to_json() for t in targets]
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    print(render(args, results, targets))
+    print(f"\nfigures written to {output}")
+    missed = [t for t in targets if t.met is False]
+    return 1 if args.strict and missed else 0
+
+
+async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, Any]) -> None:
+    """Every phase, in order; each writes its figures into ``results``."""
+    c = args.concurrency
+    with SimProcess(args.users, args.latency_ms) as sim:
+        say(f"simulator {sim.url}: {args.users} users, latency {args.latency_ms:g} ms")
+        # Warm the simulator's caches first, so the ceiling and convsync meet the same server.
+        await walk(sim.url, sim.account_sid, sim.auth_token, c)
+        sim.reset_stats()
+        cpu, busy, own = sim.cpu(), machine_busy(), process_cpu(os.getpid())
+        ceiling = await walk(sim.url, sim.account_sid, sim.auth_token, c)
+        own_cores = own.utilisation(process_cpu(os.getpid()))
+        results["ceiling"] = {
+            **ceiling.__dict__,
+            "pages_per_second": ceiling.pages_per_second,
+            "cpu_ms_per_page": 1000 * own_cores * ceiling.seconds / max(1, ceiling.pages),
+            "sim_cpu_cores": cpu.utilisation(sim.cpu()),
+            "machine_busy_cores": busy.utilisation(machine_busy()),
+            "sim_stats": sim.stats(),
+        }
+        say(f"ceiling: {ceiling.pages} pages in {ceiling.seconds:.2f}s")
+
+        main_db = await dbs.create("main")
+        run = await asyncio.to_thread(run_sync, sim, main_db, c)
+        results["convsync"] = run.to_json()
+        say(f"convsync: {run.pages_ok} pages in {run.pass_seconds:.2f}s, exit {run.exit_code}")
+        _check(run, "convsync")
+
+        if args.profile:
+            tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"convsync-bench-{stamp_of(results)}"
+            raw, pstats_file = tmp.with_suffix(".pyspy"), tmp.with_suffix(".pstats")
+            spied = await asyncio.to_thread(
+                run_sync, sim, await dbs.create("pyspy"), c, profile_to=raw
+            )
+            results["profile_pyspy"] = {**(spied.profile or {}), "run": spied.to_json()}
+            profiled = await asyncio.to_thread(
+                run_sync, sim, await dbs.create("cprofile"), c, cprofile_to=pstats_file
+            )
+            results["profile_cpu"] = {**(profiled.profile or {}), "run": profiled.to_json()}
+            say(f"profiles: {raw} (py-spy raw stacks), {pstats_file} (cProfile, CPU time)")
+
+        if args.skip_naive:
+            results["naive"] = {"skipped": "--skip-naive"}
+        else:
+            results["naive"] = await asyncio.to_thread(_naive, sim, main_db, args.naive_users)
+
+        if args.skip_dlt:
+            results["dlt"] = {"skipped": "--skip-dlt"}
+        else:
+            from bench.dlt_run import run_dlt
+
+            say("dlt rest_api pipeline")
+            dlt = await asyncio.to_thread(run_dlt, sim, main_db, c)
+            results["dlt"] = dlt.to_json()
+
+        if args.hidden_ceiling:
+            sim.configure(concurrency_ceiling=args.hidden_ceiling)
+            k_db = await dbs.create("k")
+            limited = await asyncio.to_thread(run_sync, sim, k_db, c)
+            sim.configure(concurrency_ceiling=0)
+            results["hidden_ceiling"] = {"k": args.hidden_ceiling, **limited.to_json()}
+            say(f"K={args.hidden_ceiling}: {limited.answered_429} of {limited.requests} got 429")
+
+    if args.big_users:
+        with SimProcess(args.big_users, args.latency_ms) as big_sim:
+            say(f"RSS at {args.big_users} users")
+            big_db = await dbs.create("big")
+            big = await asyncio.to_thread(run_sync, big_sim, big_db, c, sample_every=None)
+            results["big"] = big.to_json()
+            _check(big, "convsync (big)")
+
+
+def stamp_of(results: dict[str, Any]) -> str:
+    return str(results["timestamp"])
+
+
+def _naive(sim: SimProcess, db_url: str, users: int) -> dict[str, Any]:
+    try:
+        from bench.naive import run_naive
+
+        say(f"naive SDK loop over {users} users")
+        return run_naive(sim, db_url, users).to_json()
+    except ImportError as error:
+        return {"skipped": f"{error} (pip install -e '.[bench]')"}
+
+
+def _check(run: SyncRun, what: str) -> None:
+    if run.exit_code != 0 or run.summary.get("status") != "succeeded":
+        raise SystemExit(f"{what} failed (exit {run.exit_code}):\n{run.stderr_tail}")
+
+
+def evaluate(args: argparse.Namespace, r: dict[str, Any]) -> list[Target]:
+    """The targets, each with its measured figure (None where skipped)."""
+    ceiling = r["ceiling"]["pages_per_second"]
+    ours = r["convsync"]["pages_per_second"]
+    naive, dlt = r.get("naive", {}), r.get("dlt", {})
+    big, limited = r.get("big"), r.get("hidden_ceiling")
+    rss = r["convsync"]["peak_rss_mb"]
+    k = args.hidden_ceiling
+
+    def ratio(key: str, source: dict[str, Any]) -> float | None:
+        theirs = source.get(key)
+        return ours / theirs if theirs else None
+
+    naive_x, dlt_x = ratio("pages_per_second", naive), ratio("pages_per_second", dlt)
+    big_x = big["peak_rss_mb"] / rss if big else None
+    in_flight = limited["in_flight"]["window_avg"] if limited else None
+    share = limited["share_429"] if limited else None
+    return [
+        Target("end to end / ceiling (pages/s)", ours / ceiling, ">= 0.9", ours >= 0.9 * ceiling),
+        Target("end to end / naive SDK loop", naive_x, ">= 50", _at_least(naive_x, 50)),
+        Target("end to end / dlt rest_api", dlt_x, ">= 5", _at_least(dlt_x, 5)),
+        Target(f"peak RSS at {args.users} users (MB)", rss, "<= 150", rss <= 150),
+        Target(f"peak RSS {args.big_users} / {args.users} users", big_x, "<= 1.2",
+               None if big_x is None else big_x <= 1.2),
+        Target(f"avg in flight / K={k}", None if in_flight is None else in_flight / k, ">= 0.9",
+               None if in_flight is None else in_flight >= 0.9 * k),
+        Target(f"share answered 429 at K={k}", share, "< 0.02",
+               None if share is None else share < 0.02),
+    ]  # fmt: skip
+
+
+def _at_least(value: float | None, bound: float) -> bool | None:
+    return None if value is None else value >= bound
+
+
+def _num(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:,.{digits}f}"
+    return f"{value:,}"
+
+
+def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -> str:
+    """The figures and the targets as plain-text tables."""
+    cfg = r["config"]
+    lines = [
+        f"convsync benchmark: {cfg['users']:,} users, L = {cfg['latency_ms']:g} ms, "
+        f"CONVSYNC_CONCURRENCY = {cfg['concurrency']}, {r['machine']['cpus']} CPUs, "
+        f"{r['seconds']:.0f} s in all",
+        "",
+    ]
+    rows: list[tuple[str, str, str, str, str]] = [("", "pages", "seconds", "pages/s", "notes")]
+    c = r["ceiling"]
+    rows.append(
+        (
+            "ceiling (bare aiohttp)",
+            _num(c["pages"]),
+            _num(c["seconds"], 2),
+            _num(c["pages_per_second"]),
+            f"client {c['cpu_ms_per_page']:.2f} ms CPU/page; simulator "
+            f"{c['sim_cpu_cores']:.2f} cores; machine {c['machine_busy_cores']:.2f} busy",
+        )
+    )
+    s = r["convsync"]
+    rows.append(
+        (
+            "convsync end to end",
+            _num(s["pages_ok"]),
+            _num(s["pass_seconds"], 2),
+            _num(s["pages_per_second"]),
+            f"{s['rows']:,} rows, {s['rows_per_second']:,.0f} rows/s; process "
+            f"{s['wall_seconds']:.2f}s wall, {s['cpu_ms_per_page']:.2f} ms CPU/page; "
+            f"postgres {s['postgres_cpu_cores']:.2f}, simulator {s['sim_cpu_cores']:.2f}, "
+            f"machine {s['machine_busy_cores']:.2f} busy cores; in flight "
+            f"{_num(s['in_flight']['window_avg'])} avg, {s['in_flight']['max']} max",
+        )
+    )
+    n = r.get("naive", {})
+    if "skipped" in n:
+        rows.append(("naive: twilio SDK + row upserts", "-", "-", "-", f"skipped: {n['skipped']}"))
+    else:
+        rows.append(
+            (
+                "naive: twilio SDK + row upserts",
+                _num(n["pages"]),
+                _num(n["seconds"], 2),
+                _num(n["pages_per_second"], 2),
+                f"{n['users']} users, {n['rows']:,} rows (a subset; rate per page "
+                f"extrapolates: {s['pages_ok'] / n['pages_per_second']:,.0f} s for all)",
+            )
+        )
+    d = r.get("dlt", {})
+    if d.get("skipped"):
+        rows.append(("dlt rest_api (merge)", "-", "-", "-", f"skipped: {d['skipped']}"))
+    else:
+        steps = ", ".join(f"{k} {v:.1f}s" for k, v in d["steps"].items())
+        rows.append(
+            (
+                "dlt rest_api (merge)",
+                _num(d["pages"]),
+                _num(d["seconds"], 2),
+                _num(d["pages_per_second"]),
+                f"{d['workers']} workers; {steps}; peak RSS {d['peak_rss_mb']:.0f} MB",
+            )
+        )
+    lines += _table(rows)
+    lines.append("")
+    mem: list[tuple[str, str, str, str, str]] = [("", "users", "peak RSS MB", "pages/s", "notes")]
+    mem.append(
+        ("convsync", _num(s["users"]), _num(s["peak_rss_mb"]), _num(s["pages_per_second"]), "")
+    )
+    big = r.get("big")
+    if big:
+        mem.append(
+            (
+                "convsync (big)",
+                _num(big["users"]),
+                _num(big["peak_rss_mb"]),
+                _num(big["pages_per_second"]),
+                f"{big['pages_ok']:,} pages, {big['rows']:,} rows in "
+                f"{big['pass_seconds']:.1f}s; {big['cpu_seconds']:.1f} CPU s",
+            )
+        )
+    lines += _table(mem)
+    k = r.get("hidden_ceiling")
+    if k:
+        lines.append("")
+        lines += _table([
+            ("", "requests", "answered 429", "avg in flight", "notes"),
+            (f"hidden ceiling K={k['k']}, C={cfg['concurrency']}", _num(k["requests"]),
+             f"{k['answered_429']:,} ({100 * k['share_429']:.2f}%)",
+             _num(k["in_flight"]["window_avg"], 2),
+             f"max {k['in_flight']['max']}; whole run {k['in_flight']['run_avg']:.2f}; "
+             f"{k['pages_per_second']:,.0f} pages/s"),
+        ])  # fmt: skip
+    lines.append("")
+    lines += _table(
+        [("target", "value", "bound", "verdict", "")]
+        + [(t.name, _num(t.value, 2), t.bound, _verdict(t.met), "") for t in targets]
+    )
+    p = r.get("profile_pyspy")
+    if p and p.get("samples"):
+        lines += ["", f"py-spy ({p['samples']} samples, running or waiting for a CPU): self"]
+        lines += [f"  {e['percent']:5.1f}%  {e['name']}" for e in p["self"][:10]]
+    p = r.get("profile_cpu")
+    if p and p.get("self"):
+        lines += ["", f"cProfile ({p['cpu_seconds']:.1f} CPU s): self CPU time by module"]
+        lines += [f"  {e['percent']:5.1f}%  {e['name']}" for e in p["modules_self"][:12]]
+        lines += ["self CPU time by function"]
+        lines += [f"  {e['percent']:5.1f}%  {e['name']}" for e in p["self"][:12]]
+        lines += ["inclusive CPU time by function"]
+        lines += [f"  {e['percent']:5.1f}%  {e['name']}" for e in p["inclusive"][:15]]
+    return "\n".join(lines)
+
+
+def _verdict(met: bool | None) -> str:
+    return {True: "pass", False: "MISS", None: "skipped"}[met]
+
+
+def _table(rows: list[tuple[str, str, str, str, str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(4)]
+    out = []
+    for row in rows:
+        cells = [row[0].ljust(widths[0])] + [row[i].rjust(widths[i]) for i in (1, 2, 3)]
+        out.append("  ".join([*cells, row[4]]).rstrip())
+    return out

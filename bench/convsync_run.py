@@ -1,0 +1,287 @@
+"""convsync end to end: ``python -m worker migrate`` then ``python -m worker sync`` as children.
+
+Figures come from three independent places: the child's own rusage (``os.wait4``: peak RSS,
+CPU seconds), the ``sync_runs`` row the pass recorded (seconds, rows), and the simulator's
+``/_sim/stats`` (requests by status, in-flight requests, time-weighted).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.sim import REPO, SimProcess, count, machine_busy, postgres_cpu
+
+
+@dataclass
+class InFlight:
+    """Requests in flight at the simulator over the pass's active window (first request seen
+    to last activity seen, sampled), and over the whole run since the stats reset."""
+
+    window_avg: float | None = None
+    window_seconds: float | None = None
+    run_avg: float = 0.0
+    max: int = 0
+
+
+@dataclass
+class SyncRun:
+    """One ``convsync sync`` child process and what it did."""
+
+    users: int
+    concurrency: int
+    exit_code: int
+    wall_seconds: float  # process start to exit (imports, connect, migrations check included)
+    pass_seconds: float  # sync_runs.finished_at - started_at
+    peak_rss_mb: float
+    cpu_seconds: float
+    sim_cpu_cores: float  # the simulator process's CPU use over the run, in cores
+    postgres_cpu_cores: float  # every local postgres process (other users' too), in cores
+    machine_busy_cores: float  # all processes on the machine, in cores
+    requests: int
+    pages_ok: int  # API pages answered 200 (services, users, conversations)
+    answered_429: int
+    in_flight: InFlight
+    summary: dict[str, Any] = field(default_factory=dict)
+    stderr_tail: str = ""
+    profile: dict[str, Any] | None = None
+
+    @property
+    def pages_per_second(self) -> float:
+        return self.pages_ok / self.pass_seconds if self.pass_seconds else 0.0
+
+    @property
+    def cpu_ms_per_page(self) -> float:
+        return 1000 * self.cpu_seconds / self.pages_ok if self.pages_ok else 0.0
+
+    @property
+    def rows(self) -> int:
+        s = self.summary
+        return int(
+            s.get("rows_inserted", 0) + s.get("rows_updated", 0) + s.get("rows_unchanged", 0)
+        )
+
+    @property
+    def rows_per_second(self) -> float:
+        return self.rows / self.pass_seconds if self.pass_seconds else 0.0
+
+    @property
+    def share_429(self) -> float:
+        return self.answered_429 / self.requests if self.requests else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out.update(
+            pages_per_second=self.pages_per_second,
+            rows=self.rows,
+            rows_per_second=self.rows_per_second,
+            share_429=self.share_429,
+            cpu_ms_per_page=self.cpu_ms_per_page,
+        )
+        return out
+
+
+def child_env(sim: SimProcess, db_url: str, concurrency: int) -> dict[str, str]:
+    """The environment of a convsync child: only what it needs, plus PATH and the like."""
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
+    env = {k: v for k, v in os.environ.items() if k in keep}
+    env.update(
+        DATABASE_URL=db_url,
+        TWILIO_ACCOUNT_SID=sim.account_sid,
+        TWILIO_AUTH_TOKEN=sim.auth_token,
+        TWILIO_CONVERSATIONS_BASE_URL=sim.url,
+        CONVSYNC_CONCURRENCY=str(concurrency),
+        CONVSYNC_LOG_FORMAT="json",
+    )
+    return env
+
+
+def migrate(env: Mapping[str, str]) -> None:
+    """``python -m worker migrate``; raises with its stderr on failure."""
+    done = subprocess.run(
+        [sys.executable, "-m", "worker", "migrate"],
+        env=dict(env),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"convsync migrate failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+async def last_pass(db_url: str) -> dict[str, Any]:
+    """The newest ``sync_runs`` row, with its duration in seconds."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        row = await conn.fetchrow(
+            """SELECT run_id, status, users_synced, users_failed, users_gone, pages,
+                      rows_inserted, rows_updated, rows_unchanged, rows_removed, rows_quarantined,
+                      extract(epoch FROM finished_at - started_at)::float8 AS seconds
+               FROM sync_runs ORDER BY run_id DESC LIMIT 1"""
+        )
+    finally:
+        await conn.close()
+    return dict(row) if row is not None else {}
+
+
+class _Sampler:
+    """Polls ``/_sim/stats`` to find the active window's time-weighted in-flight average."""
+
+    def __init__(self, sim: SimProcess, started: float) -> None:
+        self.sim = sim
+        self.started = started  # right after the stats reset: the simulator's time zero
+        self.first: tuple[float, float] | None = None  # (t, area) at the first request seen
+        self.last: tuple[float, float] | None = None  # (t, area) at the last activity seen
+        self._requests = 0
+
+    def sample(self) -> None:
+        stats = self.sim.stats()
+        now = time.monotonic() - self.started
+        area = float(stats["avg_in_flight"]) * now
+        active = stats["requests"] != self._requests or stats["in_flight"] > 0
+        self._requests = stats["requests"]
+        if self.first is None and stats["requests"] > 0:
+            self.first = (now, area)
+        if self.first is not None and active:
+            self.last = (now, area)
+
+    @property
+    def seen_first(self) -> bool:
+        return self.first is not None
+
+    def window(self) -> tuple[float | None, float | None]:
+        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
+            return None, None
+        seconds = self.last[0] - self.first[0]
+        return (self.last[1] - self.first[1]) / seconds, seconds
+
+
+def run_sync(
+    sim: SimProcess,
+    db_url: str,
+    concurrency: int,
+    *,
+    sample_every: float | None = 0.5,
+    extra_env: Mapping[str, str] | None = None,
+    profile_to: Path | None = None,
+    cprofile_to: Path | None = None,
+    log_to: Path | None = None,
+    timeout: float = 1800,
+) -> SyncRun:
+    """Migrate ``db_url``, then run one ``convsync sync`` pass against ``sim`` and measure it.
+
+    ``sample_every``: seconds between ``/_sim/stats`` polls for the in-flight window (None: a
+    final snapshot only, for big datasets whose stats are costly). ``extra_env``: more
+    variables for the child (e.g. CONVSYNC_DB_POOL_SIZE). ``profile_to``: attach
+    py-spy to the child and write its raw (collapsed) stacks there. ``cprofile_to``: run the
+    child under cProfile (CPU time) instead, dumping its stats there.
+    """
+    import asyncio
+
+    env = {**child_env(sim, db_url, concurrency), **(extra_env or {})}
+    migrate(env)
+    sim.reset_stats()
+    started = time.monotonic()
+    sim_cpu, pg_cpu, busy = sim.cpu(), postgres_cpu(), machine_busy()
+    # Logs go to a file: a pipe nobody reads while the pass runs would block the child.
+    log_file = open(log_to, "w+b") if log_to else tempfile.TemporaryFile("w+b")  # noqa: SIM115
+    try:
+        command = ["-m", "worker", "sync"]
+        if cprofile_to is not None:
+            command = ["-m", "bench.cprofile_child", str(cprofile_to)]
+            env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+        proc = subprocess.Popen(
+            [sys.executable, *command],
+            env=env,
+            cwd=REPO,
+            stdout=log_file,
+            stderr=log_file,
+        )
+        spy: subprocess.Popen[bytes] | None = None
+        spy_pending = profile_to is not None
+        sampler = _Sampler(sim, started)
+        deadline = started + timeout
+        next_sample = started
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            now = time.monotonic()
+            if now > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            if sample_every is not None and now >= next_sample:
+                sampler.sample()
+                # Fine polling until the first request, so the window starts on time.
+                next_sample = now + (sample_every if sampler.seen_first else 0.01)
+            if spy_pending and profile_to and (sampler.seen_first or now > started + 2):
+                spy, spy_pending = _attach_py_spy(proc.pid, profile_to), False  # pass under way
+            time.sleep(0.005)
+        wall = time.monotonic() - started
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - 4000))
+        stderr = log_file.read().decode(errors="replace")
+    finally:
+        log_file.close()
+    sim_cpu_cores = sim_cpu.utilisation(sim.cpu())
+    pg_cores, busy_cores = pg_cpu.utilisation(postgres_cpu()), busy.utilisation(machine_busy())
+    stats = sim.stats()
+    if spy is not None:
+        spy.wait(60)
+    window_avg, window_seconds = sampler.window()
+    summary = asyncio.run(last_pass(db_url))
+    run = SyncRun(
+        users=sim.users,
+        concurrency=concurrency,
+        exit_code=proc.returncode,
+        wall_seconds=wall,
+        pass_seconds=float(summary.get("seconds") or wall),
+        peak_rss_mb=usage.ru_maxrss / 1024,
+        cpu_seconds=usage.ru_utime + usage.ru_stime,
+        sim_cpu_cores=sim_cpu_cores,
+        postgres_cpu_cores=pg_cores,
+        machine_busy_cores=busy_cores,
+        requests=int(stats["requests"]),
+        pages_ok=count(stats, 200),
+        answered_429=count(stats, 429),
+        in_flight=InFlight(
+            window_avg, window_seconds, float(stats["avg_in_flight"]), int(stats["max_in_flight"])
+        ),
+        summary=summary,
+        stderr_tail=stderr[-2000:] if proc.returncode else "",
+    )
+    if profile_to is not None and profile_to.exists():
+        from bench.profile import summarise
+
+        run.profile = summarise(profile_to)
+    if cprofile_to is not None and cprofile_to.exists():
+        from bench.profile import summarise_cprofile
+
+        run.profile = summarise_cprofile(cprofile_to)
+    return run
+
+
+def _attach_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """py-spy sampling ``pid`` at 200 Hz into ``out`` (raw stacks); None without py-spy."""
+    exe = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(exe).exists():
+        return None
+    return subprocess.Popen(
+        [exe, "record", "--pid", str(pid), "--rate", "200", "--format", "raw",
+         "--output", str(out), "--nonblocking"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip

@@ -1,0 +1,51 @@
+"""The benchmark runs end to end at its quick size and writes its figures (no timing asserted)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PgServer
+from tests.harness import REPO
+
+EXPECTED = {
+    "timestamp", "config", "machine", "ceiling", "convsync", "naive", "dlt", "hidden_ceiling",
+    "big", "targets", "seconds",
+}  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path) -> None:
+    output = tmp_path / "bench.json"
+    env = {**os.environ, "TEST_DATABASE_URL": pg_server.url}
+    done = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--skip-naive", "--skip-dlt",
+         "--output", str(output)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=230,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:] + done.stdout[-3000:]
+    figures = json.loads(output.read_text())
+    assert figures.keys() >= EXPECTED
+    assert figures["naive"] == {"skipped": "--skip-naive"}
+    assert figures["dlt"] == {"skipped": "--skip-dlt"}
+    run = figures["convsync"]
+    assert run["exit_code"] == 0
+    assert run["summary"]["status"] == "succeeded"
+    assert run["pages_ok"] == figures["ceiling"]["pages"] > 0
+    assert run["peak_rss_mb"] > 0
+    assert figures["big"]["peak_rss_mb"] > 0
+    assert figures["hidden_ceiling"]["in_flight"]["max"] <= figures["config"]["hidden_ceiling"]
+    names = {t["name"] for t in figures["targets"]}
+    assert len(names) == 7
+    assert all("met" in t for t in figures["targets"])
+    assert "end to end / ceiling (pages/s)" in done.stdout
