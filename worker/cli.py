@@ -23,6 +23,7 @@ from worker.config import SERVICE_SID, USER_SID, Settings, load_settings, parse_
 from worker.errors import ConfigError, ConvsyncError, FatalError
 from worker.logs import configure_logging, redact
 from worker.migrate import apply_migrations, pending_migrations
+from worker.service import DATABASE_REFUSED, run_service
 from worker.store import Store, recent_passes, troubled_users
 from worker.sync import Scope, SyncPass
 
@@ -100,8 +101,6 @@ async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
     if args.command == "status":
         return await status_command(settings, args.json, args.limit)
     if args.command == "run":
-        from worker.service import run_service
-
         return await run_service(settings)
     if args.command == "demo":
         from worker.demo import run_demo
@@ -116,11 +115,7 @@ async def _database(settings: Settings) -> str:
     dsn = settings.require_database()
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
-    except (
-        asyncpg.InvalidPasswordError,
-        asyncpg.InvalidAuthorizationSpecificationError,
-        asyncpg.InvalidCatalogNameError,
-    ) as error:
+    except DATABASE_REFUSED as error:
         raise ConfigError(f"DATABASE_URL was refused: {type(error).__name__}") from None
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         raise DatabaseUnreachable(

@@ -22,13 +22,19 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from worker.client import TwilioClient
 from worker.config import Settings
-from worker.errors import ConfigError, FatalError
+from worker.errors import ConfigError, ConvsyncError, FatalError
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
 from worker.store import Store
-from worker.sync import DatabaseUnavailable, Scope, SyncPass
+from worker.sync import Scope, SyncPass
 
 log = structlog.get_logger(__name__)
+# The database answered but refused us: as wrong as a bad setting, and retrying will not help.
+DATABASE_REFUSED = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
 DEFAULT_INTERVAL = 3600.0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -87,14 +93,30 @@ class Service:
             )
             try:
                 await sync.run()
+            except DATABASE_REFUSED as error:
+                self._stop_fatally(ConfigError(f"DATABASE_URL was refused: {type(error).__name__}"))
             except FatalError as error:
-                log.error("pass_fatal", error=str(error))
-                self.fatal = error
-                self.stop.set()
-            except DatabaseUnavailable as error:
-                log.error("pass_stopped", error=str(error))
+                self._stop_fatally(error)
+            except (ConvsyncError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+                # Transient or per-pass trouble: this tick is lost, the next one continues.
+                log.error("pass_stopped", error=str(error), error_kind=type(error).__name__)
+                await self._release_claims()
+            except Exception:
+                log.exception("pass_crashed")
+                await self._release_claims()
             finally:
                 self._pass_task = None
+
+    def _stop_fatally(self, error: FatalError) -> None:
+        log.error("pass_fatal", error=str(error))
+        self.fatal = error
+        self.stop.set()
+
+    async def _release_claims(self) -> None:
+        try:
+            await self.store.release_all(self.settings.worker_id)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("claims_not_released", error=type(error).__name__)
 
     async def wait_for_pass(self, grace: float) -> None:
         """Let the running pass commit its in-flight pages; cancel it after ``grace`` seconds."""
@@ -192,10 +214,7 @@ async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> in
         log.info("shutdown_started", grace_seconds=settings.shutdown_grace)
         scheduler.shutdown(wait=False)
         await service.wait_for_pass(settings.shutdown_grace)
-        try:
-            await service.store.release_all(settings.worker_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            log.warning("claims_not_released", error=type(error).__name__)
+        await service._release_claims()
     finally:
         await runner.cleanup()
         for sig in (signal.SIGTERM, signal.SIGINT):

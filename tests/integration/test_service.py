@@ -286,3 +286,13 @@ async def test_run_starts_while_the_database_is_down_and_becomes_ready(
 
 async def _logged(replica: Replica, event: str) -> bool:
     return any(e.get("event") == event for e in replica.events())
+
+
+def test_run_against_a_refused_database_exits_2(server: SimulatorServer, db_url: str) -> None:
+    refused = db_url.rsplit("/", 1)[0] + "/no_such_database_here"
+    refused = refused.replace("://", "://root:db-secret-pw@", 1) if "@" not in refused else refused
+    result = convsync(["run"], service_env(server, refused), timeout=60)
+    assert result.returncode == 2, result.stdout[-1000:] + result.stderr[-1000:]
+    assert "DATABASE_URL was refused" in result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    assert "db-secret-pw" not in result.stdout + result.stderr
