@@ -95,6 +95,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     dbs = Databases()
     try:
         asyncio.run(_measure(args, dbs, results))
+    except BaseException:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(json.dumps({**results, "incomplete": True}, indent=2, default=str))
+        say(f"incomplete figures written to {output}")
+        raise
     finally:
         asyncio.run(dbs.drop_all())
         dbs.close()
@@ -160,8 +165,10 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
             from bench.dlt_run import run_dlt
 
             say("dlt rest_api pipeline")
-            dlt = await asyncio.to_thread(run_dlt, sim, main_db, c)
-            results["dlt"] = dlt.to_json()
+            try:
+                results["dlt"] = (await asyncio.to_thread(run_dlt, sim, main_db, c)).to_json()
+            except Exception as error:  # one comparison failing must not lose the others
+                results["dlt"] = {"skipped": f"failed: {type(error).__name__}: {error}"[:300]}
 
         if args.hidden_ceiling:
             sim.configure(concurrency_ceiling=args.hidden_ceiling)
@@ -192,6 +199,8 @@ def _naive(sim: SimProcess, db_url: str, users: int) -> dict[str, Any]:
         return run_naive(sim, db_url, users).to_json()
     except ImportError as error:
         return {"skipped": f"{error} (pip install -e '.[bench]')"}
+    except Exception as error:  # one comparison failing must not lose the other figures
+        return {"skipped": f"failed: {type(error).__name__}: {str(error)[:300]}"}
 
 
 def _check(run: SyncRun, what: str) -> None:

@@ -89,7 +89,9 @@ def run_naive(sim: SimProcess, db_url: str, users: int) -> NaiveRun:
         rows = done = 0
         api = client.conversations.v1
         for service in api.services.list():
-            for user in api.services(service.sid).users.list(limit=users - done):
+            wanted = users - done
+            listed = api.services(service.sid).users.list(limit=wanted, page_size=min(50, wanted))
+            for user in listed:
                 listing = api.services(service.sid).users(user.sid).user_conversations.list()
                 with conn, conn.cursor() as cur:  # one transaction per user
                     for item in listing:
