@@ -65,6 +65,10 @@ DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.CrashShutdownError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
+    # What asyncpg raises on a pooled connection whose backend was terminated under it
+    # ("cannot switch to state 15; another operation (2) is in progress", MagicStack/asyncpg
+    # #784, #1069); the pool's reset then fails and the connection is dropped.
+    asyncpg.InternalClientError,
 )
 # Errors that mean "PostgreSQL refused this page's values": that listing fails, not the pass.
 PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
