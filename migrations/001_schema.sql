@@ -137,6 +137,7 @@ CREATE TABLE sync_cursors (
     FOREIGN KEY (chat_service_sid, user_sid) REFERENCES users
 );
 CREATE INDEX sync_cursors_pending ON sync_cursors (run_id) WHERE state = 'pending';
+CREATE INDEX sync_cursors_claimed ON sync_cursors (claimed_by) WHERE claimed_by IS NOT NULL;
 
 -- Items that could not be stored as typed rows: kept raw with the reason and their origin.
 CREATE TABLE quarantine (

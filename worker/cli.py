@@ -147,7 +147,7 @@ async def sync_command(settings: Settings, services: Sequence[str], users: Seque
             )
         stop = asyncio.Event()
         _install_stop_handlers(stop)
-        async with TwilioClient(settings) as client:
+        async with TwilioClient(settings, stop=stop) as client:
             sync = SyncPass(settings, store, client, scope, stop=stop)
             summary = await sync.run()
         if stop.is_set() or summary is None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import random
 import time
@@ -22,6 +23,7 @@ from worker.config import Settings
 from worker.errors import (
     AuthError,
     ConnectionFailed,
+    Interrupted,
     MalformedPage,
     PageTokenRejected,
     RateLimited,
@@ -97,6 +99,7 @@ class TwilioClient:
         *,
         backoff: Backoff | None = None,
         metrics: Metrics | None = None,
+        stop: asyncio.Event | None = None,
     ) -> None:
         credentials = settings.require_credentials()
         self._base_url = settings.base_url
@@ -109,6 +112,7 @@ class TwilioClient:
         self._bucket = TokenBucket(settings.rate_limit) if settings.rate_limit else None
         self._metrics = metrics or default_metrics
         self._session: aiohttp.ClientSession | None = None
+        self._stop = stop
         self._connector_limit = settings.concurrency
 
     async def __aenter__(self) -> TwilioClient:
@@ -181,7 +185,17 @@ class TwilioClient:
                     waited_so_far=round(waited, 3),
                     concurrency_limit=self.limiter.limit,
                 )
-                await asyncio.sleep(wait)
+                await self._pause(wait)
+
+    async def _pause(self, seconds: float) -> None:
+        """Back off; a shutdown ends the wait at once (the request is not retried)."""
+        if self._stop is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        if self._stop.is_set():
+            raise Interrupted("shutdown during a retry backoff")
 
     async def _attempt(self, path: str) -> dict[str, Any]:
         if self._session is None:

@@ -236,7 +236,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], limit: int = SHOWN_ROWS) -> 
 
 @dataclasses.dataclass
 class Progress:
-    """Polls a running pass (metrics and ``Store.pass_progress``) and shows how far it is:
+    """Polls a running pass (metrics and the store) and shows how far it is:
     a single redrawn line on a TTY, a ``demo_progress`` log line every few seconds otherwise."""
 
     store: Store
@@ -257,11 +257,13 @@ class Progress:
         users = int(self.metrics.total("convsync_users_total"))
         pages = int(self.metrics.value("convsync_pages_total", kind="conversations"))
         rows = int(self.metrics.total("convsync_rows_total"))
-        progress = await self.store.pass_progress(self.sync.state.run_id)
+        run_id = self.sync.state.run_id
+        progress = await self.store.pass_progress(run_id)
+        pending = await self.store.pending_users(run_id)
         return {
             "users_done": users,
-            "users_known": users + progress.users_pending,
-            "discovering": progress.discovery_open > 0,
+            "users_known": users + pending,
+            "discovering": progress.discovery_open,
             "pages": pages,
             "rows": rows,
         }

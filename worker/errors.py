@@ -76,5 +76,9 @@ class ConnectionFailed(TransientError):
     """The connection dropped, timed out or the body was truncated."""
 
 
+class Interrupted(ConvsyncError):
+    """Shutdown was asked for while a request waited to be retried."""
+
+
 class LeaseLost(ConvsyncError):
     """Another worker took over this user or service; this worker's page is discarded."""

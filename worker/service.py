@@ -63,11 +63,13 @@ def current_tick(settings: Settings, now: datetime | None = None) -> datetime:
 class Service:
     """The long-running worker: one pass at a time, stopped cleanly by SIGTERM."""
 
-    def __init__(self, settings: Settings, store: Store, client: TwilioClient) -> None:
+    def __init__(
+        self, settings: Settings, store: Store, client: TwilioClient, stop: asyncio.Event
+    ) -> None:
         self.settings = settings
         self.store = store
         self.client = client
-        self.stop = asyncio.Event()
+        self.stop = stop
         self.fatal: FatalError | None = None
         self._pass_lock = asyncio.Lock()
         self._pass_task: asyncio.Task[Any] | None = None
@@ -172,8 +174,9 @@ async def run_service(settings: Settings) -> int:
     settings.require_credentials()
     store = await Store.connect(dsn, settings.db_pool_size, lazy=True)
     try:
-        async with TwilioClient(settings) as client:
-            service = Service(settings, store, client)
+        stop = asyncio.Event()
+        async with TwilioClient(settings, stop=stop) as client:
+            service = Service(settings, store, client, stop)
             return await _serve(service, trigger)
     finally:
         await store.close()

@@ -11,6 +11,7 @@ Invariants kept here:
 from __future__ import annotations
 
 import json
+import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
@@ -18,7 +19,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.errors import LeaseLost
+from worker.errors import ConvsyncError, LeaseLost
 from worker.model import UNIDENTIFIED, ParsedConversationsPage, Rejected, ServiceRow, UserRow
 
 
@@ -30,19 +31,26 @@ class PassInfo:
 
 @dataclass(frozen=True)
 class DiscoveryClaim:
+    """A leased users listing; ``token`` (owner/nonce) is checked by every write."""
+
     run_id: int
     chat_service_sid: str
     next_page_path: str | None
     pages: int
+    token: str
 
 
 @dataclass(frozen=True)
 class UserClaim:
+    """A leased user; ``token`` (owner/nonce) is checked by every write, so even two loops of
+    one process cannot both write the same user."""
+
     run_id: int
     chat_service_sid: str
     user_sid: str
     next_page_path: str | None
     listing_pages: int
+    token: str
 
 
 @dataclass(frozen=True)
@@ -73,9 +81,9 @@ class PassSummary:
 
 @dataclass(frozen=True)
 class PassProgress:
-    discovery_open: int
-    users_pending: int
-    users_claimable: int
+    running: bool
+    discovery_open: bool
+    users_pending: bool
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
@@ -125,6 +133,11 @@ class Store:
             if running is not None:
                 if json.loads(running["scope"]) == json.loads(scope_json):
                     return PassInfo(running["run_id"], resumed=True)
+                if await _has_live_claims(conn, running["run_id"]):
+                    raise PassBusy(
+                        f"pass {running['run_id']} of another scope is running on other "
+                        "workers; try again when it ends"
+                    )
                 await conn.execute(
                     """UPDATE sync_runs SET status = 'failed', finished_at = now(),
                               error = 'superseded by a pass of another scope'
@@ -143,19 +156,26 @@ class Store:
             return PassInfo(run_id, resumed=False)
 
     async def pass_progress(self, run_id: int) -> PassProgress:
+        """Whether the pass still runs, and has an open users listing or a pending user."""
         row = await self.pool.fetchrow(
             """SELECT
-                 (SELECT count(*) FROM sync_discovery
-                   WHERE run_id = $1 AND completed_at IS NULL) AS discovery_open,
-                 (SELECT count(*) FROM sync_cursors
-                   WHERE run_id = $1 AND state = 'pending') AS users_pending,
-                 (SELECT count(*) FROM sync_cursors
-                   WHERE run_id = $1 AND state = 'pending'
-                     AND (lease_until IS NULL OR lease_until < now())) AS users_claimable""",
+                 EXISTS (SELECT 1 FROM sync_runs
+                         WHERE run_id = $1 AND status = 'running') AS running,
+                 EXISTS (SELECT 1 FROM sync_discovery
+                         WHERE run_id = $1 AND completed_at IS NULL) AS discovery_open,
+                 EXISTS (SELECT 1 FROM sync_cursors
+                         WHERE run_id = $1 AND state = 'pending') AS users_pending""",
             run_id,
         )
         assert row is not None
-        return PassProgress(row["discovery_open"], row["users_pending"], row["users_claimable"])
+        return PassProgress(row["running"], row["discovery_open"], row["users_pending"])
+
+    async def pending_users(self, run_id: int) -> int:
+        """How many users of the pass are still to list (for progress displays)."""
+        count: int = await self.pool.fetchval(
+            "SELECT count(*) FROM sync_cursors WHERE run_id = $1 AND state = 'pending'", run_id
+        )
+        return count
 
     async def finish_pass(self, run_id: int, error: str | None = None) -> PassSummary:
         """Record the pass's counts and status (once; later callers read what was recorded)."""
@@ -250,6 +270,7 @@ class Store:
     async def claim_discovery(
         self, run_id: int, owner: str, lease_seconds: float
     ) -> DiscoveryClaim | None:
+        token = _claim_token(owner)
         row = await self.pool.fetchrow(
             """UPDATE sync_discovery d SET claimed_by = $2,
                       lease_until = now() + make_interval(secs => $3)
@@ -257,20 +278,23 @@ class Store:
                    SELECT run_id, chat_service_sid FROM sync_discovery
                    WHERE run_id = $1 AND completed_at IS NULL
                      AND (lease_until IS NULL OR lease_until < now())
+                     AND EXISTS (SELECT 1 FROM sync_runs r
+                                 WHERE r.run_id = $1 AND r.status = 'running')
                    ORDER BY chat_service_sid LIMIT 1 FOR UPDATE SKIP LOCKED)
                RETURNING chat_service_sid, next_page_path, pages""",
             run_id,
-            owner,
+            token,
             lease_seconds,
         )
         if row is None:
             return None
-        return DiscoveryClaim(run_id, row["chat_service_sid"], row["next_page_path"], row["pages"])
+        return DiscoveryClaim(
+            run_id, row["chat_service_sid"], row["next_page_path"], row["pages"], token
+        )
 
     async def save_users_page(
         self,
         claim: DiscoveryClaim,
-        owner: str,
         lease_seconds: float,
         page_number: int,
         source_path: str,
@@ -295,7 +319,7 @@ class Store:
                    RETURNING 1""",
                 run_id,
                 service,
-                owner,
+                claim.token,
                 next_page_path,
                 len(users),
                 lease_seconds,
@@ -363,7 +387,7 @@ class Store:
                 return 0
             return await self._mark_unlisted_users_gone(conn, run_id, service)
 
-    async def fail_discovery(self, claim: DiscoveryClaim, owner: str, error: str) -> None:
+    async def fail_discovery(self, claim: DiscoveryClaim, error: str) -> None:
         """End a users listing that cannot finish this pass; nobody is marked gone."""
         await self.pool.execute(
             """UPDATE sync_discovery SET completed_at = now(), error = $4,
@@ -371,17 +395,46 @@ class Store:
                WHERE run_id = $1 AND chat_service_sid = $2 AND claimed_by = $3""",
             claim.run_id,
             claim.chat_service_sid,
-            owner,
+            claim.token,
             error[:2000],
         )
 
-    async def claim_owners(self) -> list[str]:
-        """Workers holding claims now."""
-        rows = await self.pool.fetch(
-            """SELECT claimed_by FROM sync_cursors WHERE claimed_by IS NOT NULL
-               UNION SELECT claimed_by FROM sync_discovery WHERE claimed_by IS NOT NULL"""
+    async def restart_discovery(self, claim: DiscoveryClaim, page_number: int) -> bool:
+        """Forget a rejected users page token: the listing starts again from its first page
+        (queueing is idempotent; nobody is marked gone before a last page)."""
+        restarted = await self.pool.fetchval(
+            """UPDATE sync_discovery SET next_page_path = NULL, pages = 0
+               WHERE run_id = $1 AND chat_service_sid = $2 AND claimed_by = $3 AND pages = $4
+               RETURNING 1""",
+            claim.run_id,
+            claim.chat_service_sid,
+            claim.token,
+            page_number,
         )
-        return [r["claimed_by"] for r in rows]
+        return restarted is not None
+
+    async def renew_leases(self, tokens: Sequence[str], lease_seconds: float) -> None:
+        """Extend the leases of claims this process still works on (its heartbeat)."""
+        if not tokens:
+            return
+        async with self.pool.acquire() as conn, conn.transaction():
+            for table in ("sync_cursors", "sync_discovery"):
+                await conn.execute(
+                    f"UPDATE {table} SET lease_until = now() + make_interval(secs => $2) "
+                    "WHERE claimed_by = ANY($1::text[])",
+                    list(tokens),
+                    lease_seconds,
+                )
+
+    async def claim_owners(self) -> list[str]:
+        """Workers holding claims now (the owner part of each claim token)."""
+        rows = await self.pool.fetch(
+            """SELECT split_part(claimed_by, '/', 1) AS owner FROM sync_cursors
+               WHERE claimed_by IS NOT NULL
+               UNION SELECT split_part(claimed_by, '/', 1) FROM sync_discovery
+               WHERE claimed_by IS NOT NULL"""
+        )
+        return [r["owner"] for r in rows]
 
     async def services_of_users(self, user_sids: Sequence[str]) -> dict[str, str]:
         """The service each known user belongs to."""
@@ -457,6 +510,7 @@ class Store:
 
     async def claim_user(self, run_id: int, owner: str, lease_seconds: float) -> UserClaim | None:
         """Lease one pending user of this pass (``SKIP LOCKED``: replicas never collide)."""
+        token = _claim_token(owner)
         row = await self.pool.fetchrow(
             """UPDATE sync_cursors c SET claimed_by = $2,
                       lease_until = now() + make_interval(secs => $3), attempts = attempts + 1
@@ -464,10 +518,12 @@ class Store:
                    SELECT chat_service_sid, user_sid FROM sync_cursors
                    WHERE run_id = $1 AND state = 'pending'
                      AND (lease_until IS NULL OR lease_until < now())
+                     AND EXISTS (SELECT 1 FROM sync_runs r
+                                 WHERE r.run_id = $1 AND r.status = 'running')
                    LIMIT 1 FOR UPDATE SKIP LOCKED)
                RETURNING chat_service_sid, user_sid, next_page_path, listing_pages""",
             run_id,
-            owner,
+            token,
             lease_seconds,
         )
         if row is None:
@@ -478,12 +534,12 @@ class Store:
             row["user_sid"],
             row["next_page_path"],
             row["listing_pages"],
+            token,
         )
 
     async def save_conversations_page(
         self,
         claim: UserClaim,
-        owner: str,
         lease_seconds: float,
         page_number: int,
         source_path: str,
@@ -510,10 +566,11 @@ class Store:
                      run_pages = run_pages + 1
                    WHERE chat_service_sid = $1 AND user_sid = $2 AND run_id = $8
                      AND claimed_by = $3 AND listing_pages = $4 AND state = 'pending'
-                   RETURNING seen_conversations""",
+                   RETURNING CASE WHEN $5::text IS NULL THEN seen_conversations
+                                  ELSE '{}'::text[] END""",
                 service,
                 user,
-                owner,
+                claim.token,
                 page_number,
                 next_page_path,
                 page.seen_sids,
@@ -557,7 +614,7 @@ class Store:
             inserted, updated, unchanged, removed, len(page.rejected), removals_skipped
         )
 
-    async def restart_listing(self, claim: UserClaim, owner: str) -> None:
+    async def restart_listing(self, claim: UserClaim) -> None:
         """Forget a rejected cursor: the listing starts again from page one, nothing removed."""
         await self.pool.execute(
             """UPDATE sync_cursors SET next_page_path = NULL, listing_pages = 0,
@@ -565,10 +622,10 @@ class Store:
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
             claim.chat_service_sid,
             claim.user_sid,
-            owner,
+            claim.token,
         )
 
-    async def mark_user_failed(self, claim: UserClaim, owner: str, error: str) -> None:
+    async def mark_user_failed(self, claim: UserClaim, error: str) -> None:
         """The user failed this pass: its cursor stays, for the next pass to continue."""
         await self.pool.execute(
             """UPDATE sync_cursors SET state = 'failed', last_error = $4, last_error_at = now(),
@@ -577,11 +634,11 @@ class Store:
                  AND state = 'pending'""",
             claim.chat_service_sid,
             claim.user_sid,
-            owner,
+            claim.token,
             error[:2000],
         )
 
-    async def mark_user_gone(self, claim: UserClaim, owner: str) -> None:
+    async def mark_user_gone(self, claim: UserClaim) -> None:
         """The user no longer exists upstream: it and its memberships are marked removed."""
         async with self.pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
@@ -592,7 +649,7 @@ class Store:
                    RETURNING 1""",
                 claim.chat_service_sid,
                 claim.user_sid,
-                owner,
+                claim.token,
             )
             if updated is not None:
                 removed = await _remove_users(conn, claim.chat_service_sid, [claim.user_sid])
@@ -604,32 +661,48 @@ class Store:
                     removed,
                 )
 
-    async def release_user(self, claim: UserClaim, owner: str) -> None:
+    async def release_user(self, claim: UserClaim) -> None:
         """Give a claim back unfinished (shutdown): another worker may continue it."""
         await self.pool.execute(
             """UPDATE sync_cursors SET claimed_by = NULL, lease_until = NULL
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
             claim.chat_service_sid,
             claim.user_sid,
-            owner,
+            claim.token,
         )
 
     async def release_all(self, owner: str) -> None:
         """Give back every claim of this worker (shutdown)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            await conn.execute(
-                "UPDATE sync_cursors SET claimed_by = NULL, lease_until = NULL "
-                "WHERE claimed_by = $1",
-                owner,
-            )
-            await conn.execute(
-                "UPDATE sync_discovery SET claimed_by = NULL, lease_until = NULL "
-                "WHERE claimed_by = $1",
-                owner,
-            )
+            for table in ("sync_cursors", "sync_discovery"):
+                await conn.execute(
+                    f"UPDATE {table} SET claimed_by = NULL, lease_until = NULL "
+                    "WHERE split_part(claimed_by, '/', 1) = $1",
+                    owner.replace("/", "-"),
+                )
 
 
 # --- statements shared by the methods above ---------------------------------------------------
+
+
+class PassBusy(ConvsyncError):
+    """Another pass is running on live workers; this one cannot start now."""
+
+
+def _claim_token(owner: str) -> str:
+    """A claim's own token: its owner and a nonce (the owner part never holds a '/')."""
+    return f"{owner.replace('/', '-')}/{secrets.token_hex(4)}"
+
+
+async def _has_live_claims(conn: asyncpg.Connection, run_id: int) -> bool:
+    live: bool = await conn.fetchval(
+        """SELECT EXISTS (SELECT 1 FROM sync_cursors
+                          WHERE run_id = $1 AND lease_until > now())
+               OR EXISTS (SELECT 1 FROM sync_discovery
+                          WHERE run_id = $1 AND lease_until > now())""",
+        run_id,
+    )
+    return live
 
 
 def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:

@@ -18,7 +18,7 @@ import contextlib
 import os
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import ParamSpec, TypeVar
@@ -33,6 +33,7 @@ from worker.errors import (
     ConfigError,
     ConvsyncError,
     FatalError,
+    Interrupted,
     LeaseLost,
     PageRefused,
     PageTokenRejected,
@@ -93,6 +94,10 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _internal(error: BaseException) -> str:
+    return redact(f"internal error: {type(error).__name__}: {error}")[:2000]
 
 
 def _refused(path: str, error: BaseException) -> str:
@@ -156,6 +161,7 @@ class SyncPass:
         self.idle_poll_seconds = idle_poll_seconds
         self.tick = tick
         self.state = PassState()
+        self.held: set[str] = set()  # claim tokens this process is working on
 
     # --- the pass, top to bottom ----------------------------------------------------------
 
@@ -248,14 +254,36 @@ class SyncPass:
         loops: list[Awaitable[None]] = [self.discovery_loop() for _ in range(2)]
         loops += [self.user_loop() for _ in range(self.settings.concurrency)]
         tasks = [asyncio.ensure_future(loop) for loop in loops]
+        helpers = [
+            asyncio.ensure_future(self.heartbeat()),
+            asyncio.ensure_future(self.cancel_after_grace(tasks)),
+        ]
         try:
             # Fail fast: the first loop to raise cancels the rest.
             for finished in asyncio.as_completed(tasks):
-                await finished
+                with contextlib.suppress(asyncio.CancelledError):
+                    await finished
         finally:
-            for task in tasks:
+            for task in tasks + helpers:
                 task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.gather(*tasks, *helpers, return_exceptions=True)
+
+    async def heartbeat(self) -> None:
+        """Renew the leases this process holds, so a slow user (retries, a long listing) is
+        never taken over while its worker lives; a dead worker's leases simply expire."""
+        while True:
+            await asyncio.sleep(self.lease / 3)
+            with contextlib.suppress(*DB_CONNECTION_ERRORS):
+                await self.store.renew_leases(sorted(self.held), self.lease)
+
+    async def cancel_after_grace(self, tasks: Sequence[asyncio.Future[None]]) -> None:
+        """After stop, in-flight pages get ``shutdown_grace`` seconds to commit; then the loops
+        are cancelled (an uncommitted page is dropped, its cursor left where it was)."""
+        await self.stop.wait()
+        await asyncio.sleep(self.settings.shutdown_grace)
+        log.warning("shutdown_grace_exceeded", grace_seconds=self.settings.shutdown_grace)
+        for task in tasks:
+            task.cancel()
 
     async def discovery_loop(self) -> None:
         """Claim service users listings until none is open (one held by a dead worker is
@@ -266,33 +294,54 @@ class SyncPass:
             )
             if claim is not None:
                 with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
-                    await self.discover_users(claim)
+                    self.held.add(claim.token)
+                    try:
+                        await self.discover_users(claim)
+                    except (FatalError, DatabaseUnavailable):
+                        raise
+                    except Exception as error:
+                        # A bug must cost one users listing, not the pass.
+                        log.exception("users_listing_crashed")
+                        await self.db(self.store.fail_discovery, claim, _internal(error))
+                    finally:
+                        self.held.discard(claim.token)
                 continue
             progress = await self.db(self.store.pass_progress, self.state.run_id)
-            if progress.discovery_open == 0:
+            if not progress.discovery_open or not progress.running:
                 return
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), self.idle_poll_seconds)
 
     async def discover_users(self, claim: DiscoveryClaim) -> None:
         """Walk one service's users listing from its cursor, queueing users page by page."""
-        path = claim.next_page_path or api.users_path(claim.chat_service_sid, self.page_size)
+        first_page = api.users_path(claim.chat_service_sid, self.page_size)
+        path = claim.next_page_path or first_page
         page_number = claim.pages
+        restarted = False
         while not self.stop.is_set():
             try:
                 page = await self.client.get_page(path, "users")
+            except Interrupted:
+                return  # the claim is released with the others at the end of the pass
+            except PageTokenRejected:
+                if restarted or page_number == 0:
+                    raise
+                log.warning("users_page_token_rejected", pages=page_number)
+                if not await self.db(self.store.restart_discovery, claim, page_number):
+                    return  # taken over meanwhile
+                path, page_number, restarted = first_page, 0, True
+                continue
             except UserSyncError as error:
                 # Without its last page the listing proves nothing gone: nobody is marked.
                 message = redact(str(error))
                 log.error("users_listing_failed", error=message, error_kind=type(error).__name__)
-                await self.db(self.store.fail_discovery, claim, self.owner, message)
+                await self.db(self.store.fail_discovery, claim, message)
                 return
             parsed = parse_users_page(page.items, claim.chat_service_sid)
             try:
                 gone = await self.db(
                     self.store.save_users_page,
                     claim,
-                    self.owner,
                     self.lease,
                     page_number,
                     page.path,
@@ -306,7 +355,7 @@ class SyncPass:
             except PAGE_REFUSED_ERRORS as error:
                 message = redact(_refused(page.path, error))
                 log.error("users_listing_failed", error=message, error_kind="PageRefused")
-                await self.db(self.store.fail_discovery, claim, self.owner, message)
+                await self.db(self.store.fail_discovery, claim, message)
                 return
             self.metrics.inc("convsync_pages_total", kind="users")
             self.state.work_available.set()
@@ -323,7 +372,18 @@ class SyncPass:
                 with structlog.contextvars.bound_contextvars(
                     service_sid=claim.chat_service_sid, user_sid=claim.user_sid
                 ):
-                    await self.sync_user(claim)
+                    self.held.add(claim.token)
+                    try:
+                        await self.sync_user(claim)
+                    except (FatalError, DatabaseUnavailable):
+                        raise
+                    except Exception as error:
+                        # A bug must cost one user, not the pass (and not every later pass).
+                        log.exception("user_crashed")
+                        self.metrics.inc("convsync_users_total", outcome="failed")
+                        await self.db(self.store.mark_user_failed, claim, _internal(error))
+                    finally:
+                        self.held.discard(claim.token)
                 continue
             if await self.finished():
                 return
@@ -336,7 +396,7 @@ class SyncPass:
         if self.state.done.is_set():
             return True
         progress = await self.db(self.store.pass_progress, self.state.run_id)
-        if progress.discovery_open == 0 and progress.users_pending == 0:
+        if not progress.running or (not progress.discovery_open and not progress.users_pending):
             self.state.done.set()
             self.state.work_available.set()
             return True
@@ -353,7 +413,7 @@ class SyncPass:
         try:
             while True:
                 if self.stop.is_set():
-                    await self.db(self.store.release_user, claim, self.owner)
+                    await self.db(self.store.release_user, claim)
                     return
                 try:
                     page = await self.client.get_page(path, "conversations")
@@ -361,7 +421,7 @@ class SyncPass:
                     if restarted or page_number == 0:
                         raise
                     log.warning("page_token_rejected", listing_pages=page_number)
-                    await self.db(self.store.restart_listing, claim, self.owner)
+                    await self.db(self.store.restart_listing, claim)
                     path, page_number, restarted = first_page, 0, True
                     continue
                 self.state.pages_fetched += 1
@@ -374,7 +434,6 @@ class SyncPass:
                     outcome = await self.db(
                         self.store.save_conversations_page,
                         claim,
-                        self.owner,
                         self.lease,
                         page_number,
                         path,
@@ -397,15 +456,17 @@ class SyncPass:
         except UserGone:
             log.info("user_gone")
             self.metrics.inc("convsync_users_total", outcome="gone")
-            await self.db(self.store.mark_user_gone, claim, self.owner)
+            await self.db(self.store.mark_user_gone, claim)
         except LeaseLost:
-            log.warning("user_taken_over")
-            await self.db(self.store.release_user, claim, self.owner)
+            log.warning("user_taken_over")  # the claim is no longer ours: nothing to release
+        except Interrupted:
+            log.info("user_interrupted", listing_pages=page_number)
+            await self.db(self.store.release_user, claim)
         except UserSyncError as error:
             message = redact(str(error))
             log.error("user_failed", error=message, error_kind=type(error).__name__)
             self.metrics.inc("convsync_users_total", outcome="failed")
-            await self.db(self.store.mark_user_failed, claim, self.owner, message)
+            await self.db(self.store.mark_user_failed, claim, message)
 
     # --- helpers --------------------------------------------------------------------------
 

@@ -21,7 +21,6 @@ from worker.demo import DEMO_QUERIES, DEMO_SEED, DEMO_SERVICES, Progress, load_c
 from worker.metrics import Metrics
 from worker.simdata import DEMO_ACCOUNT_SID, Dataset
 from worker.simulator import Simulator, SimulatorServer
-from worker.store import PassProgress
 
 USERS = 40
 SUMMARY = re.compile(
@@ -179,45 +178,10 @@ async def test_a_wrong_users_count_is_a_usage_error(db_url: str) -> None:
 # --- the progress line --------------------------------------------------------------------------
 
 
-class FakeStore:
-    """pass_progress answers from a script; the last answer ends the watch."""
-
-    def __init__(self, answers: list[PassProgress], finished: asyncio.Event) -> None:
-        self.answers = answers
-        self.finished = finished
-        self.calls = 0
-
-    async def pass_progress(self, run_id: int) -> PassProgress:
-        assert run_id == 5
-        answer = self.answers[min(self.calls, len(self.answers) - 1)]
-        self.calls += 1
-        if self.calls == len(self.answers):
-            self.finished.set()
-        return answer
-
-
-class FakeSync:
-    class state:  # mimics SyncPass.state
-        run_id = 5
-
-
-async def test_the_progress_line_redraws_itself_on_a_tty() -> None:
-    finished = asyncio.Event()
-    metrics = Metrics()
-    metrics.inc("convsync_users_total", 3, outcome="done")
-    metrics.inc("convsync_users_total", 1, outcome="failed")
-    metrics.inc("convsync_pages_total", 9, kind="conversations")
-    metrics.inc("convsync_pages_total", 2, kind="users")
-    metrics.inc("convsync_rows_total", 120, outcome="inserted")
-    store = FakeStore([PassProgress(1, 6, 6), PassProgress(0, 4, 4)], finished)
-    stream = io.StringIO()
-    progress = Progress(store, FakeSync(), metrics, stream, interactive=True, width=10)  # type: ignore[arg-type]
-    await asyncio.wait_for(progress.watch(finished), 10)
-    frames = stream.getvalue().split("\r\x1b[K")
-    assert frames[0] == ""
-    assert (
-        frames[1] == "[####......] 4/10+ users  9 pages  120 rows  " + frames[1].split("rows  ")[1]
-    )
-    assert frames[1].endswith(" s")
-    assert frames[-1] == "", "the line is cleared at the end"
-    assert store.calls == 2
+def test_the_progress_line_shows_users_pages_rows_and_time() -> None:
+    progress = Progress(None, None, Metrics(), io.StringIO(), interactive=True, width=10)  # type: ignore[arg-type]
+    snap = {"users_done": 4, "users_known": 10, "discovering": True, "pages": 9, "rows": 120}
+    assert progress.line(snap, 1.25) == "[####......] 4/10+ users  9 pages  120 rows  1.2 s"
+    done = {**snap, "users_done": 10, "discovering": False}
+    assert progress.line(done, 3.0) == "[##########] 10/10 users  9 pages  120 rows  3.0 s"
+    assert progress.line({**snap, "users_known": 0, "users_done": 0}, 0).startswith("[..........]")
