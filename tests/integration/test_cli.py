@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -156,3 +157,43 @@ def test_the_api_down_at_start_exits_1_with_one_message(
     assert result.returncode == 1
     assert "convsync: error: /v1/Services: gave up after 2 attempts" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+async def test_a_users_listing_resumed_with_an_expired_token_restarts_and_loses_no_one(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(latency_ms=20)
+    env = worker_env(server, db_url, CONVSYNC_PAGE_SIZE="5")
+    child = spawn_convsync(["sync"], env)
+    try:
+        await until(
+            lambda: scalar(db_url, "SELECT coalesce(max(pages), 0) >= 2 FROM sync_discovery"),
+            what="users listing under way",
+        )
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=30)
+    server.sim.configure(token_ttl=60)
+    server.sim.advance_clock(3600)  # every saved token is now expired
+
+    result = convsync(["sync"], env)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "users_page_token_rejected" in result.stderr
+    await assert_mirrors(server, db_url)
+    assert await scalar(db_url, "SELECT users_gone FROM sync_runs") == 0
+    assert await scalar(db_url, "SELECT count(*) FROM users WHERE removed_at IS NOT NULL") == 0
+
+
+async def test_sigterm_during_retries_ends_sync_promptly(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(api_down=True)
+    env = worker_env(server, db_url, CONVSYNC_MAX_RETRY_SECONDS="600", CONVSYNC_MAX_ATTEMPTS="50")
+    child = spawn_convsync(["sync"], env)
+    await asyncio.to_thread(server.sim.wait_until, lambda stats: stats.requests >= 2, 30)
+    started = time.monotonic()
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=30)
+    assert time.monotonic() - started < 5, "the backoff ends at shutdown"
+    assert child.returncode == 1
+    assert "Traceback" not in stderr

@@ -1,0 +1,121 @@
+"""Claims, leases and passes in the store, on real PostgreSQL: a stale claim can do nothing."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.harness import scalar
+from worker.errors import LeaseLost
+from worker.model import ParsedConversationsPage
+from worker.store import PassBusy, Store
+
+SERVICE = "IS" + "1" * 32
+USER = "US" + "2" * 32
+
+
+@pytest.fixture
+async def store(db_url: str) -> Store:
+    store = await Store.connect(db_url, 4)
+    yield store
+    await store.close()
+
+
+async def queue_one_user(store: Store) -> int:
+    info = await store.begin_or_resume_pass({"services": None, "users": None})
+    assert info is not None
+    await store.pool.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", SERVICE)
+    await store.enqueue_users(info.run_id, SERVICE, [USER])
+    return info.run_id
+
+
+async def expire_leases(store: Store) -> None:
+    await store.pool.execute("UPDATE sync_cursors SET lease_until = now() - interval '1 s'")
+
+
+async def test_a_stale_claim_of_the_same_worker_can_neither_write_nor_fail_the_user(
+    store: Store, db_url: str
+) -> None:
+    run_id = await queue_one_user(store)
+    stale = await store.claim_user(run_id, "host:1:aa", 60)
+    assert stale is not None
+    assert await store.claim_user(run_id, "host:1:aa", 60) is None, "leased: not claimable"
+    await expire_leases(store)
+    fresh = await store.claim_user(run_id, "host:1:aa", 60)  # same worker, another loop
+    assert fresh is not None
+    assert fresh.token != stale.token
+
+    page = ParsedConversationsPage()
+    with pytest.raises(LeaseLost):
+        await store.save_conversations_page(stale, 60, 0, "/p1", page, "/p2")
+    await store.mark_user_failed(stale, "should not land")
+    await store.release_user(stale)
+    assert await scalar(db_url, "SELECT state FROM sync_cursors") == "pending"
+    assert await scalar(db_url, "SELECT claimed_by FROM sync_cursors") == fresh.token
+
+    await store.save_conversations_page(fresh, 60, 0, "/p1", page, None)
+    assert await scalar(db_url, "SELECT state FROM sync_cursors") == "done"
+
+
+async def test_heartbeat_renews_only_the_given_claims(store: Store, db_url: str) -> None:
+    run_id = await queue_one_user(store)
+    claim = await store.claim_user(run_id, "host:1:aa", 1)
+    assert claim is not None
+    await store.renew_leases([claim.token], 600)
+    assert await scalar(db_url, "SELECT lease_until > now() + interval '500 s' FROM sync_cursors")
+    await store.renew_leases(["someone/else"], 1)
+    assert await scalar(db_url, "SELECT lease_until > now() + interval '500 s' FROM sync_cursors")
+
+
+async def test_release_all_frees_every_claim_of_one_worker_only(store: Store, db_url: str) -> None:
+    run_id = await queue_one_user(store)
+    claim = await store.claim_user(run_id, "host:7:bb", 60)
+    assert claim is not None
+    await store.release_all("host:7:b")  # a prefix of another owner is not that owner
+    assert await scalar(db_url, "SELECT claimed_by FROM sync_cursors") == claim.token
+    await store.release_all("host:7:bb")
+    assert await scalar(db_url, "SELECT claimed_by FROM sync_cursors") is None
+
+
+async def test_a_pass_of_another_scope_with_live_claims_is_not_superseded(
+    store: Store, db_url: str
+) -> None:
+    run_id = await queue_one_user(store)
+    claim = await store.claim_user(run_id, "host:1:aa", 60)
+    assert claim is not None
+    with pytest.raises(PassBusy):
+        await store.begin_or_resume_pass({"services": [SERVICE], "users": [USER]})
+    await expire_leases(store)  # its workers are gone: the new pass may supersede it
+    info = await store.begin_or_resume_pass({"services": [SERVICE], "users": [USER]})
+    assert info is not None
+    assert info.run_id != run_id
+    assert await scalar(db_url, "SELECT status FROM sync_runs WHERE run_id = $1", run_id) == (
+        "failed"
+    )
+    # the superseded pass's workers stop claiming
+    assert await store.claim_user(run_id, "host:1:aa", 60) is None
+    progress = await store.pass_progress(run_id)
+    assert not progress.running
+
+
+async def test_passes_are_one_per_tick(store: Store) -> None:
+    from datetime import UTC, datetime
+
+    tick = datetime(2026, 1, 1, tzinfo=UTC)
+    first = await store.begin_or_resume_pass({"services": None, "users": None}, tick)
+    assert first is not None
+    again = await store.begin_or_resume_pass({"services": None, "users": None}, tick)
+    assert again is not None
+    assert again.run_id == first.run_id, "a running pass is joined"
+    await store.finish_pass(first.run_id)
+    assert await store.begin_or_resume_pass({"services": None, "users": None}, tick) is None
+
+
+async def test_claim_tokens_never_hold_a_slash_in_the_owner(store: Store) -> None:
+    run_id = await queue_one_user(store)
+    claim = await store.claim_user(run_id, "team/replica-1", 60)
+    assert claim is not None
+    assert claim.token.count("/") == 1
+    await store.release_all("team/replica-1")
+    assert await store.pool.fetchval("SELECT claimed_by FROM sync_cursors") is None
+
+
