@@ -173,7 +173,7 @@ async def test_a_users_listing_resumed_with_an_expired_token_restarts_and_loses_
     finally:
         child.send_signal(signal.SIGKILL)
         child.communicate(timeout=30)
-    server.sim.configure(token_ttl=60)
+    server.sim.configure(token_ttl=60, latency_ms=0)
     server.sim.advance_clock(3600)  # every saved token is now expired
 
     result = convsync(["sync"], env)
