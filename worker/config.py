@@ -52,7 +52,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CONVSYNC_DB_POOL_SIZE", "8", "PostgreSQL connections held by the worker."),
     Variable("CONVSYNC_LEASE_SECONDS", "60", "How long a claimed user stays claimed unrenewed."),
     Variable(
-        "CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pid:random)."
+        "CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pidns:pid:random)."
     ),
     Variable("CONVSYNC_SCHEDULE", None, "`convsync run`: cron expression (UTC) for passes."),
     Variable(
@@ -215,9 +215,17 @@ def parse_sids(raw: str | None, pattern: re.Pattern[str], name: str) -> tuple[st
     return sids
 
 
+def pid_namespace() -> str:
+    """This process's pid namespace (Linux), so pids are only compared within one."""
+    try:
+        return os.readlink("/proc/self/ns/pid").strip("pid:[]")
+    except OSError:
+        return "0"
+
+
 def _default_worker_id() -> str:
-    """host:pid:nonce, unique per process even when a container restarts as pid 1."""
-    return f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(3)}"
+    """host:pidns:pid:nonce, unique per process even when a container restarts as pid 1."""
+    return f"{socket.gethostname()}:{pid_namespace()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:

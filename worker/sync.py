@@ -78,12 +78,12 @@ PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def parse_owner(owner: str) -> tuple[str, int] | None:
-    """(host, pid) of a default worker id; None for a configured CONVSYNC_WORKER_ID."""
-    parts = owner.rsplit(":", 2)
-    if len(parts) != 3 or not parts[1].isdigit():
+def parse_owner(owner: str) -> tuple[str, str, int] | None:
+    """(host, pid namespace, pid) of a default worker id; None for a configured one."""
+    parts = owner.rsplit(":", 3)
+    if len(parts) != 4 or not parts[2].isdigit():
         return None
-    return parts[0], int(parts[1])
+    return parts[0], parts[1], int(parts[2])
 
 
 def pid_alive(pid: int) -> bool:
@@ -166,16 +166,17 @@ class SyncPass:
     # --- the pass, top to bottom ----------------------------------------------------------
 
     async def release_dead_local_claims(self) -> None:
-        """Free claims of earlier processes on this host that are dead (e.g. SIGKILLed), so a
-        restart continues at once instead of waiting for their leases to expire."""
+        """Free claims of earlier processes in this host's pid namespace that are dead (e.g.
+        SIGKILLed, or a container restarted as the same pid), so a restart continues at once
+        instead of waiting for their leases to expire."""
         mine = parse_owner(self.owner)
         if mine is None:
             return
         for owner in await self.db(self.store.claim_owners):
             theirs = parse_owner(owner)
-            if theirs is None or owner == self.owner or theirs[0] != mine[0]:
-                continue
-            if theirs[1] == mine[1] or not pid_alive(theirs[1]):
+            if theirs is None or owner == self.owner or theirs[:2] != mine[:2]:
+                continue  # not provably in our pid namespace: its lease will tell
+            if theirs[2] == mine[2] or not pid_alive(theirs[2]):
                 log.info("dead_claims_released", owner=owner)
                 await self.db(self.store.release_all, owner)
 

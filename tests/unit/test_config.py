@@ -66,3 +66,16 @@ def test_every_variable_read_is_declared() -> None:
 
     read = set(re.findall(r'"((?:CONVSYNC|TWILIO|DATABASE)_[A-Z_]+)"', source))
     assert read <= VARIABLE_NAMES
+
+
+def test_default_worker_ids_are_unique_and_name_host_pid_namespace_and_pid() -> None:
+    import os
+
+    from worker.sync import parse_owner
+
+    first, second = load_settings({}).worker_id, load_settings({}).worker_id
+    assert first != second
+    parsed = parse_owner(first)
+    assert parsed is not None
+    assert parsed[2] == os.getpid()
+    assert parse_owner("my-configured-replica") is None
