@@ -268,9 +268,28 @@ class Store:
         )
 
     async def claim_discovery(
-        self, run_id: int, owner: str, lease_seconds: float
+        self,
+        run_id: int,
+        owner: str,
+        lease_seconds: float,
+        token: str | None = None,
+        *,
+        recover: bool = False,
     ) -> DiscoveryClaim | None:
-        token = _claim_token(owner)
+        """Lease one open users listing. ``recover`` (a retry of the same ``token`` after a
+        lost connection): first return the listing that token may already hold."""
+        token = token or new_claim_token(owner)
+        if recover:
+            row = await self.pool.fetchrow(
+                """SELECT chat_service_sid, next_page_path, pages FROM sync_discovery
+                   WHERE run_id = $1 AND claimed_by = $2 AND completed_at IS NULL""",
+                run_id,
+                token,
+            )
+            if row is not None:
+                return DiscoveryClaim(
+                    run_id, row["chat_service_sid"], row["next_page_path"], row["pages"], token
+                )
         row = await self.pool.fetchrow(
             """UPDATE sync_discovery d SET claimed_by = $2,
                       lease_until = now() + make_interval(secs => $3)
@@ -508,9 +527,39 @@ class Store:
 
     # --- users ----------------------------------------------------------------------------
 
-    async def claim_user(self, run_id: int, owner: str, lease_seconds: float) -> UserClaim | None:
-        """Lease one pending user of this pass (``SKIP LOCKED``: replicas never collide)."""
-        token = _claim_token(owner)
+    async def claim_user(
+        self,
+        run_id: int,
+        owner: str,
+        lease_seconds: float,
+        token: str | None = None,
+        *,
+        recover: bool = False,
+    ) -> UserClaim | None:
+        """Lease one pending user of this pass (``SKIP LOCKED``: replicas never collide).
+
+        ``recover`` (a retry of the same ``token`` after a lost connection: the claim may have
+        committed with its reply lost): first return the user that token already holds, which
+        would otherwise stay leased to nobody until its lease ends.
+        """
+        token = token or new_claim_token(owner)
+        if recover:
+            row = await self.pool.fetchrow(
+                """SELECT chat_service_sid, user_sid, next_page_path, listing_pages
+                   FROM sync_cursors
+                   WHERE run_id = $1 AND claimed_by = $2 AND state = 'pending'""",
+                run_id,
+                token,
+            )
+            if row is not None:
+                return UserClaim(
+                    run_id,
+                    row["chat_service_sid"],
+                    row["user_sid"],
+                    row["next_page_path"],
+                    row["listing_pages"],
+                    token,
+                )
         row = await self.pool.fetchrow(
             """UPDATE sync_cursors c SET claimed_by = $2,
                       lease_until = now() + make_interval(secs => $3), attempts = attempts + 1
@@ -661,6 +710,16 @@ class Store:
                     removed,
                 )
 
+    async def release_discovery(self, claim: DiscoveryClaim) -> None:
+        """Give a users listing back unfinished if this claim still holds it."""
+        await self.pool.execute(
+            """UPDATE sync_discovery SET claimed_by = NULL, lease_until = NULL
+               WHERE run_id = $1 AND chat_service_sid = $2 AND claimed_by = $3""",
+            claim.run_id,
+            claim.chat_service_sid,
+            claim.token,
+        )
+
     async def release_user(self, claim: UserClaim) -> None:
         """Give a claim back unfinished (shutdown): another worker may continue it."""
         await self.pool.execute(
@@ -689,7 +748,7 @@ class PassBusy(ConvsyncError):
     """Another pass is running on live workers; this one cannot start now."""
 
 
-def _claim_token(owner: str) -> str:
+def new_claim_token(owner: str) -> str:
     """A claim's own token: its owner and a nonce (the owner part never holds a '/')."""
     return f"{owner.replace('/', '-')}/{secrets.token_hex(4)}"
 

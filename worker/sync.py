@@ -49,7 +49,7 @@ from worker.model import (
     parse_services_page,
     parse_users_page,
 )
-from worker.store import DiscoveryClaim, PassSummary, Store, UserClaim
+from worker.store import DiscoveryClaim, PassSummary, Store, UserClaim, new_claim_token
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -290,9 +290,7 @@ class SyncPass:
         """Claim service users listings until none is open (one held by a dead worker is
         taken over when its lease expires)."""
         while not self.stop.is_set():
-            claim = await self.db(
-                self.store.claim_discovery, self.state.run_id, self.owner, self.lease
-            )
+            claim = await self.claim(self.store.claim_discovery)
             if claim is not None:
                 with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
                     self.held.add(claim.token)
@@ -351,7 +349,10 @@ class SyncPass:
                     page.next_page_path,
                 )
             except LeaseLost:
+                # Taken over, or our own page committed with its reply lost: give the claim back
+                # if it is still ours (then it is continued at once, not after its lease).
                 log.warning("discovery_taken_over")
+                await self.db(self.store.release_discovery, claim)
                 return
             except PAGE_REFUSED_ERRORS as error:
                 message = redact(_refused(page.path, error))
@@ -368,7 +369,7 @@ class SyncPass:
 
     async def user_loop(self) -> None:
         while not self.stop.is_set():
-            claim = await self.db(self.store.claim_user, self.state.run_id, self.owner, self.lease)
+            claim = await self.claim(self.store.claim_user)
             if claim is not None:
                 with structlog.contextvars.bound_contextvars(
                     service_sid=claim.chat_service_sid, user_sid=claim.user_sid
@@ -459,7 +460,11 @@ class SyncPass:
             self.metrics.inc("convsync_users_total", outcome="gone")
             await self.db(self.store.mark_user_gone, claim)
         except LeaseLost:
-            log.warning("user_taken_over")  # the claim is no longer ours: nothing to release
+            # Taken over, or our own page committed with its reply lost (the retry then finds
+            # the cursor moved): give the claim back if it is still ours, so that the listing is
+            # continued at once rather than after its lease.
+            log.warning("user_taken_over")
+            await self.db(self.store.release_user, claim)
         except Interrupted:
             log.info("user_interrupted", listing_pages=page_number)
             await self.db(self.store.release_user, claim)
@@ -470,6 +475,21 @@ class SyncPass:
             await self.db(self.store.mark_user_failed, claim, message)
 
     # --- helpers --------------------------------------------------------------------------
+
+    async def claim(self, operation: Callable[..., Awaitable[T]]) -> T:
+        """Claim through ``operation`` with one token across database retries: a claim that
+        committed with its reply lost is found again, not left leased to nobody."""
+        token = new_claim_token(self.owner)
+        tries = 0
+
+        async def attempt() -> T:
+            nonlocal tries
+            tries += 1
+            return await operation(
+                self.state.run_id, self.owner, self.lease, token, recover=tries > 1
+            )
+
+        return await self.db(attempt)
 
     async def db(
         self, operation: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
