@@ -47,6 +47,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     add("--big-users", type=int, help="users of the second RSS size (default 100000, quick 1000;"
         " 0 skips it)")  # fmt: skip
     add("--hidden-ceiling", type=int, default=32, help="the simulator's K (default 32; 0 skips)")
+    add("--k-latency-ms", type=float, help="latency during the hidden-ceiling pass (default L)")
     add("--naive-users", type=int, help="users the SDK loop lists (default 100, quick 20)")
     add("--skip-naive", action="store_true", help="skip the twilio SDK loop")
     add("--skip-dlt", action="store_true", help="skip dlt's rest_api pipeline")
@@ -83,6 +84,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "concurrency": args.concurrency,
             "big_users": args.big_users,
             "hidden_ceiling": args.hidden_ceiling,
+            "k_latency_ms": args.k_latency_ms,
             "naive_users": args.naive_users,
             "quick": args.quick,
         },
@@ -171,11 +173,16 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
                 results["dlt"] = {"skipped": f"failed: {type(error).__name__}: {error}"[:300]}
 
         if args.hidden_ceiling:
-            sim.configure(concurrency_ceiling=args.hidden_ceiling)
+            k_latency = args.latency_ms if args.k_latency_ms is None else args.k_latency_ms
+            sim.configure(concurrency_ceiling=args.hidden_ceiling, latency_ms=k_latency)
             k_db = await dbs.create("k")
             limited = await asyncio.to_thread(run_sync, sim, k_db, c)
-            sim.configure(concurrency_ceiling=0)
-            results["hidden_ceiling"] = {"k": args.hidden_ceiling, **limited.to_json()}
+            sim.configure(concurrency_ceiling=0, latency_ms=args.latency_ms)
+            results["hidden_ceiling"] = {
+                "k": args.hidden_ceiling,
+                "latency_ms": k_latency,
+                **limited.to_json(),
+            }
             say(f"K={args.hidden_ceiling}: {limited.answered_429} of {limited.requests} got 429")
 
     if args.big_users:
@@ -338,7 +345,8 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
         lines.append("")
         lines += _table([
             ("", "requests", "answered 429", "avg in flight", "notes"),
-            (f"hidden ceiling K={k['k']}, C={cfg['concurrency']}", _num(k["requests"]),
+            (f"hidden ceiling K={k['k']}, C={cfg['concurrency']}, L={k['latency_ms']:g} ms",
+             _num(k["requests"]),
              f"{k['answered_429']:,} ({100 * k['share_429']:.2f}%)",
              _num(k["in_flight"]["window_avg"], 2),
              f"max {k['in_flight']['max']}; whole run {k['in_flight']['run_avg']:.2f}; "
