@@ -143,7 +143,11 @@ class TwilioClient:
         next_url = meta.get("next_page_url")
         if next_url is not None and not isinstance(next_url, str):
             raise MalformedPage(f"page {_path_only(path)} has a non-string next_page_url")
-        return Page(path, items, self._relative(next_url) if next_url else None)
+        next_path = self._relative(next_url) if next_url else None
+        if next_path == path:
+            # Followed, it would list the same page forever and the pass would never end.
+            raise MalformedPage(f"page {_path_only(path)}: its next_page_url repeats the page")
+        return Page(path, items, next_path)
 
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET ``path`` (relative to the base URL) with retries; the body must be an object."""
