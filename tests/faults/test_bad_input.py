@@ -4,6 +4,7 @@ nothing still listed is marked removed."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
@@ -429,3 +430,28 @@ async def test_a_users_page_the_database_refuses_ends_discovery_marking_nobody_g
     assert "fault_name" in error
     assert summary.users_synced >= PAGE, "the users of the stored pages were synced"
     record(users_failed_cleanly=1)
+
+
+async def test_a_page_whose_next_page_is_itself_fails_its_user_instead_of_looping(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url, CONVSYNC_PAGE_SIZE=str(PAGE))
+    victim = a_user(server, min_items=2 * PAGE + 1)
+    second = f"Users/{victim}/Conversations?PageSize={PAGE}&Page=1&"
+
+    def loop(body: dict[str, Any]) -> dict[str, Any]:
+        body["meta"]["next_page_url"] = body["meta"]["url"]
+        return body
+
+    server.sim.corrupt_next(second, loop, count=10_000)
+    summary = await asyncio.wait_for(run_pass(settings), 60)
+    server.sim.clear_faults()
+    assert summary.users_failed == 1
+    assert summary.users_synced == 29
+    error = await scalar(db_url, "SELECT last_error FROM sync_cursors WHERE user_sid = $1", victim)
+    assert "its next_page_url repeats the page" in error
+    assert server.sim.stats().faults["corrupt"] <= 3, "the loop was not followed"
+    record(corrupt_pages=server.sim.stats().faults["corrupt"], users_failed_cleanly=1)
+    again = await run_pass(settings)
+    assert again.status == "succeeded"
+    record(rows_compared=await assert_mirrors(server, db_url))
