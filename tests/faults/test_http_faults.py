@@ -350,3 +350,21 @@ async def test_a_user_deleted_mid_listing_is_gone_and_the_rest_unaffected(
         db_url, "SELECT count(*) FROM memberships WHERE user_sid = $1", user
     )
     record(rows_compared=await assert_mirrors(server, db_url), users_deleted_mid_listing=1)
+
+
+async def test_api_down_from_the_start_exits_1_with_one_message_and_writes_nothing(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(api_down=True, retry_after=None)
+    env = worker_env(server, db_url, CONVSYNC_MAX_ATTEMPTS="3", CONVSYNC_MAX_RETRY_SECONDS="2")
+    result = convsync(["sync"], env)
+    faults = record_sim_faults(server)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert "convsync: error:" in result.stderr
+    assert "gave up after 3 attempts" in result.stderr
+    assert not any(line.startswith("Traceback") for line in result.stderr.splitlines())
+    assert faults["down"] == 3, "bounded: three attempts at the services listing"
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == 0
+    server.sim.configure(api_down=False)
+    assert convsync(["sync"], env).returncode == 0
+    record(rows_compared=await assert_mirrors(server, db_url), cli_runs=2)
