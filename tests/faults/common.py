@@ -13,7 +13,7 @@ from typing import Any
 
 import asyncpg
 
-from tests.harness import expected_row, view_rows
+from tests.harness import VIEW_COLUMNS, expected_row, view_rows
 from worker.simulator import SimulatorServer
 
 FIGURES_PATH = Path(os.environ.get("CONVSYNC_FAULT_FIGURES", "/tmp/convsync-fault-figures.json"))
@@ -144,3 +144,23 @@ def conversation_pages_fetched_twice(server: SimulatorServer) -> int:
     return sum(
         1 for (path, _), n in server.sim.stats().pages.items() if "/Conversations" in path and n > 1
     )
+
+
+_KEY = tuple(VIEW_COLUMNS.index(c) for c in ("chat_service_sid", "user_sid", "conversation_sid"))
+
+
+async def mirror(server: SimulatorServer, db_url: str) -> int:
+    """Compare the view with the simulator row by row, record the figures, then require
+    equality: rows lost (expected, absent) and wrong rows (a value differs, or a row that
+    should not be there) are both 0. Returns the rows compared."""
+    expected = {
+        tuple(row[i] for i in _KEY): row
+        for row in map(expected_row, server.sim.dataset.expected_memberships(server.url))
+    }
+    actual = {tuple(row[i] for i in _KEY): row for row in await view_rows(db_url)}
+    lost = [k for k in expected if k not in actual]
+    wrong = [k for k, row in actual.items() if expected.get(k) != row]
+    record(rows_compared=len(expected), rows_lost=len(lost), wrong_rows=len(wrong))
+    assert not lost, f"{len(lost)} rows lost, e.g. {lost[:3]}"
+    assert not wrong, f"{len(wrong)} wrong rows, e.g. {[(k, actual[k]) for k in wrong[:2]]}"
+    return len(expected)

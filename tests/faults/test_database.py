@@ -13,9 +13,8 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from tests.faults.common import COMMITTED_PAGES, check_cursors, record, scalar
+from tests.faults.common import COMMITTED_PAGES, check_cursors, mirror, record, scalar
 from tests.harness import (
-    assert_mirrors,
     convsync,
     run_pass,
     settings_for,
@@ -111,8 +110,8 @@ async def test_terminated_sessions_mid_pass_are_reconnected(
         summary = await run_pass(settings, backoff=PATIENT)
         assert summary.status == "succeeded"
         record(db_reruns=1)
+    await mirror(server, db_url)
     record(
-        rows_compared=await assert_mirrors(server, db_url),
         db_sessions_terminated=terminated,
         db_termination_rounds=rounds,
     )
@@ -154,8 +153,8 @@ async def test_terminated_sessions_of_a_child_process_then_rerun(
         rerun = convsync(["sync"], env)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         record(db_reruns=1)
+    await mirror(server, db_url)
     record(
-        rows_compared=await assert_mirrors(server, db_url),
         db_sessions_terminated=terminated,
         db_termination_rounds=rounds,
     )
@@ -185,7 +184,8 @@ async def test_server_restart_mid_pass_in_process(
         record(db_reruns=1)
     assert summary.status == "succeeded"
     assert await scalar(url, "SELECT count(*) FROM sync_runs") <= 2
-    record(rows_compared=await assert_mirrors(server, url), db_server_restarts=1)
+    await mirror(server, url)
+    record(db_server_restarts=1)
 
 
 @pytest.mark.parametrize("mode", ["fast", "immediate"])
@@ -219,4 +219,5 @@ async def test_server_restart_under_a_child_process_then_rerun(
         rerun = convsync(["sync"], env)
         assert rerun.returncode == 0, rerun.stderr[-2000:]
         record(db_reruns=1)
-    record(rows_compared=await assert_mirrors(server, url), db_server_restarts=1)
+    await mirror(server, url)
+    record(db_server_restarts=1)
