@@ -456,3 +456,24 @@ async def test_a_page_whose_next_page_is_itself_fails_its_user_instead_of_loopin
     again = await run_pass(settings)
     assert again.status == "succeeded"
     await mirror(server, db_url)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap, not fixed here (sync.py/store.py were being reworked): a services-list "
+    "item that fails parsing is only logged; its service is skipped and the pass says succeeded",
+)
+async def test_a_bad_service_item_is_quarantined_and_its_service_still_synced(
+    db_url: str,
+) -> None:
+    data = Dataset.generate(seed=21, services=2, users_per_service=5)
+    with SimulatorServer(Simulator(data)) as server:
+        settings = settings_for(server, db_url)
+        await run_pass(settings)
+        server.sim.corrupt_next(
+            "/v1/Services?PageSize",
+            items_mutation({1: setting("date_created", "x")}, key="services"),
+        )
+        summary = await run_pass(settings)
+        assert summary.rows_quarantined == 1
+        assert summary.users_synced == 10, "the service's users are synced all the same"
