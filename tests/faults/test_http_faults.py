@@ -372,3 +372,18 @@ async def test_api_down_from_the_start_exits_1_with_one_message_and_writes_nothi
     assert convsync(["sync"], env).returncode == 0
     await mirror(server, db_url)
     record(cli_runs=2)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known gap, reported: SyncPass.run_loops suppresses CancelledError around each "
+    "loop it awaits, which swallows a cancellation of the pass itself (e.g. asyncio.wait_for)",
+)
+async def test_a_pass_cancelled_from_outside_stops_promptly(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(latency_ms=100)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(run_pass(env_settings(server, db_url)), 0.3)
+    assert time.monotonic() - started < 1.0, "the pass ran on after its cancellation"
