@@ -43,8 +43,17 @@ class Metrics:
                 lines.append(f"# TYPE {name} {kind}")
                 for labels, value in sorted(family[name].items()):
                     text = ",".join(f'{k}="{_escape(v)}"' for k, v in labels)
-                    lines.append(f"{name}{{{text}}} {value:g}" if text else f"{name} {value:g}")
+                    number = _number(value)
+                    lines.append(f"{name}{{{text}}} {number}" if text else f"{name} {number}")
         return "\n".join(lines) + "\n"
+
+
+def _number(value: float) -> str:
+    """Full precision (a Unix timestamp must not round to the hour), integers without '.0'."""
+    value = float(value)  # gauges may be set from ints (3.11's int has no is_integer)
+    if value.is_integer() and abs(value) < 2**53:
+        return str(int(value))
+    return repr(value)
 
 
 def _escape(value: str) -> str:

@@ -86,6 +86,13 @@ class PassProgress:
     users_pending: bool
 
 
+async def _reset_connection(conn: asyncpg.Connection) -> None:
+    """Return a connection to the pool without asyncpg's full reset query (a round trip per
+    page): the store keeps no session state; only a transaction left open is rolled back."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
     # jsonb travels as text: attributes are already JSON text, validated by the model.
     await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
@@ -106,6 +113,7 @@ class Store:
             min_size=0 if lazy else 1,
             max_size=size,
             init=_init_connection,
+            reset=_reset_connection,
             command_timeout=60,
         )
         return cls(pool)
@@ -536,55 +544,69 @@ class Store:
         *,
         recover: bool = False,
     ) -> UserClaim | None:
-        """Lease one pending user of this pass (``SKIP LOCKED``: replicas never collide).
+        """Lease one pending user of this pass (see ``claim_users``)."""
+        claims = await self.claim_users(
+            run_id, owner, lease_seconds, token, recover=recover, limit=1
+        )
+        return claims[0] if claims else None
 
-        ``recover`` (a retry of the same ``token`` after a lost connection: the claim may have
-        committed with its reply lost): first return the user that token already holds, which
-        would otherwise stay leased to nobody until its lease ends.
+    async def claim_users(
+        self,
+        run_id: int,
+        owner: str,
+        lease_seconds: float,
+        token: str | None = None,
+        *,
+        recover: bool = False,
+        limit: int = 1,
+    ) -> list[UserClaim]:
+        """Lease up to ``limit`` pending users of this pass in one statement (``SKIP LOCKED``:
+        replicas never collide). Each claim's token is ``token.user_sid``.
+
+        ``recover`` (a retry of the same ``token`` after a lost connection: the claims may have
+        committed with their reply lost): first return the users that token already holds,
+        which would otherwise stay leased to nobody until their leases end.
         """
         token = token or new_claim_token(owner)
+        columns = "chat_service_sid, user_sid, next_page_path, listing_pages, claimed_by"
+        rows: list[asyncpg.Record] = []
         if recover:
-            row = await self.pool.fetchrow(
-                """SELECT chat_service_sid, user_sid, next_page_path, listing_pages
-                   FROM sync_cursors
-                   WHERE run_id = $1 AND claimed_by = $2 AND state = 'pending'""",
+            rows = await self.pool.fetch(
+                f"""SELECT {columns} FROM sync_cursors
+                   WHERE run_id = $1 AND starts_with(claimed_by, $2 || '.')
+                     AND state = 'pending'""",
                 run_id,
                 token,
             )
-            if row is not None:
-                return UserClaim(
-                    run_id,
-                    row["chat_service_sid"],
-                    row["user_sid"],
-                    row["next_page_path"],
-                    row["listing_pages"],
-                    token,
-                )
-        row = await self.pool.fetchrow(
-            """UPDATE sync_cursors c SET claimed_by = $2,
-                      lease_until = now() + make_interval(secs => $3), attempts = attempts + 1
-               WHERE (chat_service_sid, user_sid) = (
-                   SELECT chat_service_sid, user_sid FROM sync_cursors
-                   WHERE run_id = $1 AND state = 'pending'
-                     AND (lease_until IS NULL OR lease_until < now())
-                     AND EXISTS (SELECT 1 FROM sync_runs r
-                                 WHERE r.run_id = $1 AND r.status = 'running')
-                   LIMIT 1 FOR UPDATE SKIP LOCKED)
-               RETURNING chat_service_sid, user_sid, next_page_path, listing_pages""",
-            run_id,
-            token,
-            lease_seconds,
-        )
-        if row is None:
-            return None
-        return UserClaim(
-            run_id,
-            row["chat_service_sid"],
-            row["user_sid"],
-            row["next_page_path"],
-            row["listing_pages"],
-            token,
-        )
+        if not rows:
+            rows = await self.pool.fetch(
+                f"""UPDATE sync_cursors c SET claimed_by = $2 || '.' || c.user_sid,
+                          lease_until = now() + make_interval(secs => $3),
+                          attempts = attempts + 1
+                   WHERE (chat_service_sid, user_sid) IN (
+                       SELECT chat_service_sid, user_sid FROM sync_cursors
+                       WHERE run_id = $1 AND state = 'pending'
+                         AND (lease_until IS NULL OR lease_until < now())
+                         AND EXISTS (SELECT 1 FROM sync_runs r
+                                     WHERE r.run_id = $1 AND r.status = 'running')
+                       LIMIT $4 FOR UPDATE SKIP LOCKED)
+                   RETURNING {columns}""",
+                run_id,
+                token,
+                lease_seconds,
+                limit,
+            )
+        return [
+            UserClaim(
+                run_id,
+                r["chat_service_sid"],
+                r["user_sid"],
+                r["next_page_path"],
+                r["listing_pages"],
+                r["claimed_by"],
+            )
+            for r in rows
+        ]
 
     async def save_conversations_page(
         self,
@@ -602,21 +624,13 @@ class Store:
         On the listing's last page, memberships not seen in the whole listing are removed.
         """
         service, user = claim.chat_service_sid, claim.user_sid
-        async with self.pool.acquire() as conn, conn.transaction():
-            listed = await conn.fetchval(
-                """UPDATE sync_cursors SET
-                     next_page_path = $5,
-                     listing_pages = listing_pages + 1,
-                     listing_started_at = CASE WHEN listing_pages = 0 THEN now()
-                                               ELSE listing_started_at END,
-                     seen_conversations = CASE WHEN listing_pages = 0 THEN $6::text[]
-                                               ELSE seen_conversations || $6::text[] END,
-                     lease_until = now() + make_interval(secs => $7),
-                     run_pages = run_pages + 1
-                   WHERE chat_service_sid = $1 AND user_sid = $2 AND run_id = $8
-                     AND claimed_by = $3 AND listing_pages = $4 AND state = 'pending'
-                   RETURNING CASE WHEN $5::text IS NULL THEN seen_conversations
-                                  ELSE '{}'::text[] END""",
+        last = next_page_path is None
+        async with self.pool.acquire() as conn:
+            # Conversation data is shared by every member and idempotent: it goes first, in its
+            # own short statement, so its row locks are not held across the page's write.
+            await _upsert_conversations(conn, page)
+            row = await conn.fetchrow(
+                _PAGE_SQL,
                 service,
                 user,
                 claim.token,
@@ -625,42 +639,24 @@ class Store:
                 page.seen_sids,
                 lease_seconds,
                 claim.run_id,
+                _json_rows(page.memberships, _MEMBERSHIP_FIELDS),
+                json.dumps([{"item": r.item, "reason": r.reason} for r in page.rejected]),
+                source_path,
+                last,
+                UNIDENTIFIED,
+                len(page.memberships),
             )
-            if listed is None:
-                raise LeaseLost(f"user {user} was taken over or its cursor moved")
-            await _upsert_conversations(conn, page)
-            inserted, updated = await _upsert_memberships(conn, page)
-            unchanged = len(page.memberships) - inserted - updated
-            await _quarantine(conn, claim.run_id, service, user, source_path, page.rejected)
-            removed, removals_skipped = 0, False
-            if next_page_path is None:
-                unlisted = await _remove_unlisted(conn, service, user, list(listed))
-                removed, removals_skipped = unlisted or 0, unlisted is None
-            await conn.execute(
-                """UPDATE sync_cursors SET run_rows_inserted = run_rows_inserted + $3,
-                          run_rows_updated = run_rows_updated + $4,
-                          run_rows_unchanged = run_rows_unchanged + $5,
-                          run_rows_removed = run_rows_removed + $6,
-                          run_rows_quarantined = run_rows_quarantined + $7,
-                          state = CASE WHEN $8 THEN 'done' ELSE state END,
-                          listing_pages = CASE WHEN $8 THEN 0 ELSE listing_pages END,
-                          seen_conversations = CASE WHEN $8 THEN '{}' ELSE seen_conversations END,
-                          last_listed_at = CASE WHEN $8 THEN now() ELSE last_listed_at END,
-                          last_error = CASE WHEN $8 THEN NULL ELSE last_error END,
-                          claimed_by = CASE WHEN $8 THEN NULL ELSE claimed_by END,
-                          lease_until = CASE WHEN $8 THEN NULL ELSE lease_until END
-                   WHERE chat_service_sid = $1 AND user_sid = $2""",
-                service,
-                user,
-                inserted,
-                updated,
-                unchanged,
-                removed,
-                len(page.rejected),
-                next_page_path is None,
-            )
+        assert row is not None
+        if not row["ok"]:
+            raise LeaseLost(f"user {user} was taken over or its cursor moved")
+        inserted, updated = row["inserted"], row["updated"]
         return PageOutcome(
-            inserted, updated, unchanged, removed, len(page.rejected), removals_skipped
+            inserted,
+            updated,
+            len(page.memberships) - inserted - updated,
+            row["removed"],
+            row["quarantined"],
+            bool(row["removals_skipped"]),
         )
 
     async def restart_listing(self, claim: UserClaim) -> None:
@@ -773,15 +769,21 @@ def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
 
 
 async def _upsert_conversations(conn: asyncpg.Connection, page: ParsedConversationsPage) -> None:
+    """Upsert a page's conversations (sorted: every writer locks shared rows in one order);
+    a row is rewritten only when it changed, and never with older data."""
     if not page.conversations:
         return
     await conn.execute(
         """INSERT INTO conversations AS c (chat_service_sid, conversation_sid, account_sid,
                   friendly_name, unique_name, attributes, conversation_state, created_by,
                   date_created, date_updated, date_inactive, date_closed)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                  $6::jsonb[], $7::text[], $8::text[], $9::timestamptz[], $10::timestamptz[],
-                  $11::timestamptz[], $12::timestamptz[])
+           SELECT $1, r.conversation_sid, r.account_sid, r.friendly_name, r.unique_name,
+                  r.attributes::jsonb, r.conversation_state, r.created_by, r.date_created,
+                  r.date_updated, r.date_inactive, r.date_closed
+           FROM json_to_recordset($2::json) AS r(conversation_sid text, account_sid text,
+                  friendly_name text, unique_name text, attributes text,
+                  conversation_state text, created_by text, date_created timestamptz,
+                  date_updated timestamptz, date_inactive timestamptz, date_closed timestamptz)
            ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
              account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,
              unique_name = EXCLUDED.unique_name, attributes = EXCLUDED.attributes,
@@ -798,56 +800,126 @@ async def _upsert_conversations(conn: asyncpg.Connection, page: ParsedConversati
                   EXCLUDED.unique_name, EXCLUDED.attributes, EXCLUDED.conversation_state,
                   EXCLUDED.created_by, EXCLUDED.date_created, EXCLUDED.date_updated,
                   EXCLUDED.date_inactive, EXCLUDED.date_closed)""",
-        *_columns(page.conversations, 12),
+        page.conversations[0].chat_service_sid,
+        _json_rows(page.conversations, _CONVERSATION_FIELDS),
     )
 
 
-async def _upsert_memberships(
-    conn: asyncpg.Connection, page: ParsedConversationsPage
-) -> tuple[int, int]:
-    """Upsert memberships; returns (inserted, updated). A listed membership is not removed."""
-    if not page.memberships:
-        return 0, 0
-    rows = await conn.fetch(
-        """INSERT INTO memberships AS m (chat_service_sid, user_sid, conversation_sid,
-                  participant_sid, notification_level, unread_messages_count,
-                  last_read_message_index, url, links)
-           SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[],
-                  $6::bigint[], $7::bigint[], $8::text[], $9::jsonb[])
-           ON CONFLICT (chat_service_sid, user_sid, conversation_sid) DO UPDATE SET
-             participant_sid = EXCLUDED.participant_sid,
-             notification_level = EXCLUDED.notification_level,
-             unread_messages_count = EXCLUDED.unread_messages_count,
-             last_read_message_index = EXCLUDED.last_read_message_index,
-             url = EXCLUDED.url, links = EXCLUDED.links, changed_at = now(), removed_at = NULL
-           WHERE (m.participant_sid, m.notification_level, m.unread_messages_count,
-                  m.last_read_message_index, m.url, m.links, m.removed_at IS NULL)
-             IS DISTINCT FROM (EXCLUDED.participant_sid, EXCLUDED.notification_level,
-                  EXCLUDED.unread_messages_count, EXCLUDED.last_read_message_index,
-                  EXCLUDED.url, EXCLUDED.links, true)
-           RETURNING (xmax = 0) AS inserted""",
-        *_columns(page.memberships, 9),
-    )
-    inserted = sum(1 for r in rows if r["inserted"])
-    return inserted, len(rows) - inserted
+_CONVERSATION_FIELDS = (
+    "conversation_sid", "account_sid", "friendly_name", "unique_name", "attributes",
+    "conversation_state", "created_by", "date_created", "date_updated", "date_inactive",
+    "date_closed",
+)  # fmt: skip
+_MEMBERSHIP_FIELDS = (
+    "conversation_sid", "participant_sid", "notification_level", "unread_messages_count",
+    "last_read_message_index", "url", "links",
+)  # fmt: skip
 
 
-async def _remove_unlisted(
-    conn: asyncpg.Connection, service: str, user: str, listed: list[str]
-) -> int | None:
-    """Mark removed what a complete listing did not list; None (nothing marked) when an item of
-    the listing could not be identified: it may have been any of them."""
-    if UNIDENTIFIED in listed:
-        return None
-    result: str = await conn.execute(
-        """UPDATE memberships SET removed_at = now()
-           WHERE chat_service_sid = $1 AND user_sid = $2 AND removed_at IS NULL
-             AND NOT (conversation_sid = ANY($3::text[]))""",
-        service,
-        user,
-        listed,
+def _json_rows(rows: Sequence[Any], fields: Sequence[str]) -> str:
+    """Rows as one JSON array of objects: a single parameter for ``json_to_recordset``
+    (asyncpg's per-element encoding of a dozen array parameters cost more than the SQL)."""
+    return json.dumps(
+        [{name: getattr(row, name) for name in fields} for row in rows],
+        ensure_ascii=False,
+        default=_json_default,
     )
-    return int(result.rsplit(" ", 1)[-1])
+
+
+def _json_default(value: Any) -> str:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    raise TypeError(f"cannot encode {type(value).__name__}")
+
+
+# One page of a user's listing, in one statement (atomic without BEGIN/COMMIT round trips):
+# guard the cursor (this claim, this page number), upsert the memberships, quarantine the
+# rejected items, mark removed what a complete listing did not list (unless an item could not
+# be identified), and advance the cursor with the page's counts. Nothing is written unless the
+# guard matched. The removal and the upsert touch disjoint rows (the page's own SIDs are listed).
+_PAGE_SQL = """
+WITH guard AS (
+    SELECT CASE WHEN listing_pages = 0 THEN $6::text[]
+                ELSE seen_conversations || $6::text[] END AS listed
+    FROM sync_cursors
+    WHERE chat_service_sid = $1 AND user_sid = $2 AND run_id = $8
+      AND claimed_by = $3 AND listing_pages = $4 AND state = 'pending'
+    FOR UPDATE
+),
+upserted AS (
+    INSERT INTO memberships AS m (chat_service_sid, user_sid, conversation_sid,
+           participant_sid, notification_level, unread_messages_count,
+           last_read_message_index, url, links)
+    SELECT $1, $2, r.conversation_sid, r.participant_sid, r.notification_level,
+           r.unread_messages_count, r.last_read_message_index, r.url, r.links::jsonb
+    FROM json_to_recordset($9::json) AS r(conversation_sid text, participant_sid text,
+           notification_level text, unread_messages_count bigint,
+           last_read_message_index bigint, url text, links text)
+    WHERE EXISTS (SELECT 1 FROM guard)
+    ON CONFLICT (chat_service_sid, user_sid, conversation_sid) DO UPDATE SET
+      participant_sid = EXCLUDED.participant_sid,
+      notification_level = EXCLUDED.notification_level,
+      unread_messages_count = EXCLUDED.unread_messages_count,
+      last_read_message_index = EXCLUDED.last_read_message_index,
+      url = EXCLUDED.url, links = EXCLUDED.links, changed_at = now(), removed_at = NULL
+    WHERE (m.participant_sid, m.notification_level, m.unread_messages_count,
+           m.last_read_message_index, m.url, m.links, m.removed_at IS NULL)
+      IS DISTINCT FROM (EXCLUDED.participant_sid, EXCLUDED.notification_level,
+           EXCLUDED.unread_messages_count, EXCLUDED.last_read_message_index,
+           EXCLUDED.url, EXCLUDED.links, true)
+    RETURNING (xmax = 0) AS inserted
+),
+quarantined AS (
+    INSERT INTO quarantine (run_id, chat_service_sid, user_sid, source_path, item, reason)
+    SELECT $8, $1, $2, $11, q.item, q.reason
+    FROM json_to_recordset($10::json) AS q(item text, reason text)
+    WHERE EXISTS (SELECT 1 FROM guard)
+    RETURNING 1
+),
+removed AS (
+    UPDATE memberships m SET removed_at = now()
+    FROM guard g
+    WHERE $12 AND NOT ($13::text = ANY(g.listed))
+      AND m.chat_service_sid = $1 AND m.user_sid = $2 AND m.removed_at IS NULL
+      AND NOT (m.conversation_sid = ANY(g.listed))
+    RETURNING 1
+),
+counts AS (
+    SELECT (SELECT count(*) FROM upserted WHERE inserted)::int AS inserted,
+           (SELECT count(*) FROM upserted WHERE NOT inserted)::int AS updated,
+           (SELECT count(*) FROM removed)::int AS removed,
+           (SELECT count(*) FROM quarantined)::int AS quarantined
+),
+advanced AS (
+    UPDATE sync_cursors c SET
+      next_page_path = $5,
+      listing_pages = CASE WHEN $12 THEN 0 ELSE c.listing_pages + 1 END,
+      listing_started_at = CASE WHEN c.listing_pages = 0 THEN now()
+                                ELSE c.listing_started_at END,
+      seen_conversations = CASE WHEN $12 THEN '{}'::text[] ELSE g.listed END,
+      state = CASE WHEN $12 THEN 'done' ELSE c.state END,
+      last_listed_at = CASE WHEN $12 THEN now() ELSE c.last_listed_at END,
+      last_error = CASE WHEN $12 THEN NULL ELSE c.last_error END,
+      claimed_by = CASE WHEN $12 THEN NULL ELSE c.claimed_by END,
+      lease_until = CASE WHEN $12 THEN NULL ELSE now() + make_interval(secs => $7) END,
+      run_pages = c.run_pages + 1,
+      run_rows_inserted = c.run_rows_inserted + k.inserted,
+      run_rows_updated = c.run_rows_updated + k.updated,
+      run_rows_unchanged = c.run_rows_unchanged + ($14 - k.inserted - k.updated),
+      run_rows_removed = c.run_rows_removed + k.removed,
+      run_rows_quarantined = c.run_rows_quarantined + k.quarantined
+    FROM guard g, counts k
+    WHERE c.chat_service_sid = $1 AND c.user_sid = $2
+    RETURNING 1
+)
+SELECT EXISTS (SELECT 1 FROM advanced) AS ok, k.inserted, k.updated, k.removed, k.quarantined,
+       coalesce($12 AND $13::text = ANY(g.listed), false) AS removals_skipped
+FROM counts k LEFT JOIN guard g ON true
+"""
+
+
+
+
 
 
 async def _remove_users(conn: asyncpg.Connection, service: str, user_sids: list[str]) -> int:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import random
 import time
@@ -252,8 +253,10 @@ class SyncPass:
 
     async def run_loops(self) -> None:
         """Discovery loops and user loops until the pass's work is done (or stop is set)."""
+        queue: asyncio.Queue[UserClaim | None] = asyncio.Queue(self.settings.concurrency)
         loops: list[Awaitable[None]] = [self.discovery_loop() for _ in range(2)]
-        loops += [self.user_loop() for _ in range(self.settings.concurrency)]
+        loops.append(self.feed_users(queue))
+        loops += [self.user_loop(queue) for _ in range(self.settings.concurrency)]
         tasks = [asyncio.ensure_future(loop) for loop in loops]
         helpers = [
             asyncio.ensure_future(self.heartbeat()),
@@ -367,31 +370,45 @@ class SyncPass:
                 return
             path = page.next_page_path
 
-    async def user_loop(self) -> None:
+    async def feed_users(self, queue: asyncio.Queue[UserClaim | None]) -> None:
+        """Claim pending users in batches (one statement for up to a queue's worth) and hand
+        them to the user loops; when the pass has no more work, tell each loop to stop."""
         while not self.stop.is_set():
-            claim = await self.claim(self.store.claim_user)
-            if claim is not None:
-                with structlog.contextvars.bound_contextvars(
-                    service_sid=claim.chat_service_sid, user_sid=claim.user_sid
-                ):
-                    self.held.add(claim.token)
-                    try:
-                        await self.sync_user(claim)
-                    except (FatalError, DatabaseUnavailable):
-                        raise
-                    except Exception as error:
-                        # A bug must cost one user, not the pass (and not every later pass).
-                        log.exception("user_crashed")
-                        self.metrics.inc("convsync_users_total", outcome="failed")
-                        await self.db(self.store.mark_user_failed, claim, _internal(error))
-                    finally:
-                        self.held.discard(claim.token)
+            room = max(1, queue.maxsize - queue.qsize())
+            claims = await self.claim(functools.partial(self.store.claim_users, limit=room))
+            for claim in claims:
+                self.held.add(claim.token)  # renewed by the heartbeat while it waits
+                await queue.put(claim)
+            if claims:
                 continue
             if await self.finished():
-                return
+                break
             self.state.work_available.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.work_available.wait(), self.idle_poll_seconds)
+        for _ in range(self.settings.concurrency):
+            await queue.put(None)
+
+    async def user_loop(self, queue: asyncio.Queue[UserClaim | None]) -> None:
+        """List the users the feeder hands over, one at a time."""
+        while (claim := await queue.get()) is not None:
+            if self.stop.is_set():  # released with every claim of this worker at the end
+                self.held.discard(claim.token)
+                continue
+            with structlog.contextvars.bound_contextvars(
+                service_sid=claim.chat_service_sid, user_sid=claim.user_sid
+            ):
+                try:
+                    await self.sync_user(claim)
+                except (FatalError, DatabaseUnavailable):
+                    raise
+                except Exception as error:
+                    # A bug must cost one user, not the pass (and not every later pass).
+                    log.exception("user_crashed")
+                    self.metrics.inc("convsync_users_total", outcome="failed")
+                    await self.db(self.store.mark_user_failed, claim, _internal(error))
+                finally:
+                    self.held.discard(claim.token)
 
     async def finished(self) -> bool:
         """True once discovery is complete and no user of the pass is pending anywhere."""
