@@ -266,6 +266,28 @@ class Store:
             *_columns(rows, 7),
         )
 
+    async def ensure_services(self, service_sids: Sequence[str]) -> None:
+        """Services known only by SID (their record was quarantined): present, nothing else
+        overwritten."""
+        if service_sids:
+            await self.pool.execute(
+                """INSERT INTO services (chat_service_sid) SELECT unnest($1::text[])
+                   ON CONFLICT DO NOTHING""",
+                list(service_sids),
+            )
+
+    async def quarantine(
+        self,
+        run_id: int,
+        service_sid: str | None,
+        source_path: str,
+        rejected: Sequence[Rejected],
+    ) -> None:
+        """Keep items that cannot be stored as rows (raw, with the reason and their origin)."""
+        if rejected:
+            async with self.pool.acquire() as conn:
+                await _quarantine(conn, run_id, service_sid, None, source_path, rejected)
+
     async def open_discovery(self, run_id: int, service_sids: Sequence[str]) -> None:
         """Register each service's users listing for this pass (kept if already there)."""
         await self.pool.execute(

@@ -22,7 +22,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 import structlog
@@ -45,8 +45,8 @@ from worker.logs import redact
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
 from worker.model import (
+    ServiceRow,
     parse_conversations_page,
-    parse_service,
     parse_services_page,
     parse_users_page,
 )
@@ -183,7 +183,6 @@ class SyncPass:
 
     async def run(self) -> PassSummary | None:
         """The pass's summary; None when its schedule tick was already served elsewhere."""
-        services = await self.discover_services()
         info = await self.db(self.store.begin_or_resume_pass, self.scope.as_json(), self.tick)
         if info is None:
             log.info("tick_already_served", tick=self.tick.isoformat() if self.tick else None)
@@ -191,14 +190,15 @@ class SyncPass:
         self.state.run_id = info.run_id
         await self.release_dead_local_claims()
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
-            log.info("pass_started", resumed=info.resumed, services=len(services))
             started = time.monotonic()
-            if self.scope.users:
-                for service, users in (await self.services_of_users(services)).items():
-                    await self.db(self.store.enqueue_users, info.run_id, service, users)
-            else:
-                await self.db(self.store.open_discovery, info.run_id, services)
             try:
+                services = await self.discover_services()
+                log.info("pass_started", resumed=info.resumed, services=len(services))
+                if self.scope.users:
+                    for service, users in (await self.services_of_users(services)).items():
+                        await self.db(self.store.enqueue_users, info.run_id, service, users)
+                else:
+                    await self.db(self.store.open_discovery, info.run_id, services)
                 await self.run_loops()
             except FatalError as error:
                 await self.db(self.store.finish_pass, info.run_id, redact(str(error)))
@@ -215,26 +215,35 @@ class SyncPass:
     async def discover_services(self) -> list[str]:
         """The services of this pass: the configured ones (fetched), or every listed one."""
         wanted = self.scope.services
+        rows: list[ServiceRow] = []
+        kept: list[str] = []  # services whose record was quarantined but whose SID is readable
+        pages: list[tuple[str, list[Any]]] = []
         if wanted:
-            rows = []
             for sid in wanted:
                 try:
                     body = await self.client.get_json(api.service_path(sid))
                 except UserGone:
                     raise ConfigError(f"service {sid} does not exist (CONVSYNC_SERVICES)") from None
-                rows.append(parse_service(body))
+                pages.append((api.service_path(sid), [body]))
         else:
-            rows = []
             path: str | None = api.services_path(self.page_size)
             while path is not None:
                 page = await self.client.get_page(path, "services")
-                parsed = parse_services_page(page.items)
-                for rejected in parsed.rejected:
-                    log.error("service_rejected", reason=rejected.reason, item=rejected.item[:500])
-                rows.extend(parsed.rows)
+                pages.append((page.path, page.items))
                 path = page.next_page_path
+        for source, items in pages:
+            parsed = parse_services_page(items)
+            rows.extend(parsed.rows)
+            for rejected in parsed.rejected:
+                log.error("service_quarantined", reason=rejected.reason, sid=rejected.sid)
+                if rejected.sid is not None:
+                    kept.append(rejected.sid)
+            await self.db(
+                self.store.quarantine, self.state.run_id, None, source, parsed.rejected
+            )
         await self.db(self.store.upsert_services, rows)
-        return [r.chat_service_sid for r in rows]
+        await self.db(self.store.ensure_services, kept)
+        return [r.chat_service_sid for r in rows] + kept
 
     async def services_of_users(self, services: list[str]) -> dict[str, list[str]]:
         """Group ``--user`` SIDs by service: known from the database, or the only service."""
@@ -265,8 +274,12 @@ class SyncPass:
         try:
             # Fail fast: the first loop to raise cancels the rest.
             for finished in asyncio.as_completed(tasks):
-                with contextlib.suppress(asyncio.CancelledError):
+                try:
                     await finished
+                except asyncio.CancelledError:
+                    current = asyncio.current_task()
+                    if current is not None and current.cancelling():
+                        raise  # the pass itself is cancelled, not one loop by the grace timer
         finally:
             for task in tasks + helpers:
                 task.cancel()

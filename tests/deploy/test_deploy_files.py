@@ -12,6 +12,7 @@ names (worker.config.VARIABLES), which variables are secrets, HTTP routes and po
 from __future__ import annotations
 
 import argparse
+import asyncio
 import fnmatch
 import json
 import os
@@ -206,7 +207,7 @@ def containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def routes() -> dict[str, str]:
     """Handler name -> path, from the service's real aiohttp application."""
-    service = Service(load_settings({}), cast(Any, None), cast(Any, None))
+    service = Service(load_settings({}), cast(Any, None), cast(Any, None), asyncio.Event())
     found: dict[str, str] = {}
     for route in service.app().router.routes():
         assert route.resource is not None

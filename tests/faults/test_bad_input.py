@@ -458,11 +458,6 @@ async def test_a_page_whose_next_page_is_itself_fails_its_user_instead_of_loopin
     await mirror(server, db_url)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, not fixed here (sync.py/store.py were being reworked): a services-list "
-    "item that fails parsing is only logged; its service is skipped and the pass says succeeded",
-)
 async def test_a_bad_service_item_is_quarantined_and_its_service_still_synced(
     db_url: str,
 ) -> None:

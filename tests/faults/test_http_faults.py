@@ -374,11 +374,6 @@ async def test_api_down_from_the_start_exits_1_with_one_message_and_writes_nothi
     record(cli_runs=2)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known gap, reported: SyncPass.run_loops suppresses CancelledError around each "
-    "loop it awaits, which swallows a cancellation of the pass itself (e.g. asyncio.wait_for)",
-)
 async def test_a_pass_cancelled_from_outside_stops_promptly(
     server: SimulatorServer, db_url: str
 ) -> None:
