@@ -38,22 +38,6 @@ def write_figures() -> str:
     return " ".join(f"{k}={v}" for k, v in sorted(FIGURES.items()))
 
 
-async def fetch(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await conn.fetch(sql, *args)
-    finally:
-        await conn.close()
-
-
-async def scalar(db_url: str, sql: str, *args: object) -> Any:
-    conn = await asyncpg.connect(db_url)
-    try:
-        return await conn.fetchval(sql, *args)
-    finally:
-        await conn.close()
-
-
 async def wait_for(
     conn: asyncpg.Connection,
     sql: str,

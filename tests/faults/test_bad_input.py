@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from tests.faults.common import check_cursors, fetch, mirror, record, scalar
-from tests.harness import expected_row, run_pass, settings_for, view_rows
+from tests.faults.common import check_cursors, mirror, record
+from tests.harness import expected_row, fetch, run_pass, scalar, settings_for, view_rows
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 

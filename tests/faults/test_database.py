@@ -13,10 +13,11 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
-from tests.faults.common import COMMITTED_PAGES, check_cursors, mirror, record, scalar
+from tests.faults.common import COMMITTED_PAGES, check_cursors, mirror, record
 from tests.harness import (
     convsync,
     run_pass,
+    scalar,
     settings_for,
     spawn_convsync,
     worker_env,

@@ -16,16 +16,16 @@ import pytest
 from tests.faults.common import (
     COMMITTED_PAGES,
     check_cursors,
-    fetch,
     mirror,
     record,
     record_sim_faults,
-    scalar,
     wait_for,
 )
 from tests.harness import (
     convsync,
+    fetch,
     run_pass,
+    scalar,
     settings_for,
     spawn_convsync,
     worker_env,

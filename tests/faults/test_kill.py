@@ -20,10 +20,9 @@ from tests.faults.common import (
     conversation_pages_fetched_twice,
     mirror,
     record,
-    scalar,
     wait_for,
 )
-from tests.harness import convsync, spawn_convsync, worker_env
+from tests.harness import convsync, scalar, spawn_convsync, worker_env
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 

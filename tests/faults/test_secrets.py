@@ -16,8 +16,8 @@ import asyncpg
 import pytest
 
 from tests.conftest import PgServer, drop_database
-from tests.faults.common import record, scalar
-from tests.harness import convsync, spawn_convsync, worker_env
+from tests.faults.common import record
+from tests.harness import convsync, scalar, spawn_convsync, worker_env
 from worker.pgembed import quote_ident
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
