@@ -130,7 +130,6 @@ class PassState:
     run_id: int = 0
     work_available: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    pages_fetched: int = 0
 
 
 class SyncPass:
@@ -456,7 +455,6 @@ class SyncPass:
                     await self.db(self.store.restart_listing, claim)
                     path, page_number, restarted = first_page, 0, True
                     continue
-                self.state.pages_fetched += 1
                 parsed = parse_conversations_page(
                     page.items, claim.chat_service_sid, claim.user_sid
                 )
