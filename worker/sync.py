@@ -1,11 +1,12 @@
 """One pass: discover services and users, list every user's conversations, record the outcome.
 
-The pass reads top to bottom: ``SyncPass.run`` discovers services, creates or resumes the
-``sync_runs`` row, then runs discovery loops (users of each service, streamed page by page into
-``sync_cursors``) beside user loops (claim a user, walk its pages from its cursor, write each
-page with its cursor). Work is claimed through PostgreSQL, so replicas and restarts share a pass.
+The pass reads top to bottom: ``SyncPass.run`` creates or resumes the ``sync_runs`` row,
+discovers services, then runs discovery loops (users of each service, streamed page by page into
+``sync_cursors``) beside a feeder (claims pending users in batches into a bounded queue) and
+user loops (walk a user's pages from its cursor, write each page with its cursor). Work is
+claimed through PostgreSQL, so replicas and restarts share a pass.
 
-Failure policy, in one place (``_sync_user``): a user that is gone (404) is marked removed; a
+Failure policy, in one place (``sync_user``): a user that is gone (404) is marked removed; a
 rejected page token restarts that user's listing once; other per-user errors fail that user
 only; fatal errors (credentials) stop the pass; a database that goes away is waited for, within
 a bound, and otherwise stops the pass with every committed page kept.
