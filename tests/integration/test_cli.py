@@ -197,3 +197,21 @@ async def test_sigterm_during_retries_ends_sync_promptly(
     assert time.monotonic() - started < 5, "the backoff ends at shutdown"
     assert child.returncode == 1
     assert "Traceback" not in stderr
+
+
+async def test_two_syncs_started_at_once_share_one_pass(
+    server: SimulatorServer, db_url: str
+) -> None:
+    server.sim.configure(latency_ms=10)
+    server.sim.hold()  # both processes' first requests wait: both join the pass from the start
+    env = worker_env(server, db_url, CONVSYNC_CONCURRENCY=str(CONCURRENCY))
+    children = [spawn_convsync(["sync"], env) for _ in range(2)]
+    assert await asyncio.to_thread(server.sim.wait_until, lambda s: s.in_flight >= 2, 60)
+    server.sim.release()
+    for child in children:
+        _, stderr = child.communicate(timeout=120)
+        assert child.returncode == 0, stderr[-2000:]
+    assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1
+    await assert_mirrors(server, db_url)
+    twice = conversation_pages_fetched_twice(server)
+    assert twice == 0, f"{twice} conversation pages fetched by both"
