@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -207,3 +208,14 @@ def heavy_user(server: SimulatorServer, service: str, min_pages: int = 3) -> str
         if server.sim.dataset.membership_count(service, user) > 50 * (min_pages - 1):
             return user
     raise AssertionError("the dataset has no heavy user")
+
+
+async def sigkill_when(env: Mapping[str, str], db_url: str, condition_sql: str, what: str) -> None:
+    """Start `convsync sync`, wait until ``condition_sql`` holds, then SIGKILL it (for real)."""
+    child = spawn_convsync(["sync"], env)
+    try:
+        await until(lambda: scalar(db_url, condition_sql), what=what)
+    finally:
+        child.send_signal(signal.SIGKILL)
+        child.communicate(timeout=30)
+    assert child.returncode == -signal.SIGKILL, "the child was killed mid-pass, not finished"

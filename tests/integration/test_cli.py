@@ -13,7 +13,14 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness import assert_mirrors, convsync, scalar, spawn_convsync, until, worker_env
+from tests.harness import (
+    assert_mirrors,
+    convsync,
+    scalar,
+    sigkill_when,
+    spawn_convsync,
+    worker_env,
+)
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 
@@ -38,16 +45,9 @@ async def test_sigkill_mid_pass_then_resume_ends_equal_with_few_pages_refetched(
 ) -> None:
     server.sim.configure(latency_ms=15, jitter_ms=10)
     env = worker_env(server, db_url, CONVSYNC_CONCURRENCY=str(CONCURRENCY))
-    child = spawn_convsync(["sync"], env)
-    try:
-        await until(
-            lambda: scalar(db_url, "SELECT coalesce(sum(run_pages), 0) >= 60 FROM sync_cursors"),
-            what="pages to flow",
-        )
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.communicate(timeout=30)
-    assert child.returncode == -signal.SIGKILL
+    await sigkill_when(
+        env, db_url, "SELECT coalesce(sum(run_pages), 0) >= 60 FROM sync_cursors", "pages to flow"
+    )
     assert await scalar(db_url, "SELECT status FROM sync_runs") == "running"
 
     result = convsync(["sync"], env)
@@ -164,15 +164,12 @@ async def test_a_users_listing_resumed_with_an_expired_token_restarts_and_loses_
 ) -> None:
     server.sim.configure(latency_ms=20)
     env = worker_env(server, db_url, CONVSYNC_PAGE_SIZE="5")
-    child = spawn_convsync(["sync"], env)
-    try:
-        await until(
-            lambda: scalar(db_url, "SELECT coalesce(max(pages), 0) >= 2 FROM sync_discovery"),
-            what="users listing under way",
-        )
-    finally:
-        child.send_signal(signal.SIGKILL)
-        child.communicate(timeout=30)
+    await sigkill_when(
+        env,
+        db_url,
+        "SELECT coalesce(max(pages), 0) >= 2 FROM sync_discovery",
+        "users listing under way",
+    )
     server.sim.configure(token_ttl=60, latency_ms=0)
     server.sim.advance_clock(3600)  # every saved token is now expired
 
