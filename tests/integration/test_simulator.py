@@ -293,10 +293,11 @@ async def test_page_tokens_expire(server: SimulatorServer, http: aiohttp.ClientS
     assert status == 200  # no expiry by default
     sim.configure(token_ttl=60)
     _, page, _ = await get(http, first)
-    sim.advance_clock(59)
+    # Tokens carry whole seconds: stay well inside the TTL, then well past it.
+    sim.advance_clock(30)
     status, body, _ = await get(http, page["meta"]["next_page_url"])
     assert status == 200
-    sim.advance_clock(2)
+    sim.advance_clock(32)
     status, body, _ = await get(http, page["meta"]["next_page_url"])
     assert_error(status, body, 400, 20001)
     assert "expired" in body["message"]
