@@ -12,7 +12,9 @@ import math
 import re
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Generic, TypeVar
+from typing import Annotated, Any, Generic, Literal, TypeVar
+
+import msgspec
 
 SID_PATTERNS = {
     "AC": re.compile(r"^AC[0-9a-fA-F]{32}$"),
@@ -22,6 +24,15 @@ SID_PATTERNS = {
     "MB": re.compile(r"^MB[0-9a-fA-F]{32}$"),
     "RL": re.compile(r"^RL[0-9a-fA-F]{32}$"),
 }
+# The spec's patterns mean what PostgreSQL's CHECK means: the whole string, no trailing newline
+# (Python's ``$`` would accept one), so they are always applied with ``fullmatch``.
+
+
+def is_sid(value: str, prefix: str) -> bool:
+    """True if ``value`` is a SID of that prefix exactly as the database's CHECK accepts it."""
+    return SID_PATTERNS[prefix].fullmatch(value) is not None
+
+
 # Stands, among seen SIDs, for an item whose SID could not be read: a listing holding one does
 # not prove any membership gone. Never a valid SID.
 UNIDENTIFIED = "?"
@@ -159,7 +170,7 @@ def _sid(item: dict[str, Any], name: str, prefix: str, *, required: bool = False
         if required:
             raise InvalidItem(f"{name} is missing")
         return None
-    if not SID_PATTERNS[prefix].match(value):
+    if not is_sid(value, prefix):
         raise InvalidItem(f"{name} is not a valid {prefix} SID")
     return value
 
@@ -276,9 +287,27 @@ def _raw(item: Any) -> str:
 def _readable_sid(item: Any, name: str, prefix: str) -> str | None:
     if isinstance(item, dict):
         value = item.get(name)
-        if isinstance(value, str) and SID_PATTERNS[prefix].match(value):
+        if isinstance(value, str) and is_sid(value, prefix):
             return value
     return None
+
+
+def _loaded(item: Any) -> Any:
+    """An envelope item as Python values (the client's envelope leaves items undecoded)."""
+    if not isinstance(item, msgspec.Raw):
+        return item
+    try:
+        return json.loads(bytes(item))
+    except RecursionError:
+        raise InvalidItem("item is nested too deeply") from None
+    except ValueError as error:
+        raise InvalidItem(f"item is not valid JSON ({str(error)[:60]})") from None
+
+
+def _raw_of(item: Any) -> str:
+    if isinstance(item, msgspec.Raw):
+        return bytes(item).decode("utf-8", "replace")
+    return _raw(item)
 
 
 # --- resources --------------------------------------------------------------------------------
@@ -363,21 +392,27 @@ def parse_user_conversation(
 
 def parse_services_page(items: list[Any]) -> ParsedPage[ServiceRow]:
     page: ParsedPage[ServiceRow] = ParsedPage()
-    for item in items:
+    for raw in items:
+        item = raw
         try:
+            item = _loaded(raw)
             page.rows.append(parse_service(item))
         except (InvalidItem, RecursionError) as error:
-            page.rejected.append(Rejected(_raw(item), str(error), _readable_sid(item, "sid", "IS")))
+            sid = _readable_sid(item, "sid", "IS")
+            page.rejected.append(Rejected(_raw_of(item), str(error), sid))
     return page
 
 
 def parse_users_page(items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
     page: ParsedPage[UserRow] = ParsedPage()
-    for item in items:
+    for raw in items:
+        item = raw
         try:
+            item = _loaded(raw)
             page.rows.append(parse_user(item, service_sid))
         except (InvalidItem, RecursionError) as error:
-            page.rejected.append(Rejected(_raw(item), str(error), _readable_sid(item, "sid", "US")))
+            sid = _readable_sid(item, "sid", "US")
+            page.rejected.append(Rejected(_raw_of(item), str(error), sid))
     return page
 
 
@@ -388,12 +423,14 @@ def parse_conversations_page(
     page = ParsedConversationsPage()
     conversations: dict[str, ConversationRow] = {}
     memberships: dict[str, MembershipRow] = {}
-    for item in items:
+    for raw in items:
+        item = raw
         try:
+            item = _loaded(raw)
             conversation, membership = parse_user_conversation(item, service_sid, user_sid)
         except (InvalidItem, RecursionError) as error:
             sid = _readable_sid(item, "conversation_sid", "CH")
-            page.rejected.append(Rejected(_raw(item), str(error), sid))
+            page.rejected.append(Rejected(_raw_of(item), str(error), sid))
             continue
         conversations[conversation.conversation_sid] = conversation
         memberships[membership.conversation_sid] = membership
@@ -401,3 +438,186 @@ def parse_conversations_page(
     page.conversations = [conversations[k] for k in sorted(conversations)]
     page.memberships = [memberships[k] for k in sorted(memberships)]
     return page
+
+
+# --- the hot path: a conversations page decoded and validated in C --------------------------
+#
+# ``decode_conversations_page`` checks a page with msgspec (types, SID patterns, enums, ranges)
+# and, when every item passes, hands the page's own bytes to the database, which reads the rows
+# out of them: no per-field Python, no re-encoding. Whatever msgspec cannot vouch for (a bad
+# item, a duplicate, a value only the rules above know how to judge) sends the page through
+# ``parse_conversations_page``, so quarantine reasons and kept rows are the same either way.
+
+
+def _runs_of(prefix: str) -> re.Pattern[str]:
+    """Any number of SIDs of that prefix back to back (each exactly 34 characters)."""
+    return re.compile("(?:" + SID_PATTERNS[prefix].pattern.strip("^$") + ")*")
+
+
+# SIDs are checked a page at a time: msgspec fixes each one's length, then one regex matches the
+# page's SIDs of a kind joined together (a regex per field would cost more than the decoding).
+_SID = Annotated[str, msgspec.Meta(min_length=34, max_length=34)]
+_CH_RUNS, _MB_RUNS = _runs_of("CH"), _runs_of("MB")
+_Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
+_Date = Annotated[datetime, msgspec.Meta(tz=True)]
+
+
+class _Timers(msgspec.Struct, gc=False):
+    date_inactive: _Date | None = None
+    date_closed: _Date | None = None
+
+
+class _UserConversation(msgspec.Struct, gc=False):
+    """The fields of a service-user-conversation that are stored (others pass unread)."""
+
+    conversation_sid: _SID
+    account_sid: _SID | None = None
+    chat_service_sid: str | None = None  # must be the requested one (so valid), or absent
+    user_sid: str | None = None
+    participant_sid: _SID | None = None
+    friendly_name: str | None = None
+    unique_name: str | None = None
+    attributes: str | None = None
+    conversation_state: Literal["inactive", "active", "closed"] | None = None
+    created_by: str | None = None
+    notification_level: Literal["default", "muted"] | None = None
+    unread_messages_count: _Int64 | None = None
+    last_read_message_index: _Int64 | None = None
+    date_created: _Date | None = None
+    date_updated: _Date | None = None
+    timers: _Timers | None = None
+    url: str | None = None
+    links: dict[str, Any] | None = None
+
+
+class _ConversationsBody(msgspec.Struct, gc=False):
+    conversations: list[_UserConversation]
+
+
+_BODY = msgspec.json.Decoder(_ConversationsBody)
+_ANY = msgspec.json.Decoder()
+# A NUL escape anywhere in a body sends the page the slow way: msgspec reads it, text and jsonb
+# refuse it. (msgspec itself refuses lone surrogates, even in fields it skips, as jsonb would.)
+_NUL_ESCAPE = b"\\u0000"
+
+
+@dataclass(frozen=True, slots=True)
+class ConversationsPage:
+    """A user's conversations page ready for the database.
+
+    ``payload`` is a JSON object whose ``conversations`` array holds the storable items (the
+    page's own body on the hot path); ``sids`` their conversation SIDs, one per item.
+    """
+
+    payload: bytes
+    sids: list[str]
+    rejected: list[Rejected]
+
+    @property
+    def seen_sids(self) -> list[str]:
+        """What this page proves the user still has (see ``ParsedConversationsPage``)."""
+        seen = list(self.sids)
+        seen.extend(r.sid for r in self.rejected if r.sid is not None)
+        if any(r.sid is None for r in self.rejected):
+            seen.append(UNIDENTIFIED)
+        return seen
+
+
+def decode_conversations_page(
+    body: bytes, items: list[Any], service_sid: str, user_sid: str
+) -> ConversationsPage:
+    """A page's storable items and its rejected ones; ``items`` as the envelope held them."""
+    if _NUL_ESCAPE not in body:
+        try:
+            decoded = _BODY.decode(body).conversations
+        except (msgspec.MsgspecError, RecursionError):
+            decoded = None
+        if decoded is not None and len(decoded) == len(items):
+            sids = _fast_sids(decoded, service_sid, user_sid)
+            if sids is not None:
+                return ConversationsPage(body, sids, [])
+    parsed = parse_conversations_page(items, service_sid, user_sid)
+    conversations = {c.conversation_sid: c for c in parsed.conversations}
+    payload = {
+        "conversations": [
+            _api_item(conversations[m.conversation_sid], m) for m in parsed.memberships
+        ]
+    }
+    return ConversationsPage(
+        msgspec.json.encode(payload),
+        [m.conversation_sid for m in parsed.memberships],
+        parsed.rejected,
+    )
+
+
+def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) -> list[str] | None:
+    """The items' SIDs when every item is storable as it is; None sends the page the slow way."""
+    sids: list[str] = []
+    participants: list[str] = []
+    accounts: set[str] = set()
+    for item in items:
+        if item.chat_service_sid not in (None, service_sid) or item.user_sid not in (
+            None,
+            user_sid,
+        ):
+            return None
+        attributes = item.attributes
+        if attributes is not None and attributes != "{}":
+            try:
+                _ANY.decode(attributes)
+            except (msgspec.MsgspecError, RecursionError):
+                return None
+        if _edge_year(item.date_created) or _edge_year(item.date_updated):
+            return None
+        timers = item.timers
+        if timers is not None and (
+            _edge_year(timers.date_inactive) or _edge_year(timers.date_closed)
+        ):
+            return None
+        if item.participant_sid is not None:
+            participants.append(item.participant_sid)
+        if item.account_sid is not None:
+            accounts.add(item.account_sid)
+        sids.append(item.conversation_sid)
+    if (
+        len(set(sids)) != len(sids)
+        or not _CH_RUNS.fullmatch("".join(sids))
+        or not _MB_RUNS.fullmatch("".join(participants))
+        or not all(is_sid(account, "AC") for account in accounts)
+    ):
+        return None
+    return sids
+
+
+def _edge_year(value: datetime | None) -> bool:
+    """Year 1 or 9999: its UTC form may not exist, which only the slow path judges."""
+    return value is not None and (value.year == 1 or value.year == 9999)
+
+
+def _api_item(conversation: ConversationRow, membership: MembershipRow) -> dict[str, Any]:
+    """A parsed item back in the API's shape (dates normalised), for the database to read."""
+
+    def date(value: datetime | None) -> str | None:
+        return None if value is None else value.isoformat()
+
+    return {
+        "conversation_sid": conversation.conversation_sid,
+        "account_sid": conversation.account_sid,
+        "friendly_name": conversation.friendly_name,
+        "unique_name": conversation.unique_name,
+        "attributes": conversation.attributes,
+        "conversation_state": conversation.conversation_state,
+        "created_by": conversation.created_by,
+        "date_created": date(conversation.date_created),
+        "date_updated": date(conversation.date_updated),
+        "timers": {
+            "date_inactive": date(conversation.date_inactive),
+            "date_closed": date(conversation.date_closed),
+        },
+        "participant_sid": membership.participant_sid,
+        "notification_level": membership.notification_level,
+        "unread_messages_count": membership.unread_messages_count,
+        "last_read_message_index": membership.last_read_message_index,
+        "url": membership.url,
+        "links": None if membership.links is None else msgspec.Raw(membership.links.encode()),
+    }
