@@ -12,11 +12,13 @@ import contextlib
 import json
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, urlsplit
 
 import aiohttp
+import msgspec
 import structlog
 
 from worker.config import Settings
@@ -38,6 +40,7 @@ from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 # Twilio error codes for a page token it will not honour (invalid or expired).
 PAGE_TOKEN_ERROR_CODES = frozenset({20001, 21481})
@@ -70,11 +73,27 @@ def page_token(path: str) -> str | None:
 
 @dataclass(frozen=True)
 class Page:
-    """One list page: its items and the path of the next page (None on the last)."""
+    """One list page: its items (``msgspec.Raw``, still undecoded, or Python values when the
+    body needed the lenient decoder), the path of the next page (None on the last), and the
+    body as received (the hot path hands it to the database as it is)."""
 
     path: str
     items: list[Any]
     next_page_path: str | None
+    body: bytes = b""
+
+
+class _Meta(msgspec.Struct, gc=False):
+    next_page_url: str | None = None
+
+
+def _envelope(key: str) -> msgspec.json.Decoder[Any]:
+    """A decoder that splits a list page into its items (undecoded) and its meta."""
+    struct = msgspec.defstruct(f"{key}_page", [(key, list[msgspec.Raw]), ("meta", _Meta)])
+    return msgspec.json.Decoder(struct)
+
+
+_ENVELOPES = {key: _envelope(key) for key in ("services", "users", "conversations")}
 
 
 @dataclass(frozen=True)
@@ -135,27 +154,24 @@ class TwilioClient:
 
     async def get_page(self, path: str, key: str) -> Page:
         """Fetch one list page; its items are under ``key`` (e.g. "conversations")."""
-        body = await self.get_json(path)
-        items = body.get(key)
-        meta = body.get("meta")
-        if not isinstance(items, list) or not isinstance(meta, dict):
-            raise MalformedPage(f"page {_path_only(path)} has no '{key}' list or no 'meta' object")
-        next_url = meta.get("next_page_url")
-        if next_url is not None and not isinstance(next_url, str):
-            raise MalformedPage(f"page {_path_only(path)} has a non-string next_page_url")
+        items, next_url, body = await self._fetch(path, lambda raw: _split_page(path, key, raw))
         next_path = self._relative(next_url) if next_url else None
         if next_path == path:
             # Followed, it would list the same page forever and the pass would never end.
             raise MalformedPage(f"page {_path_only(path)}: its next_page_url repeats the page")
-        return Page(path, items, next_path)
+        return Page(path, items, next_path, body)
 
     async def get_json(self, path: str) -> dict[str, Any]:
         """GET ``path`` (relative to the base URL) with retries; the body must be an object."""
+        return await self._fetch(path, lambda raw: _json_object(path, raw))
+
+    async def _fetch(self, path: str, decode: Callable[[bytes], T]) -> T:
+        """GET ``path`` and decode a 200's body, retrying transient failures with backoff."""
         started = time.monotonic()
         retry_num = 0
         while True:
             try:
-                return await self._attempt(path)
+                return await self._attempt(path, decode)
             except TransientError as error:
                 retry_num += 1
                 waited = time.monotonic() - started
@@ -201,12 +217,12 @@ class TwilioClient:
         if self._stop.is_set():
             raise Interrupted("shutdown during a retry backoff")
 
-    async def _attempt(self, path: str) -> dict[str, Any]:
+    async def _attempt(self, path: str, decode: Callable[[bytes], T]) -> T:
         if self._session is None:
             raise RuntimeError("TwilioClient used outside 'async with'")
         if self._bucket is not None:
             await self._bucket.acquire()
-        started = await self.limiter.acquire()
+        place = await self.limiter.acquire()
         overloaded = dropped = False
         self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
         try:
@@ -225,26 +241,18 @@ class TwilioClient:
                 overloaded = True
                 self._metrics.inc("convsync_rate_limited_total")
                 raise RateLimited("429 Too Many Requests", _retry_after(response.headers))
-            return self._decode(path, status, raw, response.headers)
+            if status == 200:
+                return decode(raw)
+            raise self._refusal(path, status, raw, response.headers)
         finally:
-            self.limiter.release(started, overloaded=overloaded, dropped=dropped)
+            self.limiter.release(place, overloaded=overloaded, dropped=dropped)
             self._metrics.set("convsync_concurrency_limit", self.limiter.limit)
             self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
 
-    def _decode(self, path: str, status: int, raw: bytes, headers: Any) -> dict[str, Any]:
+    def _refusal(self, path: str, status: int, raw: bytes, headers: Any) -> Exception:
+        """The error a non-200 answer stands for."""
         if status >= 500:
-            raise ServerError(f"HTTP {status}", _retry_after(headers))
-        if status == 200:
-            try:
-                body = json.loads(raw)
-            except ValueError as error:
-                # A truncated or garbled body: the next attempt may well be whole.
-                raise ConnectionFailed(f"body is not valid JSON ({len(raw)} bytes)") from error
-            except RecursionError:
-                raise MalformedPage(f"{_path_only(path)}: body is nested too deeply") from None
-            if not isinstance(body, dict):
-                raise MalformedPage(f"{_path_only(path)}: body is JSON but not an object")
-            return body
+            return ServerError(f"HTTP {status}", _retry_after(headers))
         code, message = _twilio_error(raw)
         detail = (
             f"HTTP {status}"
@@ -252,16 +260,16 @@ class TwilioClient:
             + (f": {message}" if message else "")
         )
         if status in (401, 403):
-            raise AuthError(f"Twilio rejected the credentials ({detail})")
+            return AuthError(f"Twilio rejected the credentials ({detail})")
         if status == 404:
-            raise UserGone(f"{_path_only(path)} not found ({detail})")
+            return UserGone(f"{_path_only(path)} not found ({detail})")
         if (
             status == 400
             and page_token(path) is not None
             and (code in PAGE_TOKEN_ERROR_CODES or code is None)
         ):
-            raise PageTokenRejected(f"{_path_only(path)}: page token rejected ({detail})")
-        raise UnexpectedResponse(f"{_path_only(path)}: {detail}")
+            return PageTokenRejected(f"{_path_only(path)}: page token rejected ({detail})")
+        return UnexpectedResponse(f"{_path_only(path)}: {detail}")
 
     def _relative(self, url: str) -> str:
         """Path and query of a next_page_url, which must point at the configured API."""
@@ -271,6 +279,42 @@ class TwilioClient:
             raise MalformedPage("next_page_url points outside the configured API base URL")
         parts = urlsplit(url)
         return parts.path + (f"?{parts.query}" if parts.query else "")
+
+
+def _json_object(path: str, raw: bytes) -> dict[str, Any]:
+    """A 200's body, which must be a JSON object (stdlib decoder: lenient, exact errors)."""
+    try:
+        body = json.loads(raw)
+    except ValueError as error:
+        # A truncated or garbled body: the next attempt may well be whole.
+        raise ConnectionFailed(f"body is not valid JSON ({len(raw)} bytes)") from error
+    except RecursionError:
+        raise MalformedPage(f"{_path_only(path)}: body is nested too deeply") from None
+    if not isinstance(body, dict):
+        raise MalformedPage(f"{_path_only(path)}: body is JSON but not an object")
+    return body
+
+
+def _split_page(path: str, key: str, raw: bytes) -> tuple[list[Any], str | None, bytes]:
+    """A list page's items, its next_page_url and its body. msgspec splits a well-formed page
+    without decoding its items; anything else gets the stdlib decoder and its exact errors."""
+    decoder = _ENVELOPES.get(key)
+    if decoder is not None:
+        try:
+            page = decoder.decode(raw)
+        except (msgspec.MsgspecError, RecursionError):
+            pass
+        else:
+            return getattr(page, key), page.meta.next_page_url, raw
+    body = _json_object(path, raw)
+    items = body.get(key)
+    meta = body.get("meta")
+    if not isinstance(items, list) or not isinstance(meta, dict):
+        raise MalformedPage(f"page {_path_only(path)} has no '{key}' list or no 'meta' object")
+    next_url = meta.get("next_page_url")
+    if next_url is not None and not isinstance(next_url, str):
+        raise MalformedPage(f"page {_path_only(path)} has a non-string next_page_url")
+    return items, next_url, raw
 
 
 def _origin(url: str) -> tuple[str, str]:
