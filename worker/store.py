@@ -21,7 +21,7 @@ from typing import Any
 import asyncpg
 
 from worker.errors import ConvsyncError, LeaseLost
-from worker.model import UNIDENTIFIED, ParsedConversationsPage, Rejected, ServiceRow, UserRow
+from worker.model import UNIDENTIFIED, ConversationsPage, Rejected, ServiceRow, UserRow
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,17 @@ class UserClaim:
     next_page_path: str | None
     listing_pages: int
     token: str
+
+
+@dataclass(frozen=True, slots=True)
+class PageWrite:
+    """One page of a user's listing, to be written with its cursor (``Store.save_pages``)."""
+
+    claim: UserClaim
+    page_number: int  # pages of this listing already written
+    source_path: str
+    page: ConversationsPage
+    next_page_path: str | None
 
 
 @dataclass(frozen=True)
@@ -94,9 +105,21 @@ async def _reset_connection(conn: asyncpg.Connection) -> None:
         await conn.execute("ROLLBACK")
 
 
+def _jsonb_out(value: str | bytes) -> bytes:
+    """jsonb's binary form: a version byte, then the JSON text (validated by the model)."""
+    return b"\x01" + (value if isinstance(value, bytes) else value.encode())
+
+
+def _jsonb_in(data: bytes) -> str:
+    return data[1:].decode()
+
+
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb travels as text: attributes are already JSON text, validated by the model.
-    await conn.set_type_codec("jsonb", encoder=str, decoder=str, schema="pg_catalog")
+    # jsonb travels as JSON text, never decoded here: a page's body goes to PostgreSQL as the
+    # bytes Twilio sent; attributes are JSON text already.
+    await conn.set_type_codec(
+        "jsonb", encoder=_jsonb_out, decoder=_jsonb_in, schema="pg_catalog", format="binary"
+    )
 
 
 class Store:
@@ -637,50 +660,65 @@ class Store:
         lease_seconds: float,
         page_number: int,
         source_path: str,
-        page: ParsedConversationsPage,
+        page: ConversationsPage,
         next_page_path: str | None,
     ) -> PageOutcome:
-        """Write one page of a user's listing and advance its cursor, atomically.
+        """Write one page of a user's listing and advance its cursor, atomically (a batch of
+        one: see ``save_pages``); LeaseLost if the cursor is not where this claim left it."""
+        write = PageWrite(claim, page_number, source_path, page, next_page_path)
+        (outcome,) = await self.save_pages([write], lease_seconds)
+        if outcome is None:
+            raise LeaseLost(f"user {claim.user_sid} was taken over or its cursor moved")
+        return outcome
 
-        ``page_number`` is the count of pages of this listing already written; if the cursor
-        says otherwise, another worker got there first and nothing is written (LeaseLost).
-        On the listing's last page, memberships not seen in the whole listing are removed.
+    async def save_pages(
+        self, writes: Sequence[PageWrite], lease_seconds: float
+    ) -> list[PageOutcome | None]:
+        """Write a batch of pages (of distinct users) and advance their cursors in one
+        transaction; per page, its outcome, or None when its claim no longer holds the cursor
+        at that page (taken over, or already written): that page wrote nothing.
+
+        ``page_number`` is the count of pages of the listing already written. On a listing's
+        last page, memberships not seen in the whole listing are removed. If PostgreSQL refuses
+        a value, nothing of the batch is written and the error is raised.
         """
-        service, user = claim.chat_service_sid, claim.user_sid
-        last = next_page_path is None
-        async with self.pool.acquire() as conn:
-            # Conversation data is shared by every member and idempotent: it goes first, in its
-            # own short statement, so its row locks are not held across the page's write.
-            await _upsert_conversations(conn, page)
-            row = await conn.fetchrow(
-                _PAGE_SQL,
-                service,
-                user,
-                claim.token,
-                page_number,
-                next_page_path,
-                page.seen_sids,
-                lease_seconds,
-                claim.run_id,
-                _json_rows(page.memberships, _MEMBERSHIP_FIELDS),
-                json.dumps([{"item": r.item, "reason": r.reason} for r in page.rejected]),
-                source_path,
-                last,
-                UNIDENTIFIED,
-                len(page.memberships),
-            )
-        assert row is not None
-        if not row["ok"]:
-            raise LeaseLost(f"user {user} was taken over or its cursor moved")
-        inserted, updated = row["inserted"], row["updated"]
-        return PageOutcome(
-            inserted,
-            updated,
-            len(page.memberships) - inserted - updated,
-            row["removed"],
-            row["quarantined"],
-            bool(row["removals_skipped"]),
+        rejected = [
+            json.dumps([{"item": r.item, "reason": r.reason} for r in w.page.rejected])
+            if w.page.rejected
+            else None
+            for w in writes
+        ]
+        rows = await self.pool.fetch(
+            _PAGES_SQL,
+            [w.claim.chat_service_sid for w in writes],
+            [w.claim.user_sid for w in writes],
+            [w.claim.token for w in writes],
+            [w.page_number for w in writes],
+            [w.next_page_path for w in writes],
+            [w.claim.run_id for w in writes],
+            [w.page.payload for w in writes],
+            [",".join(w.page.seen_sids) for w in writes],
+            rejected,
+            [w.source_path for w in writes],
+            [len(w.page.sids) for w in writes],
+            UNIDENTIFIED,
+            lease_seconds,
         )
+        outcomes: list[PageOutcome | None] = [None] * len(writes)
+        for row in rows:
+            if not row["ok"]:
+                continue
+            index = row["ord"] - 1
+            inserted, updated = row["inserted"], row["updated"]
+            outcomes[index] = PageOutcome(
+                inserted,
+                updated,
+                len(writes[index].page.sids) - inserted - updated,
+                row["removed"],
+                row["quarantined"],
+                bool(row["removals_skipped"]),
+            )
+        return outcomes
 
     async def restart_listing(self, claim: UserClaim) -> None:
         """Forget a rejected cursor: the listing starts again from page one, nothing removed."""
@@ -791,94 +829,78 @@ def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
     return [[getattr(r, name) for r in rows] for name in names]
 
 
-async def _upsert_conversations(conn: asyncpg.Connection, page: ParsedConversationsPage) -> None:
-    """Upsert a page's conversations (sorted: every writer locks shared rows in one order);
-    a row is rewritten only when it changed, and never with older data."""
-    if not page.conversations:
-        return
-    await conn.execute(
-        """INSERT INTO conversations AS c (chat_service_sid, conversation_sid, account_sid,
-                  friendly_name, unique_name, attributes, conversation_state, created_by,
-                  date_created, date_updated, date_inactive, date_closed)
-           SELECT $1, r.conversation_sid, r.account_sid, r.friendly_name, r.unique_name,
-                  r.attributes::jsonb, r.conversation_state, r.created_by, r.date_created,
-                  r.date_updated, r.date_inactive, r.date_closed
-           FROM json_to_recordset($2::json) AS r(conversation_sid text, account_sid text,
-                  friendly_name text, unique_name text, attributes text,
-                  conversation_state text, created_by text, date_created timestamptz,
-                  date_updated timestamptz, date_inactive timestamptz, date_closed timestamptz)
-           ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
-             account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,
-             unique_name = EXCLUDED.unique_name, attributes = EXCLUDED.attributes,
-             conversation_state = EXCLUDED.conversation_state, created_by = EXCLUDED.created_by,
-             date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
-             date_inactive = EXCLUDED.date_inactive, date_closed = EXCLUDED.date_closed,
-             changed_at = now()
-           WHERE (c.date_updated IS NULL OR EXCLUDED.date_updated IS NULL
-                  OR EXCLUDED.date_updated >= c.date_updated)
-             AND (c.account_sid, c.friendly_name, c.unique_name, c.attributes,
-                  c.conversation_state, c.created_by, c.date_created, c.date_updated,
-                  c.date_inactive, c.date_closed)
-             IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.friendly_name,
-                  EXCLUDED.unique_name, EXCLUDED.attributes, EXCLUDED.conversation_state,
-                  EXCLUDED.created_by, EXCLUDED.date_created, EXCLUDED.date_updated,
-                  EXCLUDED.date_inactive, EXCLUDED.date_closed)""",
-        page.conversations[0].chat_service_sid,
-        _json_rows(page.conversations, _CONVERSATION_FIELDS),
-    )
-
-
-_CONVERSATION_FIELDS = (
-    "conversation_sid", "account_sid", "friendly_name", "unique_name", "attributes",
-    "conversation_state", "created_by", "date_created", "date_updated", "date_inactive",
-    "date_closed",
-)  # fmt: skip
-_MEMBERSHIP_FIELDS = (
-    "conversation_sid", "participant_sid", "notification_level", "unread_messages_count",
-    "last_read_message_index", "url", "links",
-)  # fmt: skip
-
-
-def _json_rows(rows: Sequence[Any], fields: Sequence[str]) -> str:
-    """Rows as one JSON array of objects: a single parameter for ``json_to_recordset``
-    (asyncpg's per-element encoding of a dozen array parameters cost more than the SQL)."""
-    return json.dumps(
-        [{name: getattr(row, name) for name in fields} for row in rows],
-        ensure_ascii=False,
-        default=_json_default,
-    )
-
-
-def _json_default(value: Any) -> str:
-    if isinstance(value, datetime):
-        return value.isoformat()
-    raise TypeError(f"cannot encode {type(value).__name__}")
-
-
-# One page of a user's listing, in one statement (atomic without BEGIN/COMMIT round trips):
-# guard the cursor (this claim, this page number), upsert the memberships, quarantine the
-# rejected items, mark removed what a complete listing did not list (unless an item could not
-# be identified), and advance the cursor with the page's counts. Nothing is written unless the
-# guard matched. The removal and the upsert touch disjoint rows (the page's own SIDs are listed).
-_PAGE_SQL = """
-WITH guard AS (
-    SELECT CASE WHEN listing_pages = 0 THEN $6::text[]
-                ELSE seen_conversations || $6::text[] END AS listed
-    FROM sync_cursors
-    WHERE chat_service_sid = $1 AND user_sid = $2 AND run_id = $8
-      AND claimed_by = $3 AND listing_pages = $4 AND state = 'pending'
-    FOR UPDATE
+# A batch of pages of many users' listings, in one statement (one transaction, one commit):
+# guard each page's cursor (its claim, its page number: a stale page matches nothing and writes
+# nothing), read the rows out of each page's JSON, upsert the batch's conversations once each
+# (newest date_updated wins; sorted, so writers lock shared rows in one order), upsert the
+# memberships, quarantine the rejected items, mark removed what a complete listing did not list
+# (unless an item could not be identified), and advance every cursor with its page's counts.
+# Per page, the removal and the upsert touch disjoint rows (the listing's own SIDs are listed).
+_PAGES_SQL = """
+WITH page AS (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],
+                         $6::bigint[], $7::jsonb[], $8::text[], $9::jsonb[], $10::text[],
+                         $11::int[])
+        WITH ORDINALITY AS p(service, user_sid, token, expected, next_path, run_id, body,
+                             seen, rejected, source, items, ord)
 ),
-upserted AS (
+guard AS (
+    SELECT p.ord, p.service, p.user_sid,
+           CASE WHEN c.listing_pages = 0 THEN string_to_array(p.seen, ',')
+                ELSE c.seen_conversations || string_to_array(p.seen, ',') END AS listed
+    FROM page p JOIN sync_cursors c
+      ON c.chat_service_sid = p.service AND c.user_sid = p.user_sid
+    WHERE c.run_id = p.run_id AND c.claimed_by = p.token AND c.listing_pages = p.expected
+      AND c.state = 'pending'
+    ORDER BY c.chat_service_sid, c.user_sid
+    FOR UPDATE OF c
+),
+item AS (
+    SELECT g.service, g.user_sid, r.*
+    FROM guard g JOIN page p ON p.ord = g.ord
+    CROSS JOIN LATERAL jsonb_to_recordset(p.body -> 'conversations') AS r(
+        conversation_sid text, account_sid text, friendly_name text, unique_name text,
+        attributes text, conversation_state text, created_by text, date_created timestamptz,
+        date_updated timestamptz, timers jsonb, participant_sid text, notification_level text,
+        unread_messages_count bigint, last_read_message_index bigint, url text, links jsonb)
+),
+conversations_upserted AS (
+    INSERT INTO conversations AS c (chat_service_sid, conversation_sid, account_sid,
+           friendly_name, unique_name, attributes, conversation_state, created_by,
+           date_created, date_updated, date_inactive, date_closed)
+    SELECT DISTINCT ON (i.service, i.conversation_sid)
+           i.service, i.conversation_sid, i.account_sid, i.friendly_name, i.unique_name,
+           i.attributes::jsonb, i.conversation_state, i.created_by, i.date_created,
+           i.date_updated, (i.timers ->> 'date_inactive')::timestamptz,
+           (i.timers ->> 'date_closed')::timestamptz
+    FROM item i
+    ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST
+    ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
+      account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,
+      unique_name = EXCLUDED.unique_name, attributes = EXCLUDED.attributes,
+      conversation_state = EXCLUDED.conversation_state, created_by = EXCLUDED.created_by,
+      date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
+      date_inactive = EXCLUDED.date_inactive, date_closed = EXCLUDED.date_closed,
+      changed_at = now()
+    WHERE (c.date_updated IS NULL OR EXCLUDED.date_updated IS NULL
+           OR EXCLUDED.date_updated >= c.date_updated)
+      AND (c.account_sid, c.friendly_name, c.unique_name, c.attributes,
+           c.conversation_state, c.created_by, c.date_created, c.date_updated,
+           c.date_inactive, c.date_closed)
+      IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.friendly_name,
+           EXCLUDED.unique_name, EXCLUDED.attributes, EXCLUDED.conversation_state,
+           EXCLUDED.created_by, EXCLUDED.date_created, EXCLUDED.date_updated,
+           EXCLUDED.date_inactive, EXCLUDED.date_closed)
+    RETURNING 1
+),
+memberships_upserted AS (
     INSERT INTO memberships AS m (chat_service_sid, user_sid, conversation_sid,
            participant_sid, notification_level, unread_messages_count,
            last_read_message_index, url, links)
-    SELECT $1, $2, r.conversation_sid, r.participant_sid, r.notification_level,
-           r.unread_messages_count, r.last_read_message_index, r.url, r.links::jsonb
-    FROM json_to_recordset($9::json) AS r(conversation_sid text, participant_sid text,
-           notification_level text, unread_messages_count bigint,
-           last_read_message_index bigint, url text, links text)
-    WHERE EXISTS (SELECT 1 FROM guard)
+    SELECT i.service, i.user_sid, i.conversation_sid, i.participant_sid, i.notification_level,
+           i.unread_messages_count, i.last_read_message_index, i.url, i.links
+    FROM item i
+    ORDER BY 1, 2, 3
     ON CONFLICT (chat_service_sid, user_sid, conversation_sid) DO UPDATE SET
       participant_sid = EXCLUDED.participant_sid,
       notification_level = EXCLUDED.notification_level,
@@ -890,59 +912,65 @@ upserted AS (
       IS DISTINCT FROM (EXCLUDED.participant_sid, EXCLUDED.notification_level,
            EXCLUDED.unread_messages_count, EXCLUDED.last_read_message_index,
            EXCLUDED.url, EXCLUDED.links, true)
-    RETURNING (xmax = 0) AS inserted
+    RETURNING m.chat_service_sid AS service, m.user_sid, (xmax = 0) AS inserted
 ),
 quarantined AS (
     INSERT INTO quarantine (run_id, chat_service_sid, user_sid, source_path, item, reason)
-    SELECT $8, $1, $2, $11, q.item, q.reason
-    FROM json_to_recordset($10::json) AS q(item text, reason text)
-    WHERE EXISTS (SELECT 1 FROM guard)
-    RETURNING 1
+    SELECT p.run_id, p.service, p.user_sid, p.source, q.item, q.reason
+    FROM guard g JOIN page p ON p.ord = g.ord
+    CROSS JOIN LATERAL jsonb_to_recordset(p.rejected) AS q(item text, reason text)
+    RETURNING chat_service_sid AS service, user_sid
 ),
 removed AS (
     UPDATE memberships m SET removed_at = now()
-    FROM guard g
-    WHERE $12 AND NOT ($13::text = ANY(g.listed))
-      AND m.chat_service_sid = $1 AND m.user_sid = $2 AND m.removed_at IS NULL
-      AND NOT (m.conversation_sid = ANY(g.listed))
-    RETURNING 1
+    FROM guard g JOIN page p ON p.ord = g.ord
+    WHERE p.next_path IS NULL AND NOT ($12::text = ANY (g.listed))
+      AND m.chat_service_sid = g.service AND m.user_sid = g.user_sid AND m.removed_at IS NULL
+      AND NOT (m.conversation_sid = ANY (g.listed))
+    RETURNING m.chat_service_sid AS service, m.user_sid
 ),
 counts AS (
-    SELECT (SELECT count(*) FROM upserted WHERE inserted)::int AS inserted,
-           (SELECT count(*) FROM upserted WHERE NOT inserted)::int AS updated,
-           (SELECT count(*) FROM removed)::int AS removed,
-           (SELECT count(*) FROM quarantined)::int AS quarantined
+    SELECT g.ord, coalesce(u.inserted, 0) AS inserted, coalesce(u.updated, 0) AS updated,
+           coalesce(r.removed, 0) AS removed, coalesce(q.quarantined, 0) AS quarantined
+    FROM guard g
+    LEFT JOIN (SELECT service, user_sid, count(*) FILTER (WHERE inserted)::int AS inserted,
+                      count(*) FILTER (WHERE NOT inserted)::int AS updated
+               FROM memberships_upserted GROUP BY 1, 2) u
+           ON u.service = g.service AND u.user_sid = g.user_sid
+    LEFT JOIN (SELECT service, user_sid, count(*)::int AS removed FROM removed GROUP BY 1, 2) r
+           ON r.service = g.service AND r.user_sid = g.user_sid
+    LEFT JOIN (SELECT service, user_sid, count(*)::int AS quarantined
+               FROM quarantined GROUP BY 1, 2) q
+           ON q.service = g.service AND q.user_sid = g.user_sid
 ),
 advanced AS (
     UPDATE sync_cursors c SET
-      next_page_path = $5,
-      listing_pages = CASE WHEN $12 THEN 0 ELSE c.listing_pages + 1 END,
+      next_page_path = p.next_path,
+      listing_pages = CASE WHEN p.next_path IS NULL THEN 0 ELSE c.listing_pages + 1 END,
       listing_started_at = CASE WHEN c.listing_pages = 0 THEN now()
                                 ELSE c.listing_started_at END,
-      seen_conversations = CASE WHEN $12 THEN '{}'::text[] ELSE g.listed END,
-      state = CASE WHEN $12 THEN 'done' ELSE c.state END,
-      last_listed_at = CASE WHEN $12 THEN now() ELSE c.last_listed_at END,
-      last_error = CASE WHEN $12 THEN NULL ELSE c.last_error END,
-      claimed_by = CASE WHEN $12 THEN NULL ELSE c.claimed_by END,
-      lease_until = CASE WHEN $12 THEN NULL ELSE now() + make_interval(secs => $7) END,
+      seen_conversations = CASE WHEN p.next_path IS NULL THEN '{}'::text[] ELSE g.listed END,
+      state = CASE WHEN p.next_path IS NULL THEN 'done' ELSE c.state END,
+      last_listed_at = CASE WHEN p.next_path IS NULL THEN now() ELSE c.last_listed_at END,
+      last_error = CASE WHEN p.next_path IS NULL THEN NULL ELSE c.last_error END,
+      claimed_by = CASE WHEN p.next_path IS NULL THEN NULL ELSE c.claimed_by END,
+      lease_until = CASE WHEN p.next_path IS NULL THEN NULL
+                         ELSE now() + make_interval(secs => $13) END,
       run_pages = c.run_pages + 1,
       run_rows_inserted = c.run_rows_inserted + k.inserted,
       run_rows_updated = c.run_rows_updated + k.updated,
-      run_rows_unchanged = c.run_rows_unchanged + ($14 - k.inserted - k.updated),
+      run_rows_unchanged = c.run_rows_unchanged + (p.items - k.inserted - k.updated),
       run_rows_removed = c.run_rows_removed + k.removed,
       run_rows_quarantined = c.run_rows_quarantined + k.quarantined
-    FROM guard g, counts k
-    WHERE c.chat_service_sid = $1 AND c.user_sid = $2
-    RETURNING 1
+    FROM guard g JOIN page p ON p.ord = g.ord JOIN counts k ON k.ord = g.ord
+    WHERE c.chat_service_sid = g.service AND c.user_sid = g.user_sid
+    RETURNING g.ord
 )
-SELECT EXISTS (SELECT 1 FROM advanced) AS ok, k.inserted, k.updated, k.removed, k.quarantined,
-       coalesce($12 AND $13::text = ANY(g.listed), false) AS removals_skipped
-FROM counts k LEFT JOIN guard g ON true
+SELECT p.ord, a.ord IS NOT NULL AS ok, k.inserted, k.updated, k.removed, k.quarantined,
+       coalesce(p.next_path IS NULL AND $12::text = ANY (g.listed), false) AS removals_skipped
+FROM page p LEFT JOIN advanced a ON a.ord = p.ord LEFT JOIN guard g ON g.ord = p.ord
+     LEFT JOIN counts k ON k.ord = p.ord
 """
-
-
-
-
 
 
 async def _remove_users(conn: asyncpg.Connection, service: str, user_sids: list[str]) -> int:

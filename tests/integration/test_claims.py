@@ -6,7 +6,7 @@ import pytest
 
 from tests.harness import scalar
 from worker.errors import LeaseLost
-from worker.model import ParsedConversationsPage
+from worker.model import ConversationsPage
 from worker.store import PassBusy, Store
 
 SERVICE = "IS" + "1" * 32
@@ -44,7 +44,7 @@ async def test_a_stale_claim_of_the_same_worker_can_neither_write_nor_fail_the_u
     assert fresh is not None
     assert fresh.token != stale.token
 
-    page = ParsedConversationsPage()
+    page = ConversationsPage(b'{"conversations": []}', [], [])
     with pytest.raises(LeaseLost):
         await store.save_conversations_page(stale, 60, 0, "/p1", page, "/p2")
     await store.mark_user_failed(stale, "should not land")

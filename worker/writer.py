@@ -1,0 +1,126 @@
+"""Group commit: the pages of many users' listings, written a batch per transaction.
+
+User loops hand their pages to one ``PageWriter`` and wait for their page's outcome before
+fetching the next one, so a listing still advances one committed page at a time. The writer's
+loops take whatever pages are waiting (up to ``max_pages``, after lingering at most
+``max_wait`` seconds for a batch to fill) and write them with one statement
+(``Store.save_pages``): one round trip and one commit for the batch, each page still guarded by
+its own claim and page number. A stale page is answered ``LeaseLost`` alone; a page whose values
+PostgreSQL refuses is isolated by halving the batch, so it never costs the other pages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from worker.errors import LeaseLost
+from worker.store import PageOutcome, PageWrite, Store
+
+# How the pass runs a store operation: its retry wrapper (waits out a database gone away).
+RunStore = Callable[..., Awaitable[Any]]
+
+
+class PageWriter:
+    """Writes pages handed over by ``write`` in batches; run ``run`` in as many tasks as
+    batches should be in flight at once (each holds one pooled connection while it writes)."""
+
+    def __init__(
+        self,
+        store: Store,
+        lease_seconds: float,
+        *,
+        run_store: RunStore,
+        refused: tuple[type[BaseException], ...],
+        max_pages: int = 64,
+        max_wait: float = 0.0,
+    ) -> None:
+        self._store = store
+        self._lease = lease_seconds
+        self._run_store = run_store
+        self._refused = refused
+        self.max_pages = max_pages
+        self.max_wait = max_wait
+        self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
+        self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
+        self._full = asyncio.Event()
+        self.batches = 0
+        self.pages = 0
+
+    async def write(self, write: PageWrite) -> PageOutcome:
+        """Queue a page and wait until it is committed (or refused: the refusal is raised)."""
+        done: asyncio.Future[PageOutcome] = asyncio.get_running_loop().create_future()
+        self._queue.put_nowait((write, done))
+        if self._queue.qsize() >= self.max_pages:
+            self._full.set()
+        return await done
+
+    async def run(self) -> None:
+        """Write batches until cancelled."""
+        while True:
+            batch = await self._next_batch()
+            try:
+                await self._commit(batch)
+            except BaseException as error:
+                for _, done in batch:
+                    if not done.done():
+                        if isinstance(error, asyncio.CancelledError):
+                            done.cancel()
+                        else:
+                            done.set_exception(error)
+                raise
+
+    async def _next_batch(self) -> list[tuple[PageWrite, asyncio.Future[PageOutcome]]]:
+        """The waiting pages, at most ``max_pages`` and one per claim (a second page of a
+        user waits for the next batch, so that its first is committed before)."""
+        pending = self._carried or [await self._queue.get()]
+        self._carried = []
+        if self.max_wait > 0 and self._queue.qsize() + len(pending) < self.max_pages:
+            self._full.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._full.wait(), self.max_wait)
+        while len(pending) < self.max_pages and not self._queue.empty():
+            pending.append(self._queue.get_nowait())
+        batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
+        claims: set[str] = set()
+        for entry in pending:
+            token = entry[0].claim.token
+            if entry[1].done():
+                continue  # its loop was cancelled: nobody waits for it
+            if token in claims:
+                self._carried.append(entry)
+            else:
+                claims.add(token)
+                batch.append(entry)
+        return batch
+
+    async def _commit(self, batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]]) -> None:
+        if not batch:
+            return
+        try:
+            outcomes = await self._run_store(
+                self._store.save_pages, [write for write, _ in batch], self._lease
+            )
+        except self._refused as error:
+            if len(batch) == 1:
+                if not batch[0][1].done():
+                    batch[0][1].set_exception(error)
+                return
+            half = len(batch) // 2
+            await self._commit(batch[:half])
+            await self._commit(batch[half:])
+            return
+        self.batches += 1
+        self.pages += len(batch)
+
+        for (write, done), outcome in zip(batch, outcomes, strict=True):
+            if done.done():
+                continue
+            if outcome is None:
+                done.set_exception(
+                    LeaseLost(f"user {write.claim.user_sid} was taken over or its cursor moved")
+                )
+            else:
+                done.set_result(outcome)
