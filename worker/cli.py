@@ -18,6 +18,7 @@ from typing import Any
 import asyncpg
 import structlog
 
+from worker import loop
 from worker.client import TwilioClient
 from worker.config import SERVICE_SID, USER_SID, Settings, load_settings, parse_sids
 from worker.errors import ConfigError, ConvsyncError, FatalError
@@ -75,7 +76,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format, settings.secrets())
-        return asyncio.run(_dispatch(args, settings))
+        return loop.run(_dispatch(args, settings), settings.event_loop)
     except FatalError as error:
         return _fail(str(error), settings)
     except ConvsyncError as error:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import secrets
@@ -50,6 +51,10 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CONVSYNC_MAX_ATTEMPTS", "8", "Attempts per request before the user fails."),
     Variable("CONVSYNC_MAX_RETRY_SECONDS", "120", "Total seconds one request may spend retrying."),
     Variable("CONVSYNC_DB_POOL_SIZE", "8", "PostgreSQL connections held by the worker."),
+    Variable("CONVSYNC_BATCH_PAGES", "64", "Most pages one transaction writes (group commit)."),
+    Variable(
+        "CONVSYNC_BATCH_MS", "0", "Milliseconds a batch may wait for more pages before it commits."
+    ),
     Variable("CONVSYNC_LEASE_SECONDS", "60", "How long a claimed user stays claimed unrenewed."),
     Variable(
         "CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pidns:pid:random)."
@@ -63,6 +68,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CONVSYNC_RUN_AT_START", "true", "`convsync run`: start a pass immediately."),
     Variable("CONVSYNC_HTTP_PORT", "8080", "`convsync run`: port of /healthz, /readyz, /metrics."),
     Variable("CONVSYNC_SHUTDOWN_GRACE", "25", "Seconds in-flight work gets after SIGTERM."),
+    Variable("CONVSYNC_EVENT_LOOP", "auto", "auto (uvloop where installed), uvloop or asyncio."),
     Variable("CONVSYNC_LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json or console."),
     Variable("CONVSYNC_LOG_LEVEL", "info", "debug, info, warning or error."),
     Variable(
@@ -97,6 +103,8 @@ class Settings:
     max_attempts: int = 8
     max_retry_seconds: float = 120.0
     db_pool_size: int = 8
+    batch_pages: int = 64
+    batch_ms: float = 0.0
     lease_seconds: float = 60.0
     worker_id: str = ""
     schedule: str | None = None
@@ -106,6 +114,7 @@ class Settings:
     shutdown_grace: float = 25.0
     log_format: str = "auto"
     log_level: str = "info"
+    event_loop: str = "auto"
 
     def require_database(self) -> str:
         """The database URL, or a ConfigError naming the variable."""
@@ -247,6 +256,11 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     log_format = (_get(env, "CONVSYNC_LOG_FORMAT") or "auto").lower()
     if log_format not in ("auto", "json", "console"):
         raise ConfigError("CONVSYNC_LOG_FORMAT must be auto, json or console")
+    event_loop = (_get(env, "CONVSYNC_EVENT_LOOP") or "auto").lower()
+    if event_loop not in ("auto", "uvloop", "asyncio"):
+        raise ConfigError("CONVSYNC_EVENT_LOOP must be auto, uvloop or asyncio")
+    if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("CONVSYNC_EVENT_LOOP is uvloop, but uvloop is not installed")
     log_level = (_get(env, "CONVSYNC_LOG_LEVEL") or "info").lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("CONVSYNC_LOG_LEVEL must be debug, info, warning or error")
@@ -258,6 +272,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "max_attempts": _number(env, "CONVSYNC_MAX_ATTEMPTS", int, 1, 100),
         "max_retry_seconds": _number(env, "CONVSYNC_MAX_RETRY_SECONDS", float, 0.0),
         "db_pool_size": _number(env, "CONVSYNC_DB_POOL_SIZE", int, 2, 100),
+        "batch_pages": _number(env, "CONVSYNC_BATCH_PAGES", int, 1, 1000),
+        "batch_ms": _number(env, "CONVSYNC_BATCH_MS", float, 0.0, 10_000.0),
         "lease_seconds": _number(env, "CONVSYNC_LEASE_SECONDS", float, 1.0),
         "http_port": _number(env, "CONVSYNC_HTTP_PORT", int, 0, 65535),
         "shutdown_grace": _number(env, "CONVSYNC_SHUTDOWN_GRACE", float, 0.0),
@@ -273,6 +289,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         worker_id=_get(env, "CONVSYNC_WORKER_ID") or _default_worker_id(),
         log_format=log_format,
         log_level=log_level,
+        event_loop=event_loop,
         **{k: v for k, v in values.items() if v is not None},
     )
 
