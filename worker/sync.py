@@ -47,11 +47,19 @@ from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
 from worker.model import (
     ServiceRow,
-    parse_conversations_page,
+    decode_conversations_page,
     parse_services_page,
     parse_users_page,
 )
-from worker.store import DiscoveryClaim, PassSummary, Store, UserClaim, new_claim_token
+from worker.store import (
+    DiscoveryClaim,
+    PageWrite,
+    PassSummary,
+    Store,
+    UserClaim,
+    new_claim_token,
+)
+from worker.writer import PageWriter
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -78,6 +86,7 @@ PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
 )
+WRITERS = 1  # group-commit batches in flight at once
 
 
 def parse_owner(owner: str) -> tuple[str, str, int] | None:
@@ -131,6 +140,9 @@ class PassState:
     run_id: int = 0
     work_available: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
+    # Set once every users listing of the pass is closed: from then on, a user finished here
+    # may be the pass's last, so it wakes the feeder at once (no polling interval at the end).
+    discovery_closed: bool = False
 
 
 class SyncPass:
@@ -163,6 +175,14 @@ class SyncPass:
         self.tick = tick
         self.state = PassState()
         self.held: set[str] = set()  # claim tokens this process is working on
+        self.writer = PageWriter(
+            store,
+            self.lease,
+            run_store=self.db,
+            refused=PAGE_REFUSED_ERRORS,
+            max_pages=settings.batch_pages,
+            max_wait=settings.batch_ms / 1000,
+        )
 
     # --- the pass, top to bottom ----------------------------------------------------------
 
@@ -238,9 +258,7 @@ class SyncPass:
                 log.error("service_quarantined", reason=rejected.reason, sid=rejected.sid)
                 if rejected.sid is not None:
                     kept.append(rejected.sid)
-            await self.db(
-                self.store.quarantine, self.state.run_id, None, source, parsed.rejected
-            )
+            await self.db(self.store.quarantine, self.state.run_id, None, source, parsed.rejected)
         await self.db(self.store.upsert_services, rows)
         await self.db(self.store.ensure_services, kept)
         return [r.chat_service_sid for r in rows] + kept
@@ -271,6 +289,8 @@ class SyncPass:
             asyncio.ensure_future(self.heartbeat()),
             asyncio.ensure_future(self.cancel_after_grace(tasks)),
         ]
+        # Two batches in flight: one fills while the other commits.
+        helpers += [asyncio.ensure_future(self.writer.run()) for _ in range(WRITERS)]
         try:
             # Fail fast: the first loop to raise cancels the rest.
             for finished in asyncio.as_completed(tasks):
@@ -328,60 +348,77 @@ class SyncPass:
                 await asyncio.wait_for(self.stop.wait(), self.idle_poll_seconds)
 
     async def discover_users(self, claim: DiscoveryClaim) -> None:
-        """Walk one service's users listing from its cursor, queueing users page by page."""
+        """Walk one service's users listing from its cursor, queueing users page by page.
+
+        A users listing needs no commit between its pages, so the next page is fetched while
+        this one is saved (after a crash it is simply fetched again)."""
         first_page = api.users_path(claim.chat_service_sid, self.page_size)
         path = claim.next_page_path or first_page
         page_number = claim.pages
         restarted = False
-        while not self.stop.is_set():
-            try:
-                page = await self.client.get_page(path, "users")
-            except Interrupted:
-                return  # the claim is released with the others at the end of the pass
-            except PageTokenRejected:
-                if restarted or page_number == 0:
-                    raise
-                log.warning("users_page_token_rejected", pages=page_number)
-                if not await self.db(self.store.restart_discovery, claim, page_number):
-                    return  # taken over meanwhile
-                path, page_number, restarted = first_page, 0, True
-                continue
-            except UserSyncError as error:
-                # Without its last page the listing proves nothing gone: nobody is marked.
-                message = redact(str(error))
-                log.error("users_listing_failed", error=message, error_kind=type(error).__name__)
-                await self.db(self.store.fail_discovery, claim, message)
-                return
-            parsed = parse_users_page(page.items, claim.chat_service_sid)
-            try:
-                gone = await self.db(
-                    self.store.save_users_page,
-                    claim,
-                    self.lease,
-                    page_number,
-                    page.path,
-                    parsed.rows,
-                    parsed.rejected,
-                    page.next_page_path,
-                )
-            except LeaseLost:
-                # Taken over, or our own page committed with its reply lost: give the claim back
-                # if it is still ours (then it is continued at once, not after its lease).
-                log.warning("discovery_taken_over")
-                await self.db(self.store.release_discovery, claim)
-                return
-            except PAGE_REFUSED_ERRORS as error:
-                message = redact(_refused(page.path, error))
-                log.error("users_listing_failed", error=message, error_kind="PageRefused")
-                await self.db(self.store.fail_discovery, claim, message)
-                return
-            self.metrics.inc("convsync_pages_total", kind="users")
-            self.state.work_available.set()
-            page_number += 1
-            if page.next_page_path is None:
-                log.info("users_listed", pages=page_number, users_gone=gone)
-                return
-            path = page.next_page_path
+        ahead: asyncio.Future[api.Page] | None = None
+        try:
+            while not self.stop.is_set():
+                fetching, ahead = ahead, None
+                try:
+                    page = await (fetching or self.client.get_page(path, "users"))
+                except Interrupted:
+                    return  # the claim is released with the others at the end of the pass
+                except PageTokenRejected:
+                    if restarted or page_number == 0:
+                        raise
+                    log.warning("users_page_token_rejected", pages=page_number)
+                    if not await self.db(self.store.restart_discovery, claim, page_number):
+                        return  # taken over meanwhile
+                    path, page_number, restarted = first_page, 0, True
+                    continue
+                except UserSyncError as error:
+                    # Without its last page the listing proves nothing gone: nobody is marked.
+                    message = redact(str(error))
+                    log.error(
+                        "users_listing_failed", error=message, error_kind=type(error).__name__
+                    )
+                    await self.db(self.store.fail_discovery, claim, message)
+                    return
+                if page.next_page_path is not None:
+                    ahead = asyncio.ensure_future(
+                        self.client.get_page(page.next_page_path, "users")
+                    )
+                parsed = parse_users_page(page.items, claim.chat_service_sid)
+                try:
+                    gone = await self.db(
+                        self.store.save_users_page,
+                        claim,
+                        self.lease,
+                        page_number,
+                        page.path,
+                        parsed.rows,
+                        parsed.rejected,
+                        page.next_page_path,
+                    )
+                except LeaseLost:
+                    # Taken over, or our own page committed with its reply lost: give the claim
+                    # back if it is still ours (then it is continued at once, not after its
+                    # lease).
+                    log.warning("discovery_taken_over")
+                    await self.db(self.store.release_discovery, claim)
+                    return
+                except PAGE_REFUSED_ERRORS as error:
+                    message = redact(_refused(page.path, error))
+                    log.error("users_listing_failed", error=message, error_kind="PageRefused")
+                    await self.db(self.store.fail_discovery, claim, message)
+                    return
+                self.metrics.inc("convsync_pages_total", kind="users")
+                self.state.work_available.set()
+                page_number += 1
+                if page.next_page_path is None:
+                    log.info("users_listed", pages=page_number, users_gone=gone)
+                    return
+                path = page.next_page_path
+        finally:
+            if ahead is not None:  # not needed after all: dropped, its outcome consumed
+                ahead.cancel()
+                ahead.add_done_callback(lambda done: done.cancelled() or done.exception())
 
     async def feed_users(self, queue: asyncio.Queue[UserClaim | None]) -> None:
         """Claim pending users in batches (one statement for up to a queue's worth) and hand
@@ -422,12 +459,15 @@ class SyncPass:
                     await self.db(self.store.mark_user_failed, claim, _internal(error))
                 finally:
                     self.held.discard(claim.token)
+                    if self.state.discovery_closed:
+                        self.state.work_available.set()
 
     async def finished(self) -> bool:
         """True once discovery is complete and no user of the pass is pending anywhere."""
         if self.state.done.is_set():
             return True
         progress = await self.db(self.store.pass_progress, self.state.run_id)
+        self.state.discovery_closed = not progress.discovery_open
         if not progress.running or (not progress.discovery_open and not progress.users_pending):
             self.state.done.set()
             self.state.work_available.set()
@@ -456,21 +496,14 @@ class SyncPass:
                     await self.db(self.store.restart_listing, claim)
                     path, page_number, restarted = first_page, 0, True
                     continue
-                parsed = parse_conversations_page(
-                    page.items, claim.chat_service_sid, claim.user_sid
+                parsed = decode_conversations_page(
+                    page.body, page.items, claim.chat_service_sid, claim.user_sid
                 )
                 for rejected in parsed.rejected:
                     log.warning("item_quarantined", reason=rejected.reason, sid=rejected.sid)
+                write = PageWrite(claim, page_number, path, parsed, page.next_page_path)
                 try:
-                    outcome = await self.db(
-                        self.store.save_conversations_page,
-                        claim,
-                        self.lease,
-                        page_number,
-                        path,
-                        parsed,
-                        page.next_page_path,
-                    )
+                    outcome = await self.writer.write(write)
                 except PAGE_REFUSED_ERRORS as error:
                     raise PageRefused(_refused(path, error)) from error
                 self.metrics.inc("convsync_pages_total", kind="conversations")
