@@ -1,8 +1,8 @@
 """Flow control for requests to Twilio.
 
 Twilio limits an account's *concurrent* requests and publishes no number, so the limit is
-found at run time: ``AdaptiveLimiter`` is AIMD over concurrency (like TCP's congestion window),
-halving on a 429 and growing by one request per window of successes. ``TokenBucket`` is an
+found at run time: ``AdaptiveLimiter`` learns the ceiling from the 429s (each says how many
+requests were too many), holds just under it and looks above it rarely. ``TokenBucket`` is an
 optional hard ceiling in requests per second.
 """
 
@@ -15,46 +15,49 @@ from collections.abc import Awaitable, Callable
 
 
 class AdaptiveLimiter:
-    """A concurrency limit between 1 and ``maximum`` that adapts to 429s (AIMD).
+    """A concurrency limit between 1 and ``maximum`` that learns Twilio's ceiling from 429s.
 
-    On a 429 the limit is multiplied by ``decrease``, once per window (a request sent after the
-    last cut); a 429 answering a request sent before that cut was one request too many under
-    the old limit and takes one off. Far above the ceiling this converges in one round trip
-    (24 rejections of 32 in flight take the limit to about 8), and with several replicas the
-    total reduction equals the total overshoot. On a success the limit grows by ``1/limit``
-    (one per window), only while the window is in use. ``decrease`` = 0.9 keeps the sawtooth
-    within 10% of the ceiling: about one overshoot per cycle, few 429s, little idle capacity.
+    A 429 answering a request that started as the ``n``-th in flight says the ceiling is below
+    ``n``: the limit drops to ``n - 1`` at once (the lowest such estimate of recent 429s wins,
+    so 24 rejections of 32 in flight at a ceiling of 8 bring the limit to 8 in one round trip,
+    and with several replicas each settles on its share). Then it holds there, instead of
+    cutting and regrowing a sawtooth: only after ``probe_after`` successes in a row (at least
+    ``probe_every`` of them, else ten times the limit) does it try one request more. A probe
+    answered 429 costs that one request; a probe that passes raises the limit by one, so a
+    ceiling that rose (a replica stopped, the account's limit raised) is found again. Requests
+    whose outcome says nothing (``dropped``) move nothing.
     """
 
     def __init__(
         self,
         maximum: int,
         initial: int | None = None,
-        decrease: float = 0.9,
-        clock: Callable[[], float] = time.monotonic,
+        *,
+        probe_every: int | None = None,
     ) -> None:
         self.maximum = maximum
-        self._limit = float(min(maximum, initial or maximum))
-        self._decrease = decrease
-        self._clock = clock
+        self._limit = min(maximum, initial or maximum)
+        self._probe_every = probe_every
         self._in_flight = 0
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._last_decrease = float("-inf")
+        self._calm = 0  # successes since the last 429 or probe
+        self._used = 0  # the most requests in flight at once since then
         self.peak_in_flight = 0
-        self.decreases = 0
+        self.decreases = 0  # times a 429 lowered the limit
+        self.probes = 0  # times the limit was raised by one to look above it
 
     @property
     def limit(self) -> int:
         """Current number of requests allowed in flight."""
-        return max(1, int(self._limit))
+        return self._limit
 
     @property
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def acquire(self) -> float:
-        """Wait until a request may start; returns its start time, for ``release``."""
-        if self._in_flight < self.limit and not self._waiters:
+    async def acquire(self) -> int:
+        """Wait until a request may start; returns its place in flight, for ``release``."""
+        if self._in_flight < self._limit and not self._waiters:
             self._in_flight += 1
         else:
             waiter = asyncio.get_running_loop().create_future()
@@ -68,29 +71,31 @@ class AdaptiveLimiter:
                     self._waiters.remove(waiter)
                 raise
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
-        return self._clock()
+        self._used = max(self._used, self._in_flight)
+        return self._in_flight
 
-    def release(self, started: float, *, overloaded: bool = False, dropped: bool = False) -> None:
+    def release(self, place: int, *, overloaded: bool = False, dropped: bool = False) -> None:
         """Return a slot: ``overloaded`` after a 429, ``dropped`` when the outcome says nothing."""
         if overloaded:
-            self._on_overload(started)
-        elif not dropped and 2 * self._in_flight >= self.limit:
-            # Additive increase, +1 per window of `limit` successes, only while the window is
-            # used: a limit nobody reaches would grow unchecked and then burst into 429s.
-            self._limit = min(float(self.maximum), self._limit + 1.0 / self._limit)
+            self._calm = self._used = 0
+            ceiling = max(1, place - 1)
+            if ceiling < self._limit:
+                self._limit = ceiling
+                self.decreases += 1
+        elif not dropped:
+            self._calm += 1
+            if self._calm >= (self._probe_every or 10 * self._limit):
+                if self._limit < self.maximum and self._used >= self._limit:
+                    # Look above the ceiling only while the limit is in use: one nobody
+                    # reaches would climb unchecked and then burst into 429s.
+                    self._limit += 1
+                    self.probes += 1
+                self._calm = self._used = 0
         self._release_slot()
-
-    def _on_overload(self, started: float) -> None:
-        if started <= self._last_decrease:
-            self._limit = max(1.0, self._limit - 1.0)  # one too many under the old limit
-            return
-        self._last_decrease = self._clock()
-        self._limit = max(1.0, self._limit * self._decrease)
-        self.decreases += 1
 
     def _release_slot(self) -> None:
         self._in_flight -= 1
-        while self._waiters and self._in_flight < self.limit:
+        while self._waiters and self._in_flight < self._limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._in_flight += 1

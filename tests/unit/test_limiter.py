@@ -1,4 +1,4 @@
-"""AIMD concurrency limiter and token bucket: the arithmetic and the queueing."""
+"""The ceiling-learning concurrency limiter and the token bucket: arithmetic and queueing."""
 
 from __future__ import annotations
 
@@ -9,73 +9,83 @@ import pytest
 from worker.limiter import AdaptiveLimiter, TokenBucket
 
 
-class Ticks:
-    """A clock that moves one tick per reading: every event has its own time."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        self.now += 1.0
-        return self.now
-
-
-async def fill(limiter: AdaptiveLimiter, n: int) -> list[float]:
+async def fill(limiter: AdaptiveLimiter, n: int) -> list[int]:
     return [await limiter.acquire() for _ in range(n)]
 
 
-async def test_a_429_cuts_by_the_decrease_factor() -> None:
-    limiter = AdaptiveLimiter(maximum=32, decrease=0.5, clock=Ticks())
-    (started,) = await fill(limiter, 1)
-    limiter.release(started, overloaded=True)
-    assert limiter.limit == 16
-    assert AdaptiveLimiter(maximum=30).limit == 30
-    default = AdaptiveLimiter(maximum=30, clock=Ticks())
-    default.release(await default.acquire(), overloaded=True)
-    assert default.limit == 27, "the default decrease is gentle: 0.9"
-
-
-async def test_success_grows_one_per_window_only_while_the_window_is_used() -> None:
-    limiter = AdaptiveLimiter(maximum=64, initial=16, clock=Ticks())
-    for _ in range(16):  # one request at a time: the window of 16 is not in use
-        limiter.release(await limiter.acquire())
-    assert limiter.limit == 16
-    for _ in range(2):  # two full windows in flight
-        for started in await fill(limiter, limiter.limit):
-            limiter.release(started)
-    assert limiter.limit == 17
-
-
-async def test_429s_of_requests_sent_before_a_cut_take_one_each() -> None:
-    limiter = AdaptiveLimiter(maximum=32, decrease=0.5, clock=Ticks())
-    old = await fill(limiter, 8)
-    for started in old:
-        limiter.release(started, overloaded=True)
-    assert limiter.limit == 16 - 7, "one cut for the window, then one off per extra 429"
+async def test_a_429_drops_the_limit_just_below_the_place_it_was_sent_at() -> None:
+    limiter = AdaptiveLimiter(maximum=32)
+    assert limiter.limit == 32
+    places = await fill(limiter, 20)
+    assert places == list(range(1, 21))
+    limiter.release(places[-1], overloaded=True)  # the 20th in flight was one too many
+    assert limiter.limit == 19
     assert limiter.decreases == 1
-    (new,) = await fill(limiter, 1)  # sent after the cut: a new window, a new cut
-    limiter.release(new, overloaded=True)
-    assert limiter.limit == 4
+    limiter.release(places[-2], overloaded=True)  # the 19th too: lower still
+    assert limiter.limit == 18
+    limiter.release(places[-3], overloaded=False)
+    limiter.release(30, overloaded=True)  # an older estimate above the limit changes nothing
+    assert limiter.limit == 18
     assert limiter.decreases == 2
 
 
 async def test_far_above_the_ceiling_one_round_trip_converges() -> None:
-    limiter = AdaptiveLimiter(maximum=32, clock=Ticks())
+    limiter = AdaptiveLimiter(maximum=32)
     sent = await fill(limiter, 32)
-    for started in sent[8:]:  # a ceiling of 8: 24 answered 429
-        limiter.release(started, overloaded=True)
-    assert 5 <= limiter.limit <= 8
+    for place in reversed(sent[8:]):  # a ceiling of 8: 24 answered 429, in any order
+        limiter.release(place, overloaded=True)
+    assert limiter.limit == 8
+
+
+async def test_it_holds_under_the_ceiling_and_probes_above_it_rarely() -> None:
+    limiter = AdaptiveLimiter(maximum=64, initial=16, probe_every=100)
+    for _ in range(6):  # 96 successes, every window of 16 wholly in flight
+        for place in await fill(limiter, 16):
+            limiter.release(place)
+    assert (limiter.limit, limiter.probes) == (16, 0)
+    for place in await fill(limiter, 16):  # the 100th success
+        limiter.release(place)
+    assert (limiter.limit, limiter.probes) == (17, 1)
+
+
+async def test_a_probe_answered_429_costs_one_request_and_restores_the_hold() -> None:
+    limiter = AdaptiveLimiter(maximum=64, initial=16, probe_every=16)
+    places = await fill(limiter, 16)
+    for place in places:
+        limiter.release(place)
+    assert limiter.limit == 17, "a full window of successes in use: one probe"
+    places = await fill(limiter, 17)
+    limiter.release(places[-1], overloaded=True)  # the 17th was too many
+    assert limiter.limit == 16
+    for place in places[:-1]:
+        limiter.release(place)
+    assert limiter.limit == 16, "calm restarts after a 429"
+
+
+async def test_an_unused_limit_does_not_climb() -> None:
+    limiter = AdaptiveLimiter(maximum=64, initial=16, probe_every=4)
+    for _ in range(100):  # one request at a time: the limit of 16 is not in use
+        limiter.release(await limiter.acquire())
+    assert limiter.limit == 16
+    assert limiter.probes == 0
 
 
 async def test_limit_stays_between_one_and_maximum() -> None:
-    limiter = AdaptiveLimiter(maximum=4, clock=Ticks())
+    limiter = AdaptiveLimiter(maximum=4, probe_every=1)
     for _ in range(50):
-        for started in await fill(limiter, limiter.limit):
-            limiter.release(started)
+        for place in await fill(limiter, limiter.limit):
+            limiter.release(place)
     assert limiter.limit == 4
     for _ in range(100):
         limiter.release(await limiter.acquire(), overloaded=True)
     assert limiter.limit == 1
+
+
+async def test_dropped_requests_move_nothing() -> None:
+    limiter = AdaptiveLimiter(maximum=8, initial=4, probe_every=1)
+    for place in await fill(limiter, 4):
+        limiter.release(place, dropped=True)
+    assert (limiter.limit, limiter.decreases, limiter.probes) == (4, 0, 0)
 
 
 async def test_waiters_are_admitted_in_order_up_to_the_limit() -> None:
@@ -92,11 +102,11 @@ async def test_waiters_are_admitted_in_order_up_to_the_limit() -> None:
     await asyncio.sleep(0)
     assert order == []
     assert limiter.in_flight == 2
-    limiter.release(0.0, dropped=True)
+    limiter.release(1, dropped=True)
     await asyncio.sleep(0)
     assert order == [0]
-    limiter.release(0.0, dropped=True)
-    limiter.release(0.0, dropped=True)
+    limiter.release(1, dropped=True)
+    limiter.release(1, dropped=True)
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2]
     assert limiter.in_flight == 2
@@ -111,7 +121,7 @@ async def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    limiter.release(0.0, dropped=True)
+    limiter.release(1, dropped=True)
     assert limiter.in_flight == 0
     await asyncio.wait_for(limiter.acquire(), 1)
     assert limiter.in_flight == 1
@@ -160,9 +170,9 @@ async def test_a_waiter_cancelled_around_its_admission_leaves_no_trace(cancel_fi
     await asyncio.sleep(0)
     if cancel_first:
         task.cancel()
-        limiter.release(0.0, dropped=True)  # pops the already-cancelled waiter
+        limiter.release(1, dropped=True)  # pops the already-cancelled waiter
     else:
-        limiter.release(0.0, dropped=True)  # admits the waiter...
+        limiter.release(1, dropped=True)  # admits the waiter...
         task.cancel()  # ...which is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
         await task
