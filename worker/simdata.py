@@ -317,7 +317,9 @@ class Dataset:
         }
 
     def _attribute_variants(self) -> list[str]:
-        """A seeded pool of non-empty attribute JSON strings (flat and nested)."""
+        """A seeded pool of non-empty attribute JSON strings, flat and nested, at least as
+        heavy as the spec's examples: unicode, escapes (quotes, backslashes, newlines), numbers
+        of every JSON kind, arrays of objects."""
         variants = []
         for index in range(64):
             bits = self._bits("attributes", index)
@@ -326,18 +328,29 @@ class Dataset:
                 continue
             nested = {
                 "customer": {
-                    "tier": bits.pick(("gold", "silver")),
+                    "tier": bits.pick(("gold", "silver", "bronze")),
                     "name": bits.pick(_PERSON_NAMES),
+                    "id": f"cus_{bits.below(1 << 40):010x}",
+                    "since": twilio_date(_EPOCH + bits.below(_SPAN)),
                 },
-                "routing": {"queue": {"id": bits.below(1000), "skills": [bits.pick(_TAGS)]}},
+                "routing": {
+                    "queue": {
+                        "id": bits.below(1000),
+                        "skills": [bits.pick(_TAGS), bits.pick(_TAGS)],
+                    },
+                    "weights": [0.25, 1e-3, -7, 12345678901],
+                },
+                "note": f"{bits.pick(_TOPICS)}\n\tsee "
+                + f'"ticket" #{bits.below(10**6)} \\ {bits.pick(_TAGS)}',
+                "history": [{"at": bits.below(10**9), "by": bits.pick(_FIRST)} for _ in range(3)],
                 "flags": [True, None, 1.5],
             }
-            variants.append(json.dumps(nested, ensure_ascii=False))
+            variants.append(json.dumps(nested, ensure_ascii=index % 4 == 0))
         return variants
 
     def _attributes(self, bits: _Bits) -> str:
-        """``"{}"`` (Twilio's default) 60% of the time, else a flat or nested JSON object."""
-        if bits.below(10) < 6:
+        """``"{}"`` (Twilio's default) 30% of the time, else a flat or nested JSON object."""
+        if bits.below(10) < 3:
             return "{}"
         return self._attribute_pool[bits.below(len(self._attribute_pool))]
 
