@@ -17,10 +17,18 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
-from bench.sim import REPO, SimProcess, count, machine_busy, postgres_cpu
+from bench.sim import (
+    REPO,
+    SimProcess,
+    count,
+    database_backends_cpu,
+    machine_busy,
+    postgres_cpu,
+)
 
 
 @dataclass
@@ -47,6 +55,8 @@ class SyncRun:
     cpu_seconds: float
     sim_cpu_cores: float  # the simulator process's CPU use over the run, in cores
     postgres_cpu_cores: float  # every local postgres process (other users' too), in cores
+    postgres_backend_cpu_seconds: float  # the pass's own database's backends (sampled /proc)
+    commits: int  # transactions committed in the pass's database (pg_stat_database)
     machine_busy_cores: float  # all processes on the machine, in cores
     requests: int
     pages_ok: int  # API pages answered 200 (services, users, conversations)
@@ -63,6 +73,14 @@ class SyncRun:
     @property
     def cpu_ms_per_page(self) -> float:
         return 1000 * self.cpu_seconds / self.pages_ok if self.pages_ok else 0.0
+
+    @property
+    def postgres_ms_per_page(self) -> float:
+        return 1000 * self.postgres_backend_cpu_seconds / self.pages_ok if self.pages_ok else 0.0
+
+    @property
+    def commits_per_page(self) -> float:
+        return self.commits / self.pages_ok if self.pages_ok else 0.0
 
     @property
     def rows(self) -> int:
@@ -87,6 +105,8 @@ class SyncRun:
             rows_per_second=self.rows_per_second,
             share_429=self.share_429,
             cpu_ms_per_page=self.cpu_ms_per_page,
+            postgres_ms_per_page=self.postgres_ms_per_page,
+            commits_per_page=self.commits_per_page,
         )
         return out
 
@@ -119,6 +139,18 @@ def migrate(env: Mapping[str, str]) -> None:
     )
     if done.returncode != 0:
         raise RuntimeError(f"convsync migrate failed ({done.returncode}): {done.stderr[-2000:]}")
+
+
+async def commits(db_url: str) -> int:
+    """Transactions committed so far in ``db_url``'s database."""
+    conn = await asyncpg.connect(db_url)
+    try:
+        value = await conn.fetchval(
+            "SELECT xact_commit FROM pg_stat_database WHERE datname = current_database()"
+        )
+    finally:
+        await conn.close()
+    return int(value or 0)
 
 
 async def last_pass(db_url: str) -> dict[str, Any]:
@@ -192,6 +224,9 @@ def run_sync(
 
     env = {**child_env(sim, db_url, concurrency), **(extra_env or {})}
     migrate(env)
+    database = urlsplit(db_url).path.lstrip("/")
+    backends: dict[int, float] = {}  # each backend's CPU seconds, as last sampled
+    commits_before = asyncio.run(commits(db_url))
     sim.reset_stats()
     started = time.monotonic()
     sim_cpu, pg_cpu, busy = sim.cpu(), postgres_cpu(), machine_busy()
@@ -213,7 +248,7 @@ def run_sync(
         spy_pending = profile_to is not None
         sampler = _Sampler(sim, started)
         deadline = started + timeout
-        next_sample = started
+        next_sample = next_backends = started
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -223,6 +258,9 @@ def run_sync(
                 proc.kill()
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
+            if now >= next_backends:
+                backends.update(database_backends_cpu(database))
+                next_backends = now + 0.25
             if sample_every is not None and now >= next_sample:
                 sampler.sample()
                 # Fine polling until the first request, so the window starts on time.
@@ -243,6 +281,7 @@ def run_sync(
         spy.wait(60)
     window_avg, window_seconds = sampler.window()
     summary = asyncio.run(last_pass(db_url))
+    committed = asyncio.run(commits(db_url)) - commits_before - 1  # less the sampling's own
     run = SyncRun(
         users=sim.users,
         concurrency=concurrency,
@@ -253,6 +292,8 @@ def run_sync(
         cpu_seconds=usage.ru_utime + usage.ru_stime,
         sim_cpu_cores=sim_cpu_cores,
         postgres_cpu_cores=pg_cores,
+        postgres_backend_cpu_seconds=sum(backends.values()),
+        commits=committed,
         machine_busy_cores=busy_cores,
         requests=int(stats["requests"]),
         pages_ok=count(stats, 200),

@@ -79,6 +79,23 @@ def postgres_cpu() -> CpuSample:
     return CpuSample(now, ticks / os.sysconf("SC_CLK_TCK"))
 
 
+def database_backends_cpu(database: str) -> dict[int, float]:
+    """CPU seconds so far of each live PostgreSQL backend connected to ``database`` (found by
+    its process title, ``postgres: ... user database host(port) state``)."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    found: dict[int, float] = {}
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            title = cmdline.read_bytes()
+            if not title.startswith(b"postgres:") or f" {database} ".encode() not in title:
+                continue
+            fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        found[int(cmdline.parent.name)] = (int(fields[11]) + int(fields[12])) / ticks
+    return found
+
+
 class SimProcess:
     """``python -m worker simulate`` serving ``users`` users at ``latency_ms``, on a free port."""
 

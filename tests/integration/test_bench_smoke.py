@@ -15,7 +15,7 @@ from tests.harness import REPO
 
 EXPECTED = {
     "timestamp", "config", "machine", "ceiling", "convsync", "naive", "dlt", "hidden_ceiling",
-    "big", "targets", "seconds",
+    "mid", "big", "targets", "seconds",
 }  # fmt: skip
 
 
@@ -44,8 +44,14 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
     assert run["pages_ok"] == figures["ceiling"]["pages"] > 0
     assert run["peak_rss_mb"] > 0
     assert figures["big"]["peak_rss_mb"] > 0
-    assert figures["hidden_ceiling"]["in_flight"]["max"] <= figures["config"]["hidden_ceiling"]
+    assert figures["mid"]["pages_ok"] > run["pages_ok"]
+    latencies = [k["latency_ms"] for k in figures["hidden_ceiling"]]
+    assert latencies == figures["config"]["k_latency_ms"] == [10.0, 40.0]
+    for limited in figures["hidden_ceiling"]:
+        assert limited["in_flight"]["max"] <= figures["config"]["hidden_ceiling"]
+    assert run["commits"] > 0
+    assert run["postgres_backend_cpu_seconds"] > 0
     names = {t["name"] for t in figures["targets"]}
-    assert len(names) == 7
+    assert len(names) == 8 + 2 * len(latencies)
     assert all("met" in t for t in figures["targets"])
     assert "end to end / ceiling (pages/s)" in done.stdout
