@@ -20,6 +20,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import aiohttp
 import msgspec
 import structlog
+import yarl
 
 from worker.config import Settings
 from worker.errors import (
@@ -227,9 +228,9 @@ class TwilioClient:
         self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
         try:
             try:
-                async with self._session.get(
-                    self._base_url + path, allow_redirects=False
-                ) as response:
+                # Paths are already percent-encoded (built with quote, or Twilio's own URLs).
+                url = yarl.URL(self._base_url + path, encoded=True)
+                async with self._session.get(url, allow_redirects=False) as response:
                     status = response.status
                     raw = await response.read()
             except (aiohttp.ClientError, TimeoutError) as error:
