@@ -159,7 +159,7 @@ def _sid(item: dict[str, Any], name: str, prefix: str, *, required: bool = False
         if required:
             raise InvalidItem(f"{name} is missing")
         return None
-    if not SID_PATTERNS[prefix].match(value):
+    if not SID_PATTERNS[prefix].fullmatch(value):
         raise InvalidItem(f"{name} is not a valid {prefix} SID")
     return value
 
@@ -276,7 +276,7 @@ def _raw(item: Any) -> str:
 def _readable_sid(item: Any, name: str, prefix: str) -> str | None:
     if isinstance(item, dict):
         value = item.get(name)
-        if isinstance(value, str) and SID_PATTERNS[prefix].match(value):
+        if isinstance(value, str) and SID_PATTERNS[prefix].fullmatch(value):
             return value
     return None
 
