@@ -45,7 +45,9 @@ def test_api_key_is_preferred_and_secrets_stay_out_of_repr() -> None:
     text = repr(settings)
     for secret in ("s3cret-key", "dbpass"):
         assert secret not in text
-    assert set(settings.secrets()) == {"s3cret-key", "dbpass"}
+    # the auth token too (set, though the API key is used) and the Basic credentials of both
+    assert {"s3cret-key", "dbpass", "account-token"} <= set(settings.secrets())
+    assert settings.credentials.basic in settings.secrets()
 
 
 def test_defaults() -> None:
