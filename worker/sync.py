@@ -84,6 +84,13 @@ PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
 )
+# Errors that end the pass, recorded as its error: fatal ones, and a services listing that
+# could not be read or stored (nothing of the pass can go on without it).
+PASS_ENDING_ERRORS: tuple[type[BaseException], ...] = (
+    FatalError,
+    UserSyncError,
+    *PAGE_REFUSED_ERRORS,
+)
 
 
 def parse_owner(owner: str) -> tuple[str, str, int] | None:
@@ -217,8 +224,7 @@ class SyncPass:
                 else:
                     await self.db(self.store.open_discovery, info.run_id, services)
                 await self.run_loops()
-            except (FatalError, UserSyncError) as error:
-                # Fatal, or the services listing failed: the pass cannot go on.
+            except PASS_ENDING_ERRORS as error:
                 await self.db(self.store.finish_pass, info.run_id, redact(str(error)))
                 raise
             if self.stop.is_set():
