@@ -87,7 +87,7 @@ class Page:
 
 class ListingGuard:
     """One walk through a listing: refuses a page the listing already served (a paging loop,
-    however long) and more than ``max_pages`` pages. Memory: 16 bytes per page, bounded."""
+    however long) and more than ``max_pages`` pages. Memory: two 16-byte digests per page."""
 
     def __init__(self, max_pages: int, served: int = 0) -> None:
         self.max_pages = max_pages
