@@ -91,6 +91,14 @@ def spawn_convsync(args: list[str], env: Mapping[str, str]) -> subprocess.Popen[
     )
 
 
+def failure(output: str) -> dict[str, Any]:
+    """The one ``command_failed`` line a failed command ends with (JSON logs), parsed."""
+    events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
+    failed = [e for e in events if e.get("event") == "command_failed"]
+    assert len(failed) == 1, f"{len(failed)} command_failed lines in {output[-2000:]}"
+    return failed[0]
+
+
 def _base_env() -> dict[str, str]:
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
     return {k: v for k, v in os.environ.items() if k in keep}

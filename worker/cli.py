@@ -1,7 +1,9 @@
 """``convsync`` commands and their exit codes.
 
-Exit codes: 0 success; 1 some users failed, or the pass was interrupted (its progress is kept);
-2 configuration or credentials are wrong (nothing retried).
+Exit codes: 0 success; 1 some users failed, or the pass was interrupted or could not go on (the
+API or the database unavailable past every retry, an unexpected error; its progress is kept);
+2 configuration or credentials are wrong (nothing retried). A failure is one structured,
+redacted log line (``command_failed``), never a traceback.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -20,9 +23,16 @@ import structlog
 
 from worker import loop
 from worker.client import TwilioClient
-from worker.config import SERVICE_SID, USER_SID, Settings, load_settings, parse_sids
+from worker.config import (
+    SERVICE_SID,
+    USER_SID,
+    Settings,
+    load_settings,
+    parse_sids,
+    secret_values,
+)
 from worker.errors import ConfigError, ConvsyncError, FatalError
-from worker.logs import configure_logging, redact
+from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
 from worker.service import DATABASE_REFUSED, run_service
 from worker.store import Store, recent_passes, troubled_users
@@ -78,17 +88,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         configure_logging(settings.log_level, settings.log_format, settings.secrets())
         return loop.run(_dispatch(args, settings), settings.event_loop)
     except FatalError as error:
-        return _fail(str(error), settings)
+        return _fail(args.command, error, settings, EXIT_CONFIG)
     except ConvsyncError as error:
         # Not fatal (e.g. the API or the database unreachable past every retry): try later.
-        return _fail(str(error), settings, EXIT_PARTIAL)
+        return _fail(args.command, error, settings, EXIT_PARTIAL)
     except KeyboardInterrupt:
         return EXIT_PARTIAL
+    except Exception as error:  # a bug, or a failure nothing below knew: still one line
+        return _fail(args.command, error, settings, EXIT_PARTIAL)
 
 
-def _fail(message: str, settings: Settings | None, code: int = EXIT_CONFIG) -> int:
-    message = redact(message, settings.secrets() if settings else ())
-    print(f"convsync: error: {message}", file=sys.stderr)
+def _fail(command: str, error: Exception, settings: Settings | None, code: int) -> int:
+    """Log the one line a failed command ends with (redacted, no traceback); its exit code."""
+    if settings is None:  # the configuration itself was refused: log with the defaults
+        fmt = os.environ.get("CONVSYNC_LOG_FORMAT", "auto").strip().lower()
+        fmt = fmt if fmt in ("json", "console") else "auto"
+        configure_logging("info", fmt, secret_values(os.environ))
+    message = str(error) if isinstance(error, ConvsyncError) else f"internal error: {error}"
+    log.error(
+        "command_failed",
+        command=command,
+        error=redact(message)[:2000],
+        error_kind=type(error).__name__,
+        exit_code=code,
+    )
     return code
 
 
@@ -118,6 +141,8 @@ async def _database(settings: Settings) -> str:
         conn = await asyncpg.connect(dsn, timeout=10)
     except DATABASE_REFUSED as error:
         raise ConfigError(f"DATABASE_URL was refused: {type(error).__name__}") from None
+    except asyncpg.ClientConfigurationError as error:
+        raise ConfigError(f"DATABASE_URL is not usable: {redact(str(error))}") from None
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         raise DatabaseUnreachable(
             f"cannot reach the database in DATABASE_URL: {type(error).__name__}"
@@ -172,6 +197,8 @@ async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
         users = await troubled_users(conn)
     finally:
         await conn.close()
+    # Errors were redacted when stored; scrubbed again with today's secrets all the same.
+    passes, users = scrub(passes), scrub(users)
     if as_json:
         print(json.dumps({"passes": passes, "users": users}, default=_json_default, indent=2))
         return EXIT_OK

@@ -2,20 +2,25 @@
 
 The client never touches the database. It turns every response into a ``Page`` or one of the
 errors of ``worker.errors``; what to do about a failure is the caller's policy.
+
+What an upstream may send is bounded here: a body by CONVSYNC_MAX_RESPONSE_BYTES (counted as
+it streams in, after decompression), a page's items by the PageSize asked for, a listing by
+``ListingGuard`` (no page served twice, at most CONVSYNC_MAX_PAGES), and a next_page_url must
+stay within its listing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
+import hashlib
 import json
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qs, quote, urlsplit
+from urllib.parse import parse_qs, parse_qsl, quote, unquote, urlencode, urlsplit
 
 import aiohttp
 import msgspec
@@ -27,9 +32,11 @@ from worker.errors import (
     AuthError,
     ConnectionFailed,
     Interrupted,
+    ListingRefused,
     MalformedPage,
     PageTokenRejected,
     RateLimited,
+    ResponseTooLarge,
     RetriesExhausted,
     ServerError,
     TransientError,
@@ -37,6 +44,7 @@ from worker.errors import (
     UserGone,
 )
 from worker.limiter import AdaptiveLimiter, TokenBucket
+from worker.logs import redact
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
 
@@ -97,6 +105,43 @@ def _envelope(key: str) -> msgspec.json.Decoder[Any]:
 _ENVELOPES = {key: _envelope(key) for key in ("services", "users", "conversations")}
 
 
+class ListingGuard:
+    """One walk through a listing: refuses a page the listing already served (a paging loop,
+    however long) and more than ``max_pages`` pages. Memory: two 16-byte digests per page."""
+
+    def __init__(self, max_pages: int, served: int = 0) -> None:
+        self.max_pages = max_pages
+        self._served = served  # pages committed before this walk (a resumed cursor's count)
+        self._seen: set[bytes] = set()
+
+    def check(self, path: str) -> None:
+        """Call before fetching ``path``, the listing's next page; ListingRefused if it must
+        not be fetched."""
+        if self._served >= self.max_pages:
+            raise ListingRefused(
+                f"{_path_only(path)}: the listing goes on past CONVSYNC_MAX_PAGES "
+                f"({self.max_pages}) pages"
+            )
+        keys = _page_keys(path)
+        if not self._seen.isdisjoint(keys):
+            raise ListingRefused(
+                f"{_path_only(path)}: the listing repeats a page it already served "
+                f"(after {self._served} pages): its next_page_url loops"
+            )
+        self._seen.update(keys)
+        self._served += 1
+
+
+def _page_keys(path: str) -> list[bytes]:
+    """What identifies a page of a listing: its path and query without ``Page`` (an echo for
+    the client), and its PageToken alone (the position)."""
+    parts = urlsplit(path)
+    query = sorted((k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True) if k != "Page")
+    texts = [f"{unquote(parts.path)}?{urlencode(query)}"]
+    texts += [f"PageToken={v}" for k, v in query if k == "PageToken"]
+    return [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts]
+
+
 @dataclass(frozen=True)
 class Backoff:
     """Exponential backoff with full jitter, bounded by attempts and total time."""
@@ -124,8 +169,10 @@ class TwilioClient:
         credentials = settings.require_credentials()
         self._base_url = settings.base_url
         self._origin = _origin(settings.base_url)
-        token = f"{credentials.username}:{credentials.password}".encode()
-        self._authorization = "Basic " + base64.b64encode(token).decode("ascii")
+        self._authorization = "Basic " + credentials.basic
+        self._secrets = (credentials.password, credentials.basic)  # an error body may echo them
+        self._max_body = settings.max_response_bytes
+        self._max_items = settings.max_page_items
         self._timeout = aiohttp.ClientTimeout(total=settings.request_timeout)
         self._backoff = backoff or Backoff(settings.max_attempts, settings.max_retry_seconds)
         self.limiter = AdaptiveLimiter(settings.concurrency)
@@ -157,9 +204,18 @@ class TwilioClient:
         """Fetch one list page; its items are under ``key`` (e.g. "conversations")."""
         items, next_url, body = await self._fetch(path, lambda raw: _split_page(path, key, raw))
         next_path = self._relative(next_url) if next_url else None
-        if next_path == path:
-            # Followed, it would list the same page forever and the pass would never end.
-            raise MalformedPage(f"page {_path_only(path)}: its next_page_url repeats the page")
+        if next_path is not None and _listing(next_path) != _listing(path):
+            # Another user's listing, say: its items would be stored as this user's.
+            raise MalformedPage(
+                f"page {_path_only(path)}: its next_page_url leaves the listing "
+                f"(to {_path_only(next_path)[:200]})"
+            )
+        asked = _page_size(path)
+        bound = min(asked, self._max_items) if asked else self._max_items
+        if len(items) > bound:
+            raise MalformedPage(
+                f"page {_path_only(path)} has {len(items)} items, more than the {bound} asked for"
+            )
         return Page(path, items, next_path, body)
 
     async def get_json(self, path: str) -> dict[str, Any]:
@@ -232,11 +288,14 @@ class TwilioClient:
                 url = yarl.URL(self._base_url + path, encoded=True)
                 async with self._session.get(url, allow_redirects=False) as response:
                     status = response.status
-                    raw = await response.read()
+                    raw = await self._read_body(path, response)
             except (aiohttp.ClientError, TimeoutError) as error:
                 dropped = True
                 self._metrics.inc("convsync_requests_total", status="connection_error")
                 raise ConnectionFailed(f"{type(error).__name__}: {error}") from error
+            except ResponseTooLarge:
+                self._metrics.inc("convsync_requests_total", status="too_large")
+                raise
             self._metrics.inc("convsync_requests_total", status=str(status))
             if status == 429:
                 overloaded = True
@@ -250,11 +309,37 @@ class TwilioClient:
             self._metrics.set("convsync_concurrency_limit", self.limiter.limit)
             self._metrics.set("convsync_requests_in_flight", self.limiter.in_flight)
 
+    async def _read_body(self, path: str, response: aiohttp.ClientResponse) -> bytes:
+        """The body, read as it streams in (decompressed) and refused at once, without reading
+        the rest, when it grows past the bound; a Content-Length above it is refused unread."""
+        declared = response.content_length
+        if declared is not None and declared > self._max_body:
+            response.close()
+            raise self._too_large(path, f"declares {declared} bytes")
+        identity = response.headers.get("Content-Encoding", "identity").lower() == "identity"
+        if declared is not None and identity:
+            return await response.read()  # exactly Content-Length bytes: within the bound
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in response.content.iter_any():
+            size += len(chunk)
+            if size > self._max_body:
+                response.close()  # the connection goes; what is still unsent is never read
+                raise self._too_large(path, f"exceeds {self._max_body} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _too_large(self, path: str, how: str) -> ResponseTooLarge:
+        return ResponseTooLarge(
+            f"{_path_only(path)}: the response body {how}, above CONVSYNC_MAX_RESPONSE_BYTES "
+            f"({self._max_body})"
+        )
+
     def _refusal(self, path: str, status: int, raw: bytes, headers: Any) -> Exception:
         """The error a non-200 answer stands for."""
         if status >= 500:
             return ServerError(f"HTTP {status}", _retry_after(headers))
-        code, message = _twilio_error(raw)
+        code, message = _twilio_error(raw, self._secrets)
         detail = (
             f"HTTP {status}"
             + (f" code {code}" if code else "")
@@ -329,6 +414,18 @@ def _path_only(path: str) -> str:
     return path.split("?", 1)[0]
 
 
+def _listing(path: str) -> str:
+    """The listing a page belongs to: its path, decoded (only the query moves through it)."""
+    return unquote(_path_only(path))
+
+
+def _page_size(path: str) -> int | None:
+    """The PageSize a page path asks for, if it names a valid one."""
+    size = (parse_qs(urlsplit(path).query).get("PageSize") or [""])[0]
+    valid = size.isascii() and size.isdigit() and len(size) <= 9 and int(size) > 0
+    return int(size) if valid else None
+
+
 def _retry_after(headers: Any) -> float | None:
     value = headers.get("Retry-After") if headers is not None else None
     if value is None:
@@ -339,7 +436,9 @@ def _retry_after(headers: Any) -> float | None:
         return None
 
 
-def _twilio_error(raw: bytes) -> tuple[int | None, str | None]:
+def _twilio_error(raw: bytes, secrets: tuple[str, ...]) -> tuple[int | None, str | None]:
+    """Twilio's error code and message (redacted before it is cut: the body may echo the
+    credentials sent)."""
     try:
         body = json.loads(raw)
     except ValueError:
@@ -350,5 +449,5 @@ def _twilio_error(raw: bytes) -> tuple[int | None, str | None]:
     message = body.get("message")
     return (
         code if isinstance(code, int) else None,
-        message[:200] if isinstance(message, str) else None,
+        redact(message, secrets)[:200] if isinstance(message, str) else None,
     )

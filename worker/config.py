@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import importlib.util
+import ipaddress
 import os
 import re
 import secrets
@@ -10,15 +12,19 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from worker.errors import ConfigError
 
-SERVICE_SID = re.compile(r"^IS[0-9a-fA-F]{32}$")
-USER_SID = re.compile(r"^US[0-9a-fA-F]{32}$")
-ACCOUNT_SID = re.compile(r"^AC[0-9a-fA-F]{32}$")
-API_KEY_SID = re.compile(r"^SK[0-9a-fA-F]{32}$")
+# Used with ``fullmatch``, as the database's CHECK (``~ '^IS[0-9a-fA-F]{32}$'``) matches: no
+# trailing newline (Python's ``$`` would accept one).
+SERVICE_SID = re.compile(r"IS[0-9a-fA-F]{32}")
+USER_SID = re.compile(r"US[0-9a-fA-F]{32}")
+ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
+API_KEY_SID = re.compile(r"SK[0-9a-fA-F]{32}")
 MAX_PAGE_SIZE = 50
+SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
+SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 Number = TypeVar("Number", int, float)
 
 
@@ -50,10 +56,31 @@ VARIABLES: tuple[Variable, ...] = (
     Variable("CONVSYNC_REQUEST_TIMEOUT", "30", "Seconds before one request is abandoned."),
     Variable("CONVSYNC_MAX_ATTEMPTS", "8", "Attempts per request before the user fails."),
     Variable("CONVSYNC_MAX_RETRY_SECONDS", "120", "Total seconds one request may spend retrying."),
+    Variable(
+        "CONVSYNC_MAX_RESPONSE_BYTES",
+        "16777216",
+        "Largest response body accepted, counted after decompression (16 MiB); a larger one "
+        "fails its listing at once, unretried.",
+    ),
+    Variable(
+        "CONVSYNC_MAX_PAGE_ITEMS",
+        "1000",
+        "Most items a page may hold (never more than the PageSize asked for).",
+    ),
+    Variable(
+        "CONVSYNC_MAX_PAGES",
+        "20000",
+        "Most pages one listing (a service's users, a user's conversations) may span.",
+    ),
     Variable("CONVSYNC_DB_POOL_SIZE", "8", "PostgreSQL connections held by the worker."),
     Variable("CONVSYNC_BATCH_PAGES", "64", "Most pages one transaction writes (group commit)."),
     Variable(
         "CONVSYNC_BATCH_MS", "0", "Milliseconds a batch may wait for more pages before it commits."
+    ),
+    Variable(
+        "CONVSYNC_DB_WAIT_SECONDS",
+        "60",
+        "Seconds a pass waits for a database that is down, read-only or in recovery.",
     ),
     Variable("CONVSYNC_LEASE_SECONDS", "60", "How long a claimed user stays claimed unrenewed."),
     Variable(
@@ -66,7 +93,17 @@ VARIABLES: tuple[Variable, ...] = (
         "`convsync run`: seconds between passes (3600 when no schedule is set).",
     ),
     Variable("CONVSYNC_RUN_AT_START", "true", "`convsync run`: start a pass immediately."),
+    Variable(
+        "CONVSYNC_HTTP_HOST",
+        "0.0.0.0",  # noqa: S104 (probes come from outside the container)
+        "`convsync run`: address of /healthz, /readyz, /metrics (0.0.0.0: every interface).",
+    ),
     Variable("CONVSYNC_HTTP_PORT", "8080", "`convsync run`: port of /healthz, /readyz, /metrics."),
+    Variable(
+        "CONVSYNC_HTTP_HEADER_TIMEOUT",
+        "10",
+        "`convsync run`: seconds a client has to send a request's headers (and idles at most).",
+    ),
     Variable("CONVSYNC_SHUTDOWN_GRACE", "25", "Seconds in-flight work gets after SIGTERM."),
     Variable("CONVSYNC_EVENT_LOOP", "auto", "auto (uvloop where installed), uvloop or asyncio."),
     Variable("CONVSYNC_LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json or console."),
@@ -87,6 +124,11 @@ class TwilioCredentials:
     username: str
     password: str = field(repr=False)
 
+    @property
+    def basic(self) -> str:
+        """The HTTP Basic credentials as sent (base64 of ``username:password``): a secret."""
+        return basic_credentials(self.username, self.password)
+
 
 @dataclass(frozen=True)
 class Settings:
@@ -102,19 +144,27 @@ class Settings:
     request_timeout: float = 30.0
     max_attempts: int = 8
     max_retry_seconds: float = 120.0
+    max_response_bytes: int = 16 * 1024 * 1024
+    max_page_items: int = 1000
+    max_pages: int = 20000
     db_pool_size: int = 8
     batch_pages: int = 64
     batch_ms: float = 0.0
+    db_wait_seconds: float = 60.0
     lease_seconds: float = 60.0
     worker_id: str = ""
     schedule: str | None = None
     interval: float | None = None
     run_at_start: bool = True
+    http_host: str = "0.0.0.0"  # noqa: S104 (probes come from outside the container)
     http_port: int = 8080
+    http_header_timeout: float = 10.0
     shutdown_grace: float = 25.0
     log_format: str = "auto"
     log_level: str = "info"
     event_loop: str = "auto"
+    # Every secret the environment held, used or not (e.g. TWILIO_AUTH_TOKEN beside an API key).
+    environment_secrets: tuple[str, ...] = field(default=(), repr=False)
 
     def require_database(self) -> str:
         """The database URL, or a ConfigError naming the variable."""
@@ -132,15 +182,51 @@ class Settings:
         return self.credentials
 
     def secrets(self) -> tuple[str, ...]:
-        """Every secret value in force, for redaction."""
-        found: list[str] = []
+        """Every secret value known, for redaction (``worker.logs`` adds their encodings)."""
+        found = list(self.environment_secrets)
         if self.credentials is not None:
-            found.append(self.credentials.password)
-        if self.database_url:
-            password = urlsplit(self.database_url).password
-            if password:
-                found.append(password)
-        return tuple(s for s in found if s)
+            found += [self.credentials.password, self.credentials.basic]
+        found += url_secrets(self.database_url)
+        return tuple(dict.fromkeys(s for s in found if s))
+
+
+def basic_credentials(username: str, password: str) -> str:
+    return base64.b64encode(f"{username}:{password}".encode()).decode("ascii")
+
+
+def url_secrets(url: str | None) -> list[str]:
+    """The password of a URL, as written and decoded, from its user info and from a
+    ``password`` query parameter; read leniently, so that an invalid URL still gives it up."""
+    if not url:
+        return []
+    rest = url.split("://", 1)[-1]
+    userinfo = re.split(r"[/?#]", rest, maxsplit=1)[0].rpartition("@")[0]
+    found = [userinfo.partition(":")[2]] if ":" in userinfo else []
+    for pair in rest.partition("?")[2].partition("#")[0].split("&"):
+        key, _, value = pair.partition("=")
+        if unquote_plus(key).lower() in ("password", "sslpassword"):
+            found.append(value)
+    return [form for s in found for form in (s, unquote_plus(s)) if form]
+
+
+def secret_values(env: Mapping[str, str]) -> tuple[str, ...]:
+    """Every secret in ``env``, valid or not, for redaction: the secret variables, the
+    passwords inside URLs, and the Basic credentials either Twilio pair would send."""
+    found = [
+        value
+        for v in VARIABLES
+        if v.secret and v.name != "DATABASE_URL" and (value := _get(env, v.name))
+    ]
+    for user_name, secret_name in (
+        ("TWILIO_API_KEY_SID", "TWILIO_API_KEY_SECRET"),
+        ("TWILIO_ACCOUNT_SID", "TWILIO_AUTH_TOKEN"),
+    ):
+        user, secret = _get(env, user_name), _get(env, secret_name)
+        if user and secret:
+            found.append(basic_credentials(user, secret))
+    found += url_secrets(_get(env, "DATABASE_URL"))
+    found += url_secrets(_get(env, "TWILIO_CONVERSATIONS_BASE_URL"))
+    return tuple(dict.fromkeys(found))
 
 
 def _get(env: Mapping[str, str], name: str) -> str | None:
@@ -190,7 +276,41 @@ def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
         raise ConfigError(f"{name} is not a valid URL") from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"{name} must start with postgresql://")
+    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+        allowed = {"sslmode": SSL_MODES, "target_session_attrs": SESSION_ATTRS}.get(key)
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{name}: {key} must be one of {', '.join(allowed)}")
     return url
+
+
+def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> str:
+    """An http(s) origin (and optional path prefix), without credentials, query or fragment."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{name} must be an http(s) URL")
+    if "@" in parts.netloc:
+        raise ConfigError(
+            f"{name} must not hold credentials: set TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET"
+        )
+    if parts.query or parts.fragment:
+        raise ConfigError(f"{name} must not have a query or a fragment")
+    return url
+
+
+def _host(env: Mapping[str, str], name: str) -> str | None:
+    raw = _get(env, name)
+    if raw is None:
+        return None
+    try:
+        ipaddress.ip_address(raw)
+    except ValueError:
+        if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", raw):
+            raise ConfigError(f"{name} must be an IP address or a host name, got {raw!r}") from None
+    return raw
 
 
 def _credentials(env: Mapping[str, str]) -> TwilioCredentials | None:
@@ -200,14 +320,14 @@ def _credentials(env: Mapping[str, str]) -> TwilioCredentials | None:
         if not (key_sid and key_secret):
             missing = "TWILIO_API_KEY_SECRET" if key_sid else "TWILIO_API_KEY_SID"
             raise ConfigError(f"{missing} is not set (the API key needs both parts)")
-        if not API_KEY_SID.match(key_sid):
+        if not API_KEY_SID.fullmatch(key_sid):
             raise ConfigError("TWILIO_API_KEY_SID must look like SK followed by 32 hex digits")
         return TwilioCredentials(key_sid, key_secret)
     if account or token:
         if not (account and token):
             missing = "TWILIO_AUTH_TOKEN" if account else "TWILIO_ACCOUNT_SID"
             raise ConfigError(f"{missing} is not set (account credentials need both parts)")
-        if not ACCOUNT_SID.match(account):
+        if not ACCOUNT_SID.fullmatch(account):
             raise ConfigError("TWILIO_ACCOUNT_SID must look like AC followed by 32 hex digits")
         return TwilioCredentials(account, token)
     return None
@@ -219,7 +339,7 @@ def parse_sids(raw: str | None, pattern: re.Pattern[str], name: str) -> tuple[st
         return ()
     sids = tuple(s.strip() for s in raw.split(",") if s.strip())
     for sid in sids:
-        if not pattern.match(sid):
+        if not pattern.fullmatch(sid):
             raise ConfigError(f"{name} has an invalid SID {sid!r}")
     return sids
 
@@ -243,10 +363,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     database_url = _get(env, "DATABASE_URL")
     if database_url is not None:
         validate_database_url(database_url)
-    base_url = (_get(env, "TWILIO_CONVERSATIONS_BASE_URL") or Settings.base_url).rstrip("/")
-    parts = urlsplit(base_url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
-        raise ConfigError("TWILIO_CONVERSATIONS_BASE_URL must be an http(s) URL")
+    base_url = validate_base_url(
+        (_get(env, "TWILIO_CONVERSATIONS_BASE_URL") or Settings.base_url).rstrip("/")
+    )
     schedule, interval = (
         _get(env, "CONVSYNC_SCHEDULE"),
         _number(env, "CONVSYNC_INTERVAL", float, 1.0),
@@ -271,11 +390,17 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "request_timeout": _number(env, "CONVSYNC_REQUEST_TIMEOUT", float, 0.1),
         "max_attempts": _number(env, "CONVSYNC_MAX_ATTEMPTS", int, 1, 100),
         "max_retry_seconds": _number(env, "CONVSYNC_MAX_RETRY_SECONDS", float, 0.0),
+        "max_response_bytes": _number(env, "CONVSYNC_MAX_RESPONSE_BYTES", int, 1024),
+        "max_page_items": _number(env, "CONVSYNC_MAX_PAGE_ITEMS", int, 1),
+        "max_pages": _number(env, "CONVSYNC_MAX_PAGES", int, 1),
         "db_pool_size": _number(env, "CONVSYNC_DB_POOL_SIZE", int, 2, 100),
         "batch_pages": _number(env, "CONVSYNC_BATCH_PAGES", int, 1, 1000),
         "batch_ms": _number(env, "CONVSYNC_BATCH_MS", float, 0.0, 10_000.0),
+        "db_wait_seconds": _number(env, "CONVSYNC_DB_WAIT_SECONDS", float, 0.0),
         "lease_seconds": _number(env, "CONVSYNC_LEASE_SECONDS", float, 1.0),
+        "http_host": _host(env, "CONVSYNC_HTTP_HOST"),
         "http_port": _number(env, "CONVSYNC_HTTP_PORT", int, 0, 65535),
+        "http_header_timeout": _number(env, "CONVSYNC_HTTP_HEADER_TIMEOUT", float, 0.1),
         "shutdown_grace": _number(env, "CONVSYNC_SHUTDOWN_GRACE", float, 0.0),
         "run_at_start": _bool(env, "CONVSYNC_RUN_AT_START"),
     }
@@ -290,6 +415,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         log_level=log_level,
         event_loop=event_loop,
+        environment_secrets=secret_values(env),
         **{k: v for k, v in values.items() if v is not None},
     )
 

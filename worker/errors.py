@@ -44,6 +44,14 @@ class MalformedPage(UserSyncError):
     """A page's body is not a Twilio list page."""
 
 
+class ResponseTooLarge(MalformedPage):
+    """A response body exceeds CONVSYNC_MAX_RESPONSE_BYTES (after decompression)."""
+
+
+class ListingRefused(MalformedPage):
+    """A listing repeats a page it already served, or spans more than CONVSYNC_MAX_PAGES."""
+
+
 class PageRefused(UserSyncError):
     """PostgreSQL refused a page's rows (a value the parser let through); nothing of it is kept."""
 

@@ -1,33 +1,75 @@
-"""structlog set-up: JSON lines off a TTY, a readable console on one, secrets redacted."""
+"""structlog set-up: JSON lines off a TTY, a readable console on one, secrets redacted.
+
+Redaction is one policy, ``redact``: every registered secret in every form it can take in a
+message (as given, URL-encoded, URL-decoded, JSON-escaped), plus what is a secret whatever its
+value (an ``Authorization`` value, a URL's password, a ``password=`` parameter).
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 import sys
 from collections.abc import Iterable, MutableMapping
 from typing import Any
+from urllib.parse import quote, quote_plus, unquote, unquote_plus
 
 import structlog
 
 REDACTED = "[redacted]"
 _secrets: tuple[str, ...] = ()
+# Secret by shape: a Basic/Bearer credential, the password in a URL's user info, a password
+# parameter (URL query or libpq key=value).
+_SHAPES = re.compile(
+    r"(?P<scheme>\b(?:basic|bearer)\s+)[A-Za-z0-9+/._~-]{16,}=*"
+    r"|(?P<userinfo>\b[a-z][a-z0-9+.-]*://[^\s:/?#@]*:)[^\s@/]*@"
+    r"|(?P<param>\b(?:ssl)?password=)[^\s&#'\"]+",
+    re.IGNORECASE,
+)
 
 
-def redact(text: str, secrets: Iterable[str] | None = None) -> str:
-    """``text`` with every known secret replaced."""
-    for secret in _secrets if secrets is None else secrets:
-        if secret and secret in text:
-            text = text.replace(secret, REDACTED)
-    return text
+def _shape(match: re.Match[str]) -> str:
+    prefix = match.group("scheme") or match.group("param")
+    if prefix:
+        return prefix + REDACTED
+    return f"{match.group('userinfo')}{REDACTED}@"
 
 
-def _scrub(value: Any) -> Any:
+def secret_forms(secrets: Iterable[str]) -> tuple[str, ...]:
+    """Each secret as it may appear in text, longest first (so no form is left half-replaced)."""
+    forms: set[str] = set()
+    for secret in secrets:
+        if not secret:
+            continue
+        for plain in (secret, unquote(secret), unquote_plus(secret)):
+            forms.update(
+                (plain, quote(plain, safe=""), quote(plain), quote_plus(plain), _json_inner(plain))
+            )
+    return tuple(sorted((f for f in forms if f), key=len, reverse=True))
+
+
+def _json_inner(text: str) -> str:
+    return json.dumps(text)[1:-1]
+
+
+def redact(text: str, secrets: Iterable[str] = ()) -> str:
+    """``text`` with every registered secret (and ``secrets``) replaced, in every form."""
+    extra = secret_forms(secrets) if secrets else ()
+    for form in (*extra, *_secrets) if extra else _secrets:
+        if form in text:
+            text = text.replace(form, REDACTED)
+    return _SHAPES.sub(_shape, text)
+
+
+def scrub(value: Any) -> Any:
+    """``value`` with every string inside it redacted (for anything printed)."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, dict):
-        return {k: _scrub(v) for k, v in value.items()}
+        return {k: scrub(v) for k, v in value.items()}
     if isinstance(value, list | tuple):
-        return [_scrub(v) for v in value]
+        return [scrub(v) for v in value]
     if isinstance(value, BaseException):
         return redact(f"{type(value).__name__}: {value}")
     return value
@@ -36,9 +78,7 @@ def _scrub(value: Any) -> Any:
 def _redact_secrets(
     _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
 ) -> MutableMapping[str, Any]:
-    if not _secrets:
-        return event_dict
-    return {k: _scrub(v) for k, v in event_dict.items()}
+    return {k: scrub(v) for k, v in event_dict.items()}
 
 
 def configure_logging(
@@ -46,7 +86,7 @@ def configure_logging(
 ) -> None:
     """Configure structlog and route stdlib loggers (aiohttp, asyncpg, apscheduler) through it."""
     global _secrets
-    _secrets = tuple(s for s in secrets if s)
+    _secrets = secret_forms(secrets)
     stream = stream or sys.stderr
     console = fmt == "console" or (fmt == "auto" and stream.isatty())
     shared: list[Any] = [

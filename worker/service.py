@@ -7,6 +7,7 @@ are leased), so any number of replicas can run this against one database.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import time
 from datetime import UTC, datetime, timedelta
@@ -26,7 +27,13 @@ from worker.errors import ConfigError, ConvsyncError, FatalError
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
 from worker.store import Store
-from worker.sync import Scope, SyncPass
+from worker.sync import (
+    DB_CONNECTION_ERRORS,
+    DatabaseUnavailable,
+    Scope,
+    SyncPass,
+    database_read_only,
+)
 
 log = structlog.get_logger(__name__)
 # The database answered but refused us: as wrong as a bad setting, and retrying will not help.
@@ -36,6 +43,7 @@ DATABASE_REFUSED = (
     asyncpg.InvalidCatalogNameError,
 )
 DEFAULT_INTERVAL = 3600.0
+DATABASE_POLL_SECONDS = 1.0  # after a pass lost to the database: how often to ask if it is back
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -85,29 +93,55 @@ class Service:
                 return
             self._pass_task = asyncio.current_task()
             tick = current_tick(self.settings)
-            sync = SyncPass(
-                self.settings,
-                self.store,
-                self.client,
-                Scope(services=self.settings.services),
-                stop=self.stop,
-                tick=tick,
-            )
             try:
-                await sync.run()
-            except DATABASE_REFUSED as error:
-                self._stop_fatally(ConfigError(f"DATABASE_URL was refused: {type(error).__name__}"))
-            except FatalError as error:
-                self._stop_fatally(error)
-            except (ConvsyncError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-                # Transient or per-pass trouble: this tick is lost, the next one continues.
-                log.error("pass_stopped", error=str(error), error_kind=type(error).__name__)
-                await self._release_claims()
-            except Exception:
-                log.exception("pass_crashed")
-                await self._release_claims()
+                while await self._one_pass(tick):
+                    pass  # lost to the database, which is back: continue the pass now
             finally:
                 self._pass_task = None
+
+    async def _one_pass(self, tick: datetime) -> bool:
+        """Run the pass; True when it stopped for the database and should go on now."""
+        sync = SyncPass(
+            self.settings,
+            self.store,
+            self.client,
+            Scope(services=self.settings.services),
+            stop=self.stop,
+            tick=tick,
+        )
+        try:
+            await sync.run()
+        except DATABASE_REFUSED as error:
+            self._stop_fatally(ConfigError(f"DATABASE_URL was refused: {type(error).__name__}"))
+        except FatalError as error:
+            self._stop_fatally(error)
+        except DatabaseUnavailable as error:
+            log.error("pass_stopped", error=str(error), error_kind=type(error).__name__)
+            if await self._database_back():
+                log.info("pass_continued", reason="the database accepts writes again")
+                await self._release_claims()
+                return True
+        except (ConvsyncError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            # Transient or per-pass trouble: this tick is lost, the next one continues.
+            log.error("pass_stopped", error=str(error), error_kind=type(error).__name__)
+            await self._release_claims()
+        except Exception:
+            log.exception("pass_crashed")
+            await self._release_claims()
+        return False
+
+    async def _database_back(self) -> bool:
+        """Wait until the database accepts writes (True), or shutdown (False). Every poll asks
+        a new connection: one opened before a failover keeps its session's read-only default."""
+        while not self.stop.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), DATABASE_POLL_SECONDS)
+            with contextlib.suppress(*DB_CONNECTION_ERRORS):
+                await self.store.pool.expire_connections()
+                async with asyncio.timeout(5), self.store.pool.acquire() as conn:
+                    if not self.stop.is_set() and not await database_read_only(conn):
+                        return True
+        return False
 
     def _stop_fatally(self, error: FatalError) -> None:
         log.error("pass_fatal", error=str(error))
@@ -147,15 +181,19 @@ class Service:
         )
 
     async def readyz(self, _request: web.Request) -> web.Response:
-        """Ready when the database answers and every migration is applied."""
+        """Ready when the database answers, accepts writes and every migration is applied."""
         try:
             async with asyncio.timeout(3):
                 async with self.store.pool.acquire() as conn:
                     missing = await pending_migrations(conn)
+                    read_only = await database_read_only(conn)
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
             return web.json_response(
                 {"status": "database unavailable", "error": type(error).__name__}, status=503
             )
+        if read_only:
+            await self.store.pool.expire_connections()  # the next probe asks a new session
+            return web.json_response({"status": "database read-only"}, status=503)
         if missing:
             return web.json_response(
                 {"status": "migrations pending", "pending": missing}, status=503
@@ -187,11 +225,17 @@ async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> in
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, service.stop.set)
-    runner = web.AppRunner(service.app(), access_log=None)
+    # aiohttp closes a connection idle this long, including one whose request headers are not
+    # complete by then (the header read timeout).
+    runner = web.AppRunner(
+        service.app(), access_log=None, keepalive_timeout=settings.http_header_timeout
+    )
     await runner.setup()
-    site = web.TCPSite(runner, "0.0.0.0", settings.http_port)  # noqa: S104 (probes come from outside)
+    site = web.TCPSite(runner, settings.http_host, settings.http_port)
     await site.start()
-    log.info("service_started", port=settings.http_port, trigger=str(trigger))
+    log.info(
+        "service_started", host=settings.http_host, port=settings.http_port, trigger=str(trigger)
+    )
 
     scheduler = AsyncIOScheduler(timezone=UTC)
 

@@ -8,8 +8,9 @@ claimed through PostgreSQL, so replicas and restarts share a pass.
 
 Failure policy, in one place (``sync_user``): a user that is gone (404) is marked removed; a
 rejected page token restarts that user's listing once; other per-user errors fail that user
-only; fatal errors (credentials) stop the pass; a database that goes away is waited for, within
-a bound, and otherwise stops the pass with every committed page kept.
+only; fatal errors (credentials) stop the pass; a database that goes away, turns read-only or
+is in recovery (a failover) is waited for, within a bound (``SyncPass.db``), and otherwise
+stops the pass with every committed page kept.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import asyncpg
 import structlog
 
 from worker import client as api
-from worker.client import TwilioClient
+from worker.client import ListingGuard, TwilioClient
 from worker.config import Settings
 from worker.errors import (
     ConfigError,
@@ -65,7 +66,10 @@ log = structlog.get_logger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
-# Errors that mean "the database connection is gone", not "the statement is wrong".
+# A server that refuses writes: a demoted primary still in DNS, a standby in recovery. Pooled
+# connections keep the read-only default of the session they opened with: they are dropped.
+DB_READ_ONLY_ERRORS: tuple[type[BaseException], ...] = (asyncpg.ReadOnlySQLTransactionError,)
+# Errors that mean "the database is not available (yet)", not "the statement is wrong".
 DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     OSError,
     TimeoutError,
@@ -73,6 +77,8 @@ DB_CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.PostgresConnectionError,
     asyncpg.AdminShutdownError,
     asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    *DB_READ_ONLY_ERRORS,
     asyncpg.CrashShutdownError,
     asyncpg.DeadlockDetectedError,
     asyncpg.SerializationError,
@@ -87,6 +93,13 @@ PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.IntegrityConstraintViolationError,
 )
 WRITERS = 1  # group-commit batches in flight at once
+# Errors that end the pass, recorded as its error: fatal ones, and a services listing that
+# could not be read or stored (nothing of the pass can go on without it).
+PASS_ENDING_ERRORS: tuple[type[BaseException], ...] = (
+    FatalError,
+    UserSyncError,
+    *PAGE_REFUSED_ERRORS,
+)
 
 
 def parse_owner(owner: str) -> tuple[str, str, int] | None:
@@ -109,6 +122,15 @@ def pid_alive(pid: int) -> bool:
 
 def _internal(error: BaseException) -> str:
     return redact(f"internal error: {type(error).__name__}: {error}")[:2000]
+
+
+async def database_read_only(conn: asyncpg.Connection) -> bool:
+    """True when the server on ``conn`` refuses writes (in recovery, or read-only)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool"
+        )
+    )
 
 
 def _refused(path: str, error: BaseException) -> str:
@@ -157,7 +179,7 @@ class SyncPass:
         *,
         stop: asyncio.Event | None = None,
         metrics: Metrics | None = None,
-        db_wait_seconds: float = 60.0,
+        db_wait_seconds: float | None = None,
         idle_poll_seconds: float = 0.5,
         tick: datetime | None = None,
     ) -> None:
@@ -170,7 +192,9 @@ class SyncPass:
         self.owner = settings.worker_id
         self.lease = settings.lease_seconds
         self.page_size = settings.page_size
-        self.db_wait_seconds = db_wait_seconds
+        self.db_wait_seconds = (
+            settings.db_wait_seconds if db_wait_seconds is None else db_wait_seconds
+        )
         self.idle_poll_seconds = idle_poll_seconds
         self.tick = tick
         self.state = PassState()
@@ -220,7 +244,7 @@ class SyncPass:
                 else:
                     await self.db(self.store.open_discovery, info.run_id, services)
                 await self.run_loops()
-            except FatalError as error:
+            except PASS_ENDING_ERRORS as error:
                 await self.db(self.store.finish_pass, info.run_id, redact(str(error)))
                 raise
             if self.stop.is_set():
@@ -247,7 +271,9 @@ class SyncPass:
                 pages.append((api.service_path(sid), [body]))
         else:
             path: str | None = api.services_path(self.page_size)
+            guard = ListingGuard(self.settings.max_pages)
             while path is not None:
+                guard.check(path)
                 page = await self.client.get_page(path, "services")
                 pages.append((page.path, page.items))
                 path = page.next_page_path
@@ -356,12 +382,18 @@ class SyncPass:
         path = claim.next_page_path or first_page
         page_number = claim.pages
         restarted = False
+        guard = ListingGuard(self.settings.max_pages, page_number)
+
+        async def fetch(path: str) -> api.Page:
+            guard.check(path)
+            return await self.client.get_page(path, "users")
+
         ahead: asyncio.Future[api.Page] | None = None
         try:
             while not self.stop.is_set():
                 fetching, ahead = ahead, None
                 try:
-                    page = await (fetching or self.client.get_page(path, "users"))
+                    page = await (fetching or fetch(path))
                 except Interrupted:
                     return  # the claim is released with the others at the end of the pass
                 except PageTokenRejected:
@@ -371,6 +403,7 @@ class SyncPass:
                     if not await self.db(self.store.restart_discovery, claim, page_number):
                         return  # taken over meanwhile
                     path, page_number, restarted = first_page, 0, True
+                    guard = ListingGuard(self.settings.max_pages)
                     continue
                 except UserSyncError as error:
                     # Without its last page the listing proves nothing gone: nobody is marked.
@@ -381,9 +414,7 @@ class SyncPass:
                     await self.db(self.store.fail_discovery, claim, message)
                     return
                 if page.next_page_path is not None:
-                    ahead = asyncio.ensure_future(
-                        self.client.get_page(page.next_page_path, "users")
-                    )
+                    ahead = asyncio.ensure_future(fetch(page.next_page_path))
                 parsed = parse_users_page(page.items, claim.chat_service_sid)
                 try:
                     gone = await self.db(
@@ -482,12 +513,14 @@ class SyncPass:
         path = claim.next_page_path or first_page
         page_number = claim.listing_pages
         restarted = False
+        guard = ListingGuard(self.settings.max_pages, page_number)
         try:
             while True:
                 if self.stop.is_set():
                     await self.db(self.store.release_user, claim)
                     return
                 try:
+                    guard.check(path)
                     page = await self.client.get_page(path, "conversations")
                 except PageTokenRejected:
                     if restarted or page_number == 0:
@@ -495,6 +528,7 @@ class SyncPass:
                     log.warning("page_token_rejected", listing_pages=page_number)
                     await self.db(self.store.restart_listing, claim)
                     path, page_number, restarted = first_page, 0, True
+                    guard = ListingGuard(self.settings.max_pages)
                     continue
                 parsed = decode_conversations_page(
                     page.body, page.items, claim.chat_service_sid, claim.user_sid
@@ -556,7 +590,9 @@ class SyncPass:
     async def db(
         self, operation: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
     ) -> T:
-        """Run one store operation (one transaction), waiting out a database that went away.
+        """Run one store operation (one transaction), waiting out a database that went away,
+        turned read-only or is in recovery (a failover): not available yet, for at most
+        ``db_wait_seconds``.
 
         A retried operation is safe: its transaction either committed or rolled back, and the
         page guards turn a replay of a committed page into LeaseLost, never a double write.
@@ -566,12 +602,18 @@ class SyncPass:
         while True:
             try:
                 return await operation(*args, **kwargs)
+            except asyncpg.ClientConfigurationError as error:
+                raise ConfigError(f"DATABASE_URL is not usable: {redact(str(error))}") from None
             except DB_CONNECTION_ERRORS as error:
                 attempt += 1
+                if isinstance(error, DB_READ_ONLY_ERRORS):
+                    # Reconnect (when each connection is next released): DNS may by now name
+                    # the new primary.
+                    await self.store.pool.expire_connections()
                 if time.monotonic() >= deadline:
                     raise DatabaseUnavailable(
-                        f"PostgreSQL unavailable for {self.db_wait_seconds:.0f}s: "
-                        f"{type(error).__name__}"
+                        f"PostgreSQL unavailable (down, read-only or in recovery) for "
+                        f"{self.db_wait_seconds:.0f}s: {type(error).__name__}"
                     ) from error
                 wait = min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
                 log.warning(

@@ -5,15 +5,20 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 
-from tests.harness import VIEW_COLUMNS, expected_row, view_rows
+from tests.harness import REPO, VIEW_COLUMNS, _base_env, expected_row, view_rows
 from worker.simulator import SimulatorServer
 
 FIGURES_PATH = Path(os.environ.get("CONVSYNC_FAULT_FIGURES", "/tmp/convsync-fault-figures.json"))
@@ -148,3 +153,65 @@ async def mirror(server: SimulatorServer, db_url: str) -> int:
     assert not lost, f"{len(lost)} rows lost, e.g. {lost[:3]}"
     assert not wrong, f"{len(wrong)} wrong rows, e.g. {[(k, actual[k]) for k in wrong[:2]]}"
     return len(expected)
+
+
+@dataclass(frozen=True)
+class Measured:
+    """A finished child process: exit code, output, wall seconds and peak RSS (ru_maxrss)."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+    seconds: float
+    peak_rss_mb: float
+
+    @property
+    def output(self) -> str:
+        return self.stdout + self.stderr
+
+
+# Forks and reaps `python -m worker ...` with os.wait4. On Linux a child's ru_maxrss starts
+# from its parent's RSS at the fork (execve keeps the high-water mark), so the worker is forked
+# from this small process, not from the test process (whose RSS says nothing about it).
+_REAPER = """
+import json, os, sys
+pid = os.fork()
+if pid == 0:
+    os.execv(sys.executable, [sys.executable, "-m", "worker", *sys.argv[2:]])
+_, status, usage = os.wait4(pid, 0)
+with open(sys.argv[1], "w") as out:
+    json.dump({"maxrss_kb": usage.ru_maxrss, "code": os.waitstatus_to_exitcode(status)}, out)
+"""
+
+
+def run_measured(args: list[str], env: Mapping[str, str], timeout: float = 90) -> Measured:
+    """Run the real CLI as a child and reap it with ``os.wait4`` for its own peak RSS (output
+    goes to files: a pipe could fill and block it). Killed, and the test failed, past
+    ``timeout``."""
+    with (
+        tempfile.TemporaryFile("w+") as out,
+        tempfile.TemporaryFile("w+") as err,
+        tempfile.NamedTemporaryFile("r") as usage,
+    ):
+        started = time.monotonic()
+        reaper = subprocess.Popen(
+            [sys.executable, "-c", _REAPER, usage.name, *args],
+            env={**_base_env(), **env},
+            stdout=out,
+            stderr=err,
+            cwd=REPO,
+            start_new_session=True,
+        )
+        try:
+            reaper.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(reaper.pid, signal.SIGKILL)
+            reaper.wait()
+            raise AssertionError(f"convsync {' '.join(args)} still ran after {timeout}s") from None
+        seconds = time.monotonic() - started
+        measured = json.loads(usage.read())
+        out.seek(0)
+        err.seek(0)
+        return Measured(
+            measured["code"], out.read(), err.read(), seconds, measured["maxrss_kb"] / 1024
+        )

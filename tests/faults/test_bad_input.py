@@ -187,12 +187,14 @@ async def test_items_without_a_readable_sid_are_quarantined_and_remove_nothing(
         3: lambda item: "not an object",
         4: lambda item: None,
         5: lambda item: [item],
+        6: lambda item: {},
     }
-    server.sim.corrupt_next(first_page(user), items_mutation(unreadable, extra=[{}]))
+    # (replaced, not appended: a page of more items than its PageSize is malformed)
+    server.sim.corrupt_next(first_page(user), items_mutation(unreadable))
 
     summary = await run_pass(settings)
     assert summary.status == "succeeded"
-    assert summary.rows_quarantined == len(unreadable) + 1
+    assert summary.rows_quarantined == len(unreadable)
     assert summary.rows_removed == 0, "a listing with unidentified items must not remove"
     rows = await quarantined(db_url)
     reasons = [r["reason"] for r in rows]
@@ -450,7 +452,7 @@ async def test_a_page_whose_next_page_is_itself_fails_its_user_instead_of_loopin
     assert summary.users_failed == 1
     assert summary.users_synced == 29
     error = await scalar(db_url, "SELECT last_error FROM sync_cursors WHERE user_sid = $1", victim)
-    assert "its next_page_url repeats the page" in error
+    assert "the listing repeats a page it already served" in error
     assert server.sim.stats().faults["corrupt"] <= 3, "the loop was not followed"
     record(corrupt_pages=server.sim.stats().faults["corrupt"], users_failed_cleanly=1)
     again = await run_pass(settings)

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from tests.faults.common import record
-from tests.harness import convsync, worker_env
+from tests.harness import convsync, failure, fetch, scalar, worker_env
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 
@@ -51,6 +51,18 @@ CASES: list[tuple[list[str], dict[str, str | None], str]] = [
     (["run"], {"CONVSYNC_SCHEDULE": "every tuesday"}, "CONVSYNC_SCHEDULE is not a cron"),
     (["run"], {"CONVSYNC_HTTP_PORT": "70000"}, "CONVSYNC_HTTP_PORT must be between 0 and 65535"),
     (["run"], {"CONVSYNC_INTERVAL": "0.5"}, "CONVSYNC_INTERVAL must be at least 1"),
+    (
+        ["sync"],
+        {"DATABASE_URL": "postgresql://u:pw@127.0.0.1/x?sslmode=bogus"},
+        "DATABASE_URL: sslmode must be one of",
+    ),
+    (
+        ["sync"],
+        {"TWILIO_CONVERSATIONS_BASE_URL": "http://AC1:base-url-secret@127.0.0.1:9"},
+        "TWILIO_CONVERSATIONS_BASE_URL must not hold credentials",
+    ),
+    (["run"], {"CONVSYNC_HTTP_HOST": "not a host"}, "CONVSYNC_HTTP_HOST must be an IP address"),
+    (["sync"], {"CONVSYNC_MAX_RESPONSE_BYTES": "1k"}, "CONVSYNC_MAX_RESPONSE_BYTES must be"),
 ]
 
 
@@ -74,6 +86,8 @@ def test_bad_configuration_exits_2_naming_it_before_any_request(
     assert result.returncode == 2, (result.returncode, result.stderr[-2000:])
     assert message in result.stderr, result.stderr[-2000:]
     assert no_traceback(result.stderr)
+    assert failure(result.stderr)["exit_code"] == 2, "one structured line"
+    assert "base-url-secret" not in result.stdout + result.stderr
     assert server.sim.stats().requests == 0, "nothing is sent on a bad configuration"
     record(config_cases=1)
 
@@ -109,4 +123,25 @@ def test_an_unmigrated_database_is_a_clear_error_before_any_request(
     assert result.returncode == 2, result.stderr[-2000:]
     assert "run convsync migrate" in result.stderr
     assert server.sim.stats().requests == 0
+    record(config_cases=1)
+
+
+async def test_a_value_the_database_refuses_in_the_services_listing_is_one_line_exit_1(
+    server: SimulatorServer, db_url: str
+) -> None:
+    """A CHECK violation nothing expected (a constraint the model does not know): the pass
+    ends, recorded as failed with the reason; one structured line, no traceback, exit 1."""
+    await scalar(
+        db_url, "ALTER TABLE services ADD CONSTRAINT fault_no_names CHECK (friendly_name IS NULL)"
+    )
+    result = convsync(["sync"], worker_env(server, db_url), timeout=30)
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert no_traceback(result.stderr)
+    assert "Traceback" not in result.stdout + result.stderr
+    failed = failure(result.stderr)
+    assert "fault_no_names" in failed["error"]
+    assert failed["error_kind"] == "CheckViolationError"
+    runs = await fetch(db_url, "SELECT status, error FROM sync_runs")
+    assert runs[0]["status"] == "failed"
+    assert "fault_no_names" in runs[0]["error"]
     record(config_cases=1)

@@ -117,5 +117,3 @@ async def test_claim_tokens_never_hold_a_slash_in_the_owner(store: Store) -> Non
     assert claim.token.count("/") == 1
     await store.release_all("team/replica-1")
     assert await store.pool.fetchval("SELECT claimed_by FROM sync_cursors") is None
-
-

@@ -16,6 +16,7 @@ import pytest
 from tests.harness import (
     assert_mirrors,
     convsync,
+    failure,
     scalar,
     sigkill_when,
     spawn_convsync,
@@ -155,7 +156,9 @@ def test_the_api_down_at_start_exits_1_with_one_message(
     server.sim.configure(api_down=True)
     result = convsync(["sync"], worker_env(server, db_url, CONVSYNC_MAX_ATTEMPTS="2"))
     assert result.returncode == 1
-    assert "convsync: error: /v1/Services: gave up after 2 attempts" in result.stderr
+    failed = failure(result.stderr)
+    assert failed["error"].startswith("/v1/Services: gave up after 2 attempts")
+    assert failed["exit_code"] == 1
     assert "Traceback" not in result.stderr
 
 

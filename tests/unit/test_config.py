@@ -25,6 +25,16 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "ftp://x"}, "TWILIO_CONVERSATIONS_BASE_URL"),
         ({"CONVSYNC_RUN_AT_START": "maybe"}, "CONVSYNC_RUN_AT_START"),
+        ({"DATABASE_URL": "postgresql://u@h/db?sslmode=bogus"}, "DATABASE_URL: sslmode"),
+        ({"DATABASE_URL": "postgresql://h/db?target_session_attrs=x"}, "DATABASE_URL"),
+        ({"TWILIO_CONVERSATIONS_BASE_URL": "https://u:pw@h"}, "must not hold credentials"),
+        ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/?x=1"}, "TWILIO_CONVERSATIONS_BASE_URL"),
+        ({"CONVSYNC_MAX_RESPONSE_BYTES": "10"}, "CONVSYNC_MAX_RESPONSE_BYTES"),
+        ({"CONVSYNC_MAX_PAGES": "0"}, "CONVSYNC_MAX_PAGES"),
+        ({"CONVSYNC_MAX_PAGE_ITEMS": "none"}, "CONVSYNC_MAX_PAGE_ITEMS"),
+        ({"CONVSYNC_DB_WAIT_SECONDS": "-1"}, "CONVSYNC_DB_WAIT_SECONDS"),
+        ({"CONVSYNC_HTTP_HOST": "my host"}, "CONVSYNC_HTTP_HOST"),
+        ({"CONVSYNC_HTTP_HEADER_TIMEOUT": "0"}, "CONVSYNC_HTTP_HEADER_TIMEOUT"),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], named: str) -> None:
@@ -45,7 +55,9 @@ def test_api_key_is_preferred_and_secrets_stay_out_of_repr() -> None:
     text = repr(settings)
     for secret in ("s3cret-key", "dbpass"):
         assert secret not in text
-    assert set(settings.secrets()) == {"s3cret-key", "dbpass"}
+    # the auth token too (set, though the API key is used) and the Basic credentials of both
+    assert {"s3cret-key", "dbpass", "account-token"} <= set(settings.secrets())
+    assert settings.credentials.basic in settings.secrets()
 
 
 def test_defaults() -> None:
@@ -53,6 +65,43 @@ def test_defaults() -> None:
     assert (settings.concurrency, settings.page_size) == (16, 50)
     assert settings.base_url == "https://conversations.twilio.com"
     assert settings.services == ()
+    assert settings.max_response_bytes == 16 * 1024 * 1024
+    assert (settings.max_page_items, settings.max_pages) == (1000, 20000)
+    assert (settings.http_host, settings.http_header_timeout) == ("0.0.0.0", 10.0)
+    assert settings.db_wait_seconds == 60.0
+
+
+def test_every_default_in_the_reference_is_the_one_in_force() -> None:
+    from worker.config import VARIABLES
+
+    settings = load_settings({})
+    for variable in VARIABLES:
+        name = variable.name.removeprefix("CONVSYNC_").lower()
+        if variable.default is None or not hasattr(settings, name):
+            continue
+        value = getattr(settings, name)
+        assert str(value).lower() in (variable.default, f"{variable.default}.0"), variable.name
+
+
+def test_sid_patterns_are_exact_as_the_database_checks_them() -> None:
+    from worker.config import ACCOUNT_SID, API_KEY_SID, SERVICE_SID, USER_SID
+
+    for pattern, prefix in ((SERVICE_SID, "IS"), (USER_SID, "US"), (ACCOUNT_SID, "AC")):
+        assert pattern.fullmatch(prefix + "a" * 32)
+        assert not pattern.fullmatch(prefix + "a" * 32 + "\n")
+    assert not API_KEY_SID.fullmatch("SK" + "1" * 32 + "\n")
+
+
+def test_secrets_hidden_in_urls_are_found_even_in_an_invalid_one() -> None:
+    from worker.config import secret_values
+
+    found = secret_values(
+        {
+            "DATABASE_URL": "postgresql://u:p%40ss@[::1/db?password=q%26w",
+            "TWILIO_CONVERSATIONS_BASE_URL": "https://sid:base-secret@h",
+        }
+    )
+    assert {"p%40ss", "p@ss", "q%26w", "q&w", "base-secret"} <= set(found)
 
 
 def test_every_variable_read_is_declared() -> None:

@@ -200,3 +200,18 @@ def test_numbers_beyond_range_are_quarantined(number: str) -> None:
         [good_item(attributes='{"a": ' + number + "}")], SERVICE, USER
     )
     assert "out of range" in page.rejected[0].reason
+
+
+def test_a_sid_ending_in_a_newline_is_rejected_as_the_database_would() -> None:
+    """PostgreSQL's ``~ '^CH...$'`` refuses a trailing newline; Python's ``$`` would not."""
+    sid = good_item()["conversation_sid"]
+    page = model.parse_conversations_page(
+        [good_item(conversation_sid=sid + "\n"), good_item()], SERVICE, USER
+    )
+    assert [m.conversation_sid for m in page.memberships] == [sid], "the neighbour is kept"
+    assert page.rejected[0].reason == "conversation_sid is not a valid CH SID"
+    assert page.rejected[0].sid is None, "not readable: it proves no membership"
+    users = model.parse_users_page([{"sid": USER + "\n"}], SERVICE)
+    assert users.rejected[0].reason == "sid is not a valid US SID"
+    services = model.parse_services_page([{"sid": SERVICE + "\n"}])
+    assert services.rejected[0].reason == "sid is not a valid IS SID"
