@@ -161,29 +161,44 @@ async def test_a_killed_replicas_users_are_taken_over_after_its_lease(
     assert survivor.stop() == 0
 
 
-async def test_sigterm_exits_0_within_the_grace_and_the_next_pass_resumes(
+def conversation_pages(server: SimulatorServer) -> int:
+    """Conversation pages the simulator answered whole (200)."""
+    pages = server.sim.stats().pages_ok
+    return sum(n for (path, _), n in pages.items() if "/Conversations" in path)
+
+
+async def test_sigterm_mid_pass_commits_in_flight_pages_and_records_the_pass_interrupted(
     server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
 ) -> None:
-    server.sim.configure(latency_ms=30, jitter_ms=10)
+    server.sim.configure(latency_ms=300, jitter_ms=20)  # pages are in flight most of the time
     env = service_env(server, db_url, CONVSYNC_SHUTDOWN_GRACE="10")
     replica = replicas(env)
     await until(
         lambda: scalar(db_url, "SELECT coalesce(sum(run_pages), 0) > 30 FROM sync_cursors"),
         what="pages to flow",
     )
+    assert await asyncio.to_thread(server.sim.wait_until, lambda s: s.in_flight >= 2, 30)
     started = time.monotonic()
     assert replica.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 10
-    assert await scalar(db_url, "SELECT status FROM sync_runs") == "running"
+    assert time.monotonic() - started < 10, "within the grace"
+    # Every page answered before or during the stop was committed: none is dropped.
+    committed = await scalar(db_url, "SELECT sum(run_pages) FROM sync_cursors")
+    assert committed == conversation_pages(server)
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "interrupted"
     assert (
         await scalar(db_url, "SELECT count(*) FROM sync_cursors WHERE claimed_by IS NOT NULL") == 0
     )
+    log = replica.log_path.read_text()
+    assert "Traceback" not in log
+    assert [e for e in replica.events() if e.get("level") in ("error", "critical")] == []
     events = [e["event"] for e in replica.events()]
+    assert events.index("shutdown_started") < events.index("pass_interrupted")
     assert "shutdown_complete" in events
 
     result = convsync(["sync"], worker_env(server, db_url))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1, "the pass was continued"
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "succeeded"
     await assert_mirrors(server, db_url)
     assert pages_fetched_twice(server) <= CONCURRENCY
 
