@@ -17,7 +17,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness import REPO, _base_env, assert_mirrors, convsync, scalar, until, worker_env
+from tests.harness import (
+    REPO,
+    _base_env,
+    assert_mirrors,
+    convsync,
+    fetch,
+    scalar,
+    until,
+    worker_env,
+)
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 
@@ -313,3 +322,23 @@ def test_run_against_a_refused_database_exits_2(server: SimulatorServer, db_url:
     assert "DATABASE_URL was refused" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "db-secret-pw" not in result.stdout + result.stderr
+
+
+async def test_interval_ticks_fall_on_the_epoch_aligned_boundary_after_a_run_at_start(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    interval = 4.0
+
+    async def mid_interval() -> bool:  # start well away from a boundary
+        return 1.5 <= time.time() % interval <= 2.0
+
+    await until(mid_interval, timeout=10, what="the middle of an interval")
+    replica = replicas(service_env(server, db_url, CONVSYNC_INTERVAL=str(int(interval))))
+    await until(lambda: scalar(db_url, "SELECT count(*) >= 2 FROM sync_runs"), what="a second pass")
+    rows = await fetch(db_url, "SELECT tick, started_at FROM sync_runs ORDER BY run_id")
+    for row in rows:
+        assert row["tick"].timestamp() % interval == 0, row["tick"]
+    # The second pass starts on its boundary, not one interval after the process started.
+    late = (rows[1]["started_at"] - rows[1]["tick"]).total_seconds()
+    assert 0 <= late < 1.0, f"second pass {late:.2f} s after its boundary"
+    assert replica.stop() == 0
