@@ -622,14 +622,16 @@ def exercise(report: Report, containers: Containers, dbs: Databases) -> None:
 
 def main() -> int:
     report = Report()
+    started = time.monotonic()
     why_not = ensure_tools()
+    report.figures["tools_seconds"] = round(time.monotonic() - started, 1)
     if why_not is not None:
         if IN_CI:
             print(f"image-test: 0 passed, 1 failed ({why_not}, and CI must run it)")
             return 1
         print(f"image-test: skipped ({why_not}; CI installs them)")
         return 0
-    started = time.monotonic()
+    report.figures["podman"] = podman("--version").stdout.strip()
     work = Path(tempfile.mkdtemp(prefix="convsync-image-"))
     (work / "containers.conf").write_text(CONTAINERS_CONF, encoding="utf-8")
     os.environ["CONTAINERS_CONF"] = str(work / "containers.conf")
