@@ -12,7 +12,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from datetime import datetime
@@ -21,7 +20,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker import loop
+from worker import loop, signals
 from worker.client import TwilioClient
 from worker.config import (
     SERVICE_SID,
@@ -34,7 +33,7 @@ from worker.config import (
 from worker.errors import ConfigError, ConvsyncError, FatalError
 from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
-from worker.service import DATABASE_REFUSED, run_service
+from worker.service import DATABASE_REFUSED, RECORD_SECONDS, close_store, run_service
 from worker.store import Store, recent_passes, troubled_users
 from worker.sync import Scope, SyncPass
 
@@ -75,7 +74,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
+    signals.install_early()  # first: as a container's PID 1, SIGTERM is ignored until handled
+    try:
+        return _main(list(sys.argv[1:] if argv is None else argv))
+    except KeyboardInterrupt:  # SIGTERM or SIGINT before the event loop took them over
+        return EXIT_PARTIAL
+
+
+def _main(argv: list[str]) -> int:
     if argv[:1] == ["simulate"]:
         # The simulator has its own options; it shares nothing with the worker.
         from worker.simulator import simulate_main
@@ -86,7 +92,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = load_settings()
         configure_logging(settings.log_level, settings.log_format, settings.secrets())
-        return loop.run(_dispatch(args, settings), settings.event_loop)
+        return loop.run(_command(args, settings), settings.event_loop)
     except FatalError as error:
         return _fail(args.command, error, settings, EXIT_CONFIG)
     except ConvsyncError as error:
@@ -96,6 +102,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_PARTIAL
     except Exception as error:  # a bug, or a failure nothing below knew: still one line
         return _fail(args.command, error, settings, EXIT_PARTIAL)
+
+
+async def _command(args: argparse.Namespace, settings: Settings) -> int:
+    """The command, with SIGTERM/SIGINT routed to it: a command cancelled by a signal exits 1
+    (what it committed is kept; a migration is applied whole or not at all)."""
+    stops = signals.StopSignals()
+    with stops.attached():
+        try:
+            return await _dispatch(args, settings, stops)
+        except (asyncio.CancelledError, Exception):
+            if not stops.cancelled:
+                raise
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            print(f"convsync: {args.command} stopped by {stops.received}", file=sys.stderr)
+            return EXIT_PARTIAL
 
 
 def _fail(command: str, error: Exception, settings: Settings | None, code: int) -> int:
@@ -115,21 +138,24 @@ def _fail(command: str, error: Exception, settings: Settings | None, code: int) 
     return code
 
 
-async def _dispatch(args: argparse.Namespace, settings: Settings) -> int:
+async def _dispatch(
+    args: argparse.Namespace, settings: Settings, stops: signals.StopSignals
+) -> int:
     if args.command == "migrate":
         applied = await apply_migrations(await _database(settings))
         log.info("migrations_done", applied=applied)
         return EXIT_OK
     if args.command == "sync":
-        return await sync_command(settings, args.service, args.user)
+        return await sync_command(settings, args.service, args.user, stops)
     if args.command == "status":
         return await status_command(settings, args.json, args.limit)
     if args.command == "run":
-        return await run_service(settings)
+        with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
+            return await run_service(settings, stop)
     if args.command == "demo":
         from worker.demo import run_demo
 
-        code: int = await run_demo(settings, args.users)
+        code: int = await run_demo(settings, args.users, stops)
         return code
     raise ConfigError(f"unknown command {args.command}")
 
@@ -155,8 +181,17 @@ class DatabaseUnreachable(ConvsyncError):
     """The database could not be reached at start (transient: exit 1, try again later)."""
 
 
-async def sync_command(settings: Settings, services: Sequence[str], users: Sequence[str]) -> int:
-    """One pass over the scope; exit 0 all synced, 1 some failed or interrupted, 2 fatal."""
+async def sync_command(
+    settings: Settings,
+    services: Sequence[str],
+    users: Sequence[str],
+    stops: signals.StopSignals | None = None,
+) -> int:
+    """One pass over the scope; exit 0 all synced, 1 some failed or interrupted, 2 fatal.
+
+    A stop while connecting or checking the schema cancels at once; during the pass, in-flight
+    pages get CONVSYNC_SHUTDOWN_GRACE to commit and the pass is recorded interrupted."""
+    stops = stops or signals.StopSignals()
     scope = Scope(
         services=parse_sids(",".join(services), SERVICE_SID, "--service") or settings.services,
         users=parse_sids(",".join(users), USER_SID, "--user"),
@@ -171,22 +206,15 @@ async def sync_command(settings: Settings, services: Sequence[str], users: Seque
             raise ConfigError(
                 f"the database is not migrated ({missing[0]}...): run convsync migrate"
             )
-        stop = asyncio.Event()
-        _install_stop_handlers(stop)
-        async with TwilioClient(settings, stop=stop) as client:
-            sync = SyncPass(settings, store, client, scope, stop=stop)
-            summary = await sync.run()
+        with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
+            async with TwilioClient(settings, stop=stop) as client:
+                sync = SyncPass(settings, store, client, scope, stop=stop)
+                summary = await sync.run()
         if stop.is_set() or summary is None:
             return EXIT_PARTIAL
         return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL
     finally:
-        await store.close()
-
-
-def _install_stop_handlers(stop: asyncio.Event) -> None:
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        await close_store(store, at_once=stops.cancelled)
 
 
 async def status_command(settings: Settings, as_json: bool, limit: int) -> int:

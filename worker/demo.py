@@ -22,7 +22,6 @@ import contextlib
 import dataclasses
 import logging
 import re
-import signal
 import sys
 import time
 import unicodedata
@@ -42,6 +41,7 @@ from worker.errors import ConfigError, FatalError
 from worker.metrics import Metrics
 from worker.migrate import apply_migrations
 from worker.pgembed import DEMO_DATA_DIR, LocalPostgres, PgEmbedError, find_or_start
+from worker.signals import BACKSTOP_SECONDS, StopSignals
 from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, MAX_USERS_PER_SERVICE, Dataset
 from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
 from worker.store import PassSummary, Store
@@ -436,16 +436,10 @@ def _interrupted(summary: PassSummary, metrics: Metrics) -> str:
 
 
 async def _run_pass(
-    settings: Settings, store: Store, metrics: Metrics, interactive: bool
+    settings: Settings, store: Store, metrics: Metrics, interactive: bool, stops: StopSignals
 ) -> tuple[PassSummary, bool]:
     """One pass with progress; (its summary, whether Ctrl-C/SIGTERM interrupted it)."""
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    signals = (signal.SIGINT, signal.SIGTERM)
-    for sig in signals:
-        with contextlib.suppress(NotImplementedError):  # no signal handlers on this platform
-            loop.add_signal_handler(sig, stop.set)
-    try:
+    with stops.graceful(settings.shutdown_grace + BACKSTOP_SECONDS) as stop:
         async with TwilioClient(settings, metrics=metrics) as client:
             sync = SyncPass(settings, store, client, Scope(settings.services), stop=stop,
                             metrics=metrics)  # fmt: skip
@@ -458,9 +452,6 @@ async def _run_pass(
             finally:
                 finished.set()
                 await watcher
-    finally:
-        for sig in signals:
-            loop.remove_signal_handler(sig)
     assert summary is not None  # None only for a scheduled tick, which the demo never sets
     return summary, stop.is_set()
 
@@ -489,7 +480,7 @@ async def _show_queries(store: Store, cookbook: Mapping[str, CookbookQuery]) -> 
     return ok
 
 
-async def run_demo(settings: Settings, users: int) -> int:
+async def run_demo(settings: Settings, users: int, stops: StopSignals | None = None) -> int:
     """Simulator (or the real account) + PostgreSQL + migrations + one pass + queries.
 
     Returns 0 when the pass succeeded and every query ran, 1 when users failed or the pass was
@@ -533,7 +524,9 @@ async def run_demo(settings: Settings, users: int) -> int:
         interactive = sys.stderr.isatty()
         metrics = Metrics()
         try:
-            summary, interrupted = await _run_pass(settings, store, metrics, interactive)
+            summary, interrupted = await _run_pass(
+                settings, store, metrics, interactive, stops or StopSignals()
+            )
         except DatabaseUnavailable as error:
             log.error("pass_stopped", error=str(error))
             return EXIT_PARTIAL

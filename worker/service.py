@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -44,6 +43,8 @@ DATABASE_REFUSED = (
 )
 DEFAULT_INTERVAL = 3600.0
 DATABASE_POLL_SECONDS = 1.0  # after a pass lost to the database: how often to ask if it is back
+# After the grace: how long a stopped pass gets to record itself and give its claims back.
+RECORD_SECONDS = 5.0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -79,25 +80,26 @@ class Service:
         self.client = client
         self.stop = stop
         self.fatal: FatalError | None = None
-        self._pass_lock = asyncio.Lock()
         self._pass_task: asyncio.Task[Any] | None = None
         self._started = time.time()
 
     async def tick(self) -> None:
-        """One scheduled pass (skipped if one is already running in this process)."""
-        if self._pass_lock.locked():
+        """A schedule tick: start a pass in a task the service owns, and return.
+
+        APScheduler only starts the pass: its shutdown cancels running jobs, and a pass must
+        instead get its grace (``wait_for_pass``). A tick while a pass runs is skipped."""
+        if self._pass_task is not None and not self._pass_task.done():
             log.warning("tick_skipped", reason="a pass is still running")
             return
-        async with self._pass_lock:
-            if self.stop.is_set():
-                return
-            self._pass_task = asyncio.current_task()
-            tick = current_tick(self.settings)
-            try:
-                while await self._one_pass(tick):
-                    pass  # lost to the database, which is back: continue the pass now
-            finally:
-                self._pass_task = None
+        if self.stop.is_set():
+            return
+        self._pass_task = asyncio.create_task(self._run_pass(current_tick(self.settings)))
+
+    async def _run_pass(self, tick: datetime) -> None:
+        """One pass; its errors are logged (a lost pass is continued by a later tick, or at
+        once when it stopped for a database that accepts writes again)."""
+        while await self._one_pass(tick):
+            pass
 
     async def _one_pass(self, tick: datetime) -> bool:
         """Run the pass; True when it stopped for the database and should go on now."""
@@ -148,22 +150,24 @@ class Service:
         self.fatal = error
         self.stop.set()
 
-    async def _release_claims(self) -> None:
-        try:
-            await self.store.release_all(self.settings.worker_id)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
-            log.warning("claims_not_released", error=type(error).__name__)
-
     async def wait_for_pass(self, grace: float) -> None:
-        """Let the running pass commit its in-flight pages; cancel it after ``grace`` seconds."""
+        """Let the running pass commit its in-flight pages and record itself: the pass stops its
+        own loops after ``grace`` seconds; past that and ``RECORD_SECONDS`` it is cancelled."""
         task = self._pass_task
-        if task is None:
+        if task is None or task.done():
             return
-        done, _ = await asyncio.wait({task}, timeout=grace)
+        done, _ = await asyncio.wait({task}, timeout=grace + RECORD_SECONDS)
         if not done:
             log.warning("shutdown_grace_exceeded", grace_seconds=grace)
             task.cancel()
-            await asyncio.wait({task}, timeout=5)
+            await asyncio.wait({task}, timeout=RECORD_SECONDS)
+
+    async def _release_claims(self) -> None:
+        try:
+            async with asyncio.timeout(RECORD_SECONDS):
+                await self.store.release_all(self.settings.worker_id)
+        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+            log.warning("claims_not_released", error=type(error).__name__)
 
     # --- HTTP -----------------------------------------------------------------------------
 
@@ -205,26 +209,35 @@ class Service:
         return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-async def run_service(settings: Settings) -> int:
-    """Run until SIGTERM/SIGINT; exit 0 after a clean stop, 2 on a fatal error."""
+async def run_service(settings: Settings, stop: asyncio.Event) -> int:
+    """Run until ``stop`` (SIGTERM/SIGINT); exit 0 after a clean stop, 2 on a fatal error."""
     trigger = build_trigger(settings)
     dsn = settings.require_database()
     settings.require_credentials()
     store = await Store.connect(dsn, settings.db_pool_size, lazy=True)
     try:
-        stop = asyncio.Event()
         async with TwilioClient(settings, stop=stop) as client:
             service = Service(settings, store, client, stop)
             return await _serve(service, trigger)
     finally:
-        await store.close()
+        await close_store(store)
+
+
+async def close_store(store: Store, at_once: bool = False) -> None:
+    """Close the pool; a database that does not answer (or ``at_once``) gets its connections
+    cut instead of waited for."""
+    if not at_once:
+        try:
+            async with asyncio.timeout(RECORD_SECONDS):
+                await store.close()
+            return
+        except TimeoutError:
+            log.warning("database_close_timeout")
+    store.pool.terminate()
 
 
 async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> int:
     settings = service.settings
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, service.stop.set)
     # aiohttp closes a connection idle this long, including one whose request headers are not
     # complete by then (the header read timeout).
     runner = web.AppRunner(
@@ -243,29 +256,22 @@ async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> in
         log.warning("tick_skipped", reason="a pass is still running")
 
     scheduler.add_listener(on_skipped, EVENT_JOB_MAX_INSTANCES)
-    first_run: dict[str, Any] = (
-        {"next_run_time": datetime.now(UTC)} if settings.run_at_start else {}
-    )
+    # No next_run_time: the first tick is the trigger's own (an interval is aligned to the
+    # epoch, so replicas tick together); the run at start is a tick of its own.
     scheduler.add_job(
-        service.tick,
-        trigger,
-        id="pass",
-        max_instances=1,
-        coalesce=True,
-        misfire_grace_time=None,
-        **first_run,
+        service.tick, trigger, id="pass", max_instances=1, coalesce=True, misfire_grace_time=None
     )
     scheduler.start()
     try:
+        if settings.run_at_start:
+            await service.tick()
         await service.stop.wait()
         log.info("shutdown_started", grace_seconds=settings.shutdown_grace)
-        scheduler.shutdown(wait=False)
+        scheduler.shutdown(wait=False)  # cancels no pass: the service owns it
         await service.wait_for_pass(settings.shutdown_grace)
         await service._release_claims()
     finally:
         await runner.cleanup()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
     if service.fatal is not None:
         raise service.fatal
     log.info("shutdown_complete")

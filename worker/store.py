@@ -160,10 +160,16 @@ class Store:
             # One pass at a time across replicas: serialise creation on the partial index.
             await conn.execute("LOCK TABLE sync_runs IN SHARE ROW EXCLUSIVE MODE")
             running = await conn.fetchrow(
-                "SELECT run_id, scope::text AS scope FROM sync_runs WHERE status = 'running'"
+                """SELECT run_id, scope::text AS scope, status FROM sync_runs
+                   WHERE status IN ('running', 'interrupted')"""
             )
             if running is not None:
                 if json.loads(running["scope"]) == json.loads(scope_json):
+                    if running["status"] == "interrupted":
+                        await conn.execute(
+                            "UPDATE sync_runs SET status = 'running' WHERE run_id = $1",
+                            running["run_id"],
+                        )
                     return PassInfo(running["run_id"], resumed=True)
                 if await _has_live_claims(conn, running["run_id"]):
                     raise PassBusy(
@@ -796,6 +802,27 @@ class Store:
                     "WHERE split_part(claimed_by, '/', 1) = $1",
                     owner.replace("/", "-"),
                 )
+
+    async def interrupt_pass(self, run_id: int, owner: str) -> bool:
+        """After a stop: give back this worker's claims and, when no other worker holds a live
+        claim on the pass, record it 'interrupted' (the next sync or tick continues it).
+        True when recorded; False when others still work it (it stays 'running')."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            await conn.execute("SELECT 1 FROM sync_runs WHERE run_id = $1 FOR UPDATE", run_id)
+            for table in ("sync_cursors", "sync_discovery"):
+                await conn.execute(
+                    f"UPDATE {table} SET claimed_by = NULL, lease_until = NULL "
+                    "WHERE split_part(claimed_by, '/', 1) = $1",
+                    owner.replace("/", "-"),
+                )
+            if await _has_live_claims(conn, run_id):
+                return False
+            status = await conn.execute(
+                """UPDATE sync_runs SET status = 'interrupted'
+                   WHERE run_id = $1 AND status = 'running'""",
+                run_id,
+            )
+            return bool(status == "UPDATE 1")
 
 
 # --- statements shared by the methods above ---------------------------------------------------

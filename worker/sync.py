@@ -248,8 +248,13 @@ class SyncPass:
                 await self.db(self.store.finish_pass, info.run_id, redact(str(error)))
                 raise
             if self.stop.is_set():
-                await self.db(self.store.release_all, self.owner)
-                log.info("pass_interrupted", seconds=round(time.monotonic() - started, 3))
+                # Claims given back; 'interrupted' unless another replica still works the pass.
+                recorded = await self.db(self.store.interrupt_pass, info.run_id, self.owner)
+                log.info(
+                    "pass_interrupted",
+                    seconds=round(time.monotonic() - started, 3),
+                    status="interrupted" if recorded else "running",
+                )
                 return await self.db(self.store.pass_summary, info.run_id)
             summary = await self.db(self.store.finish_pass, info.run_id)
             self.record(summary)

@@ -31,6 +31,7 @@ import yaml
 
 from worker.cli import EXIT_CONFIG, build_parser
 from worker.config import VARIABLE_NAMES, VARIABLES, load_settings
+from worker.healthcheck import HEALTHZ
 from worker.service import Service
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -122,13 +123,22 @@ def parse_dockerfile(text: str) -> list[Stage]:
         pending = ""
     assert not pending, "the Dockerfile ends with a line continuation"
     stages: list[Stage] = []
+    global_args: dict[str, str] = {}  # ARG before the first FROM: usable in FROM lines
     for line in logical:
         keyword, _, args = line.partition(" ")
         keyword, args = keyword.upper(), args.strip()
         if keyword == "FROM":
             words = [w for w in args.split() if not w.startswith("--")]
             name = words[2] if len(words) >= 3 and words[1].upper() == "AS" else None
-            stages.append(Stage(words[0], name))
+            base = re.sub(
+                r"\$\{(\w+)\}|\$(\w+)",
+                lambda m: global_args.get(m[1] or m[2], m[0]),
+                words[0],
+            )
+            stages.append(Stage(base, name))
+        elif keyword == "ARG" and not stages:
+            arg, _, default = args.partition("=")
+            global_args[arg] = default
         else:
             assert stages, f"{keyword} before any FROM"
             stages[-1].instructions.append((keyword, args))
@@ -460,7 +470,8 @@ def test_probes_and_scrape_path_match_the_service_routes() -> None:
     assert docker_healthcheck, "the image has no HEALTHCHECK"
     command = exec_form(docker_healthcheck.partition(" CMD ")[2], "HEALTHCHECK CMD")
     assert command[0] == "python", "slim images have no curl: probe with the Python stdlib"
-    assert paths["healthz"] in command[-1]
+    assert command[1:] == ["-m", "worker.healthcheck"]
+    assert paths["healthz"] == HEALTHZ
 
 
 def test_ports_match_the_http_port_default() -> None:

@@ -17,7 +17,16 @@ from typing import Any
 import aiohttp
 import pytest
 
-from tests.harness import REPO, _base_env, assert_mirrors, convsync, scalar, until, worker_env
+from tests.harness import (
+    REPO,
+    _base_env,
+    assert_mirrors,
+    convsync,
+    fetch,
+    scalar,
+    until,
+    worker_env,
+)
 from worker.simdata import Dataset
 from worker.simulator import Simulator, SimulatorServer
 
@@ -161,29 +170,44 @@ async def test_a_killed_replicas_users_are_taken_over_after_its_lease(
     assert survivor.stop() == 0
 
 
-async def test_sigterm_exits_0_within_the_grace_and_the_next_pass_resumes(
+def conversation_pages(server: SimulatorServer) -> int:
+    """Conversation pages the simulator answered whole (200)."""
+    pages = server.sim.stats().pages_ok
+    return sum(n for (path, _), n in pages.items() if "/Conversations" in path)
+
+
+async def test_sigterm_mid_pass_commits_in_flight_pages_and_records_the_pass_interrupted(
     server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
 ) -> None:
-    server.sim.configure(latency_ms=30, jitter_ms=10)
+    server.sim.configure(latency_ms=300, jitter_ms=20)  # pages are in flight most of the time
     env = service_env(server, db_url, CONVSYNC_SHUTDOWN_GRACE="10")
     replica = replicas(env)
     await until(
         lambda: scalar(db_url, "SELECT coalesce(sum(run_pages), 0) > 30 FROM sync_cursors"),
         what="pages to flow",
     )
+    assert await asyncio.to_thread(server.sim.wait_until, lambda s: s.in_flight >= 2, 30)
     started = time.monotonic()
     assert replica.stop(signal.SIGTERM) == 0
-    assert time.monotonic() - started < 10
-    assert await scalar(db_url, "SELECT status FROM sync_runs") == "running"
+    assert time.monotonic() - started < 10, "within the grace"
+    # Every page answered before or during the stop was committed: none is dropped.
+    committed = await scalar(db_url, "SELECT sum(run_pages) FROM sync_cursors")
+    assert committed == conversation_pages(server)
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "interrupted"
     assert (
         await scalar(db_url, "SELECT count(*) FROM sync_cursors WHERE claimed_by IS NOT NULL") == 0
     )
+    log = replica.log_path.read_text()
+    assert "Traceback" not in log
+    assert [e for e in replica.events() if e.get("level") in ("error", "critical")] == []
     events = [e["event"] for e in replica.events()]
+    assert events.index("shutdown_started") < events.index("pass_interrupted")
     assert "shutdown_complete" in events
 
     result = convsync(["sync"], worker_env(server, db_url))
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1, "the pass was continued"
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "succeeded"
     await assert_mirrors(server, db_url)
     assert pages_fetched_twice(server) <= CONCURRENCY
 
@@ -298,3 +322,23 @@ def test_run_against_a_refused_database_exits_2(server: SimulatorServer, db_url:
     assert "DATABASE_URL was refused" in result.stderr
     assert "Traceback" not in result.stdout + result.stderr
     assert "db-secret-pw" not in result.stdout + result.stderr
+
+
+async def test_interval_ticks_fall_on_the_epoch_aligned_boundary_after_a_run_at_start(
+    server: SimulatorServer, db_url: str, replicas: Callable[..., Replica]
+) -> None:
+    interval = 4.0
+
+    async def mid_interval() -> bool:  # start well away from a boundary
+        return 1.5 <= time.time() % interval <= 2.0
+
+    await until(mid_interval, timeout=10, what="the middle of an interval")
+    replica = replicas(service_env(server, db_url, CONVSYNC_INTERVAL=str(int(interval))))
+    await until(lambda: scalar(db_url, "SELECT count(*) >= 2 FROM sync_runs"), what="a second pass")
+    rows = await fetch(db_url, "SELECT tick, started_at FROM sync_runs ORDER BY run_id")
+    for row in rows:
+        assert row["tick"].timestamp() % interval == 0, row["tick"]
+    # The second pass starts on its boundary, not one interval after the process started.
+    late = (rows[1]["started_at"] - rows[1]["tick"]).total_seconds()
+    assert 0 <= late < 1.0, f"second pass {late:.2f} s after its boundary"
+    assert replica.stop() == 0
