@@ -512,6 +512,7 @@ class ConversationsPage:
     payload: bytes
     sids: list[str]
     rejected: list[Rejected]
+    updated: list[datetime | None] = field(default_factory=list)  # date_updated, per SID
 
     @property
     def seen_sids(self) -> list[str]:
@@ -535,7 +536,7 @@ def decode_conversations_page(
         if decoded is not None and len(decoded) == len(items):
             sids = _fast_sids(decoded, service_sid, user_sid)
             if sids is not None:
-                return ConversationsPage(body, sids, [])
+                return ConversationsPage(body, sids, [], [i.date_updated for i in decoded])
     parsed = parse_conversations_page(items, service_sid, user_sid)
     conversations = {c.conversation_sid: c for c in parsed.conversations}
     payload = {
@@ -547,6 +548,7 @@ def decode_conversations_page(
         msgspec.json.encode(payload),
         [m.conversation_sid for m in parsed.memberships],
         parsed.rejected,
+        [conversations[m.conversation_sid].date_updated for m in parsed.memberships],
     )
 
 

@@ -678,7 +678,10 @@ class Store:
         return outcome
 
     async def save_pages(
-        self, writes: Sequence[PageWrite], lease_seconds: float
+        self,
+        writes: Sequence[PageWrite],
+        lease_seconds: float,
+        conversations: Sequence[Sequence[str]] | None = None,
     ) -> list[PageOutcome | None]:
         """Write a batch of pages (of distinct users) and advance their cursors in one
         transaction; per page, its outcome, or None when its claim no longer holds the cursor
@@ -686,8 +689,12 @@ class Store:
 
         ``page_number`` is the count of pages of the listing already written. On a listing's
         last page, memberships not seen in the whole listing are removed. If PostgreSQL refuses
-        a value, nothing of the batch is written and the error is raised.
+        a value, nothing of the batch is written and the error is raised. ``conversations``:
+        per page, the conversations to upsert (default: all of the page's); a conversation
+        left out must already be stored at least as new as the page has it.
         """
+        if conversations is None:
+            conversations = [w.page.sids for w in writes]
         rejected = [
             json.dumps([{"item": r.item, "reason": r.reason} for r in w.page.rejected])
             if w.page.rejected
@@ -709,6 +716,7 @@ class Store:
             [len(w.page.sids) for w in writes],
             UNIDENTIFIED,
             lease_seconds,
+            [",".join(sids) for sids in conversations],
         )
         outcomes: list[PageOutcome | None] = [None] * len(writes)
         for row in rows:
@@ -859,7 +867,8 @@ def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
 # A batch of pages of many users' listings, in one statement (one transaction, one commit):
 # guard each page's cursor (its claim, its page number: a stale page matches nothing and writes
 # nothing), read the rows out of each page's JSON, upsert the batch's conversations once each
-# (newest date_updated wins; sorted, so writers lock shared rows in one order), upsert the
+# (newest date_updated wins; sorted, so writers lock shared rows in one order; only those the
+# writer did not already write at that date_updated this pass), upsert the
 # memberships, quarantine the rejected items, mark removed what a complete listing did not list
 # (unless an item could not be identified), and advance every cursor with its page's counts.
 # Per page, the removal and the upsert touch disjoint rows (the listing's own SIDs are listed).
@@ -867,9 +876,9 @@ _PAGES_SQL = """
 WITH page AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],
                          $6::bigint[], $7::jsonb[], $8::text[], $9::jsonb[], $10::text[],
-                         $11::int[])
+                         $11::int[], $14::text[])
         WITH ORDINALITY AS p(service, user_sid, token, expected, next_path, run_id, body,
-                             seen, rejected, source, items, ord)
+                             seen, rejected, source, items, conversations, ord)
 ),
 guard AS (
     SELECT p.ord, p.service, p.user_sid,
@@ -883,7 +892,8 @@ guard AS (
     FOR UPDATE OF c
 ),
 item AS (
-    SELECT g.service, g.user_sid, r.*
+    SELECT g.service, g.user_sid, r.*,
+           r.conversation_sid = ANY (string_to_array(p.conversations, ',')) AS write_conversation
     FROM guard g JOIN page p ON p.ord = g.ord
     CROSS JOIN LATERAL jsonb_to_recordset(p.body -> 'conversations') AS r(
         conversation_sid text, account_sid text, friendly_name text, unique_name text,
@@ -901,6 +911,7 @@ conversations_upserted AS (
            i.date_updated, (i.timers ->> 'date_inactive')::timestamptz,
            (i.timers ->> 'date_closed')::timestamptz
     FROM item i
+    WHERE i.write_conversation
     ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST
     ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
       account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,

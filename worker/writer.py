@@ -7,13 +7,21 @@ loops take whatever pages are waiting (up to ``max_pages``, after lingering at m
 (``Store.save_pages``): one round trip and one commit for the batch, each page still guarded by
 its own claim and page number. A stale page is answered ``LeaseLost`` alone; a page whose values
 PostgreSQL refuses is isolated by halving the batch, so it never costs the other pages.
+
+A conversation is shared by its members, so most pages list conversations another user's page
+already brought. The writer remembers (for the last ``KNOWN_CONVERSATIONS`` it wrote) the
+``date_updated`` it committed for each, and leaves a page's conversation out of its statement
+when the page has that same version: the row is already stored at least as new (it only ever
+moves forward), and its upsert would cost a row lock and a comparison for nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 from worker.errors import LeaseLost
@@ -21,6 +29,7 @@ from worker.store import PageOutcome, PageWrite, Store
 
 # How the pass runs a store operation: its retry wrapper (waits out a database gone away).
 RunStore = Callable[..., Awaitable[Any]]
+KNOWN_CONVERSATIONS = 32_768  # ~8 MB: a bounded memory, whatever the size of the pass
 
 
 class PageWriter:
@@ -46,6 +55,7 @@ class PageWriter:
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
+        self._known: OrderedDict[str, datetime] = OrderedDict()  # SID -> date_updated written
         self.batches = 0
         self.pages = 0
 
@@ -99,9 +109,19 @@ class PageWriter:
     async def _commit(self, batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]]) -> None:
         if not batch:
             return
+        writes = [write for write, _ in batch]
+        known = self._known
+        conversations = [
+            [
+                sid
+                for sid, updated in zip(w.page.sids, w.page.updated, strict=True)
+                if updated is None or known.get(sid) != updated
+            ]
+            for w in writes
+        ]
         try:
             outcomes = await self._run_store(
-                self._store.save_pages, [write for write, _ in batch], self._lease
+                self._store.save_pages, writes, self._lease, conversations
             )
         except self._refused as error:
             if len(batch) == 1:
@@ -116,6 +136,8 @@ class PageWriter:
         self.pages += len(batch)
 
         for (write, done), outcome in zip(batch, outcomes, strict=True):
+            if outcome is not None:
+                self._remember(write)
             if done.done():
                 continue
             if outcome is None:
@@ -124,3 +146,15 @@ class PageWriter:
                 )
             else:
                 done.set_result(outcome)
+
+    def _remember(self, write: PageWrite) -> None:
+        """The page committed: its conversations are stored at least as new as it has them."""
+        known = self._known
+        for sid, updated in zip(write.page.sids, write.page.updated, strict=True):
+            if updated is None:
+                known.pop(sid, None)  # an undated version overwrites any: nothing to skip
+                continue
+            known[sid] = updated
+            known.move_to_end(sid)
+        while len(known) > KNOWN_CONVERSATIONS:
+            known.popitem(last=False)
