@@ -21,7 +21,10 @@ BUILD_LOCK = REPO / "requirements-build.lock"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 # The image's interpreter: CPython 3.11 on Linux.
 TARGET = {**default_environment(), "python_version": "3.11", "sys_platform": "linux"}
-PIN = re.compile(r"^([A-Za-z0-9._-]+)==([^\s;]+)((?:\s+--hash=sha256:[0-9a-f]{64})+)$")
+# name==version, an environment marker maybe (uvloop: not on Windows), then its hashes.
+PIN = re.compile(
+    r"^([A-Za-z0-9._-]+)==([^\s;]+)(?:\s*;[^-]+)?((?:\s+--hash=sha256:[0-9a-f]{64})+)$"
+)
 
 
 def pins(path: Path) -> dict[str, str]:
