@@ -92,7 +92,7 @@ PAGE_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,
     asyncpg.IntegrityConstraintViolationError,
 )
-WRITERS = 1  # group-commit batches in flight at once
+WRITERS = 2  # group-commit batches in flight at once
 # Errors that end the pass, recorded as its error: fatal ones, and a services listing that
 # could not be read or stored (nothing of the pass can go on without it).
 PASS_ENDING_ERRORS: tuple[type[BaseException], ...] = (
@@ -165,6 +165,8 @@ class PassState:
     # Set once every users listing of the pass is closed: from then on, a user finished here
     # may be the pass's last, so it wakes the feeder at once (no polling interval at the end).
     discovery_closed: bool = False
+    # Set by a user loop that took a claim from a queue at most half full: the feeder refills.
+    hungry: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class SyncPass:
@@ -460,11 +462,16 @@ class SyncPass:
         """Claim pending users in batches (one statement for up to a queue's worth) and hand
         them to the user loops; when the pass has no more work, tell each loop to stop."""
         while not self.stop.is_set():
-            room = max(1, queue.maxsize - queue.qsize())
+            if queue.qsize() > queue.maxsize // 2:
+                # Refill by halves: one claim statement per half a queue, not one per user.
+                self.state.hungry.clear()
+                await self.state.hungry.wait()
+                continue
+            room = queue.maxsize - queue.qsize()
             claims = await self.claim(functools.partial(self.store.claim_users, limit=room))
             for claim in claims:
                 self.held.add(claim.token)  # renewed by the heartbeat while it waits
-                await queue.put(claim)
+                queue.put_nowait(claim)  # only the feeder puts: there is room
             if claims:
                 continue
             if await self.finished():
@@ -478,6 +485,8 @@ class SyncPass:
     async def user_loop(self, queue: asyncio.Queue[UserClaim | None]) -> None:
         """List the users the feeder hands over, one at a time."""
         while (claim := await queue.get()) is not None:
+            if queue.qsize() <= queue.maxsize // 2:
+                self.state.hungry.set()
             if self.stop.is_set():  # released with every claim of this worker at the end
                 self.held.discard(claim.token)
                 continue
