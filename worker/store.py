@@ -881,15 +881,19 @@ WITH page AS (
                              seen, rejected, source, items, conversations, ord)
 ),
 guard AS (
+    -- One primary-key lookup per page, the claim checked after it: a join would let the
+    -- planner scan every pending cursor of the pass, a cost that grows with the pass.
     SELECT p.ord, p.service, p.user_sid,
            CASE WHEN c.listing_pages = 0 THEN string_to_array(p.seen, ',')
                 ELSE c.seen_conversations || string_to_array(p.seen, ',') END AS listed
-    FROM page p JOIN sync_cursors c
-      ON c.chat_service_sid = p.service AND c.user_sid = p.user_sid
+    FROM page p CROSS JOIN LATERAL (
+        SELECT c.run_id, c.claimed_by, c.listing_pages, c.state, c.seen_conversations
+        FROM sync_cursors c
+        WHERE c.chat_service_sid = p.service AND c.user_sid = p.user_sid
+        FOR UPDATE
+    ) c
     WHERE c.run_id = p.run_id AND c.claimed_by = p.token AND c.listing_pages = p.expected
       AND c.state = 'pending'
-    ORDER BY c.chat_service_sid, c.user_sid
-    FOR UPDATE OF c
 ),
 item AS (
     SELECT g.service, g.user_sid, r.*,
