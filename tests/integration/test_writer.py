@@ -1,0 +1,146 @@
+"""Group commit on real PostgreSQL: pages of many users in one statement, each still guarded by
+its own claim, a refused page isolated from the rest of its batch, and conversations written
+once per version."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import asyncpg
+import pytest
+
+from tests.harness import scalar
+from worker.client import _ENVELOPES
+from worker.errors import LeaseLost
+from worker.model import decode_conversations_page
+from worker.store import PageWrite, Store, UserClaim
+from worker.sync import PAGE_REFUSED_ERRORS
+from worker.writer import PageWriter
+
+SERVICE = "IS" + "1" * 32
+USERS = [f"US{i:032x}" for i in range(1, 13)]
+SHARED = "CH" + "c" * 32  # one conversation every user is in
+
+
+@pytest.fixture
+async def store(db_url: str) -> AsyncIterator[Store]:
+    store = await Store.connect(db_url, 4)
+    yield store
+    await store.close()
+
+
+async def claim_everyone(store: Store) -> dict[str, UserClaim]:
+    info = await store.begin_or_resume_pass({"services": None, "users": None})
+    assert info is not None
+    await store.pool.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", SERVICE)
+    await store.enqueue_users(info.run_id, SERVICE, USERS)
+    claims = await store.claim_users(info.run_id, "host:1:aa", 60, limit=len(USERS))
+    return {c.user_sid: c for c in claims}
+
+
+def item(user: str, conversation: str, **fields: Any) -> dict[str, Any]:
+    return {
+        "conversation_sid": conversation,
+        "chat_service_sid": SERVICE,
+        "user_sid": user,
+        "participant_sid": "MB" + conversation[2:],
+        "friendly_name": "shared" if conversation == SHARED else "own",
+        "unread_messages_count": 1,
+        "date_updated": "2024-01-02T03:04:05Z",
+        **fields,
+    }
+
+
+def page_of(claim: UserClaim, *items: dict[str, Any]) -> PageWrite:
+    body = json.dumps({"conversations": list(items), "meta": {"next_page_url": None}}).encode()
+    envelope = _ENVELOPES["conversations"].decode(body)
+    page = decode_conversations_page(body, envelope.conversations, SERVICE, claim.user_sid)
+    return PageWrite(claim, 0, "/page", page, None)
+
+
+def writer_for(store: Store) -> PageWriter:
+    async def run_store(operation: Any, *args: Any) -> Any:
+        return await operation(*args)
+
+    return PageWriter(store, 60, run_store=run_store, refused=PAGE_REFUSED_ERRORS, max_pages=64)
+
+
+async def test_pages_of_many_users_commit_in_few_statements(store: Store, db_url: str) -> None:
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    runner = asyncio.create_task(writer.run())
+    try:
+        writes = [page_of(c, item(u, SHARED), item(u, "CH" + u[2:])) for u, c in claims.items()]
+        outcomes = await asyncio.gather(*(writer.write(w) for w in writes))
+    finally:
+        runner.cancel()
+    assert [o.inserted for o in outcomes] == [2] * len(USERS)
+    assert writer.pages == len(USERS)
+    assert writer.batches <= 2, f"{writer.batches} statements for {len(USERS)} pages"
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == 2 * len(USERS)
+    assert await scalar(db_url, "SELECT count(*) FROM conversations") == len(USERS) + 1
+    done = "SELECT count(*) FROM sync_cursors WHERE state = 'done' AND claimed_by IS NULL"
+    assert await scalar(db_url, done) == len(USERS)
+
+
+async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    good = [page_of(claims[u], item(u, "CH" + u[2:])) for u in USERS[:10]]
+    # A value PostgreSQL refuses (February 30th), put in a validated page's payload by hand:
+    # whatever the parser let through, the database's refusal costs that page only.
+    refused = page_of(claims[USERS[10]], item(USERS[10], "CH" + "e" * 32))
+    payload = refused.page.payload.replace(b"2024-01-02T03:04:05Z", b"2024-02-30T03:04:05Z")
+    assert payload != refused.page.payload
+    refused = PageWrite(
+        refused.claim,
+        0,
+        "/page",
+        type(refused.page)(payload, refused.page.sids, [], refused.page.updated),
+        None,
+    )
+    stale_claim = claims[USERS[11]]
+    stale = PageWrite(stale_claim, 3, "/page", page_of(stale_claim).page, None)  # not page 3
+    runner = asyncio.create_task(writer.run())
+    try:
+        results = await asyncio.gather(
+            *(writer.write(w) for w in [*good, refused, stale]), return_exceptions=True
+        )
+    finally:
+        runner.cancel()
+    assert all(not isinstance(r, BaseException) for r in results[:10]), results
+    assert isinstance(results[10], asyncpg.DataError)
+    assert isinstance(results[11], LeaseLost)
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == 10
+    states = "SELECT user_sid, state FROM sync_cursors ORDER BY user_sid"
+    conn = await asyncpg.connect(db_url)
+    try:
+        by_user = {r["user_sid"]: r["state"] for r in await conn.fetch(states)}
+    finally:
+        await conn.close()
+    assert [by_user[u] for u in USERS] == ["done"] * 10 + ["pending", "pending"]
+
+
+async def test_a_conversation_is_written_once_per_version(store: Store, db_url: str) -> None:
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    runner = asyncio.create_task(writer.run())
+    try:
+        first, second, third = USERS[:3]
+        await writer.write(page_of(claims[first], item(first, SHARED)))
+        # Changed behind the writer's back: a page with the version it committed leaves it be.
+        await store.pool.execute("UPDATE conversations SET friendly_name = 'kept'")
+        await writer.write(page_of(claims[second], item(second, SHARED)))
+        assert await scalar(db_url, "SELECT friendly_name FROM conversations") == "kept"
+        # A newer version is written.
+        newer = item(third, SHARED, date_updated="2024-02-01T00:00:00Z", friendly_name="newer")
+        await writer.write(page_of(claims[third], newer))
+    finally:
+        runner.cancel()
+    assert await scalar(db_url, "SELECT friendly_name FROM conversations") == "newer"
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == 3
