@@ -27,6 +27,7 @@ from bench.sim import (
     count,
     database_backends_cpu,
     machine_busy,
+    peak_rss_kb,
     postgres_cpu,
 )
 
@@ -249,6 +250,7 @@ def run_sync(
         sampler = _Sampler(sim, started)
         deadline = started + timeout
         next_sample = next_backends = started
+        peak_kb = 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -261,6 +263,7 @@ def run_sync(
             if now >= next_backends:
                 backends.update(database_backends_cpu(database))
                 next_backends = now + 0.25
+            peak_kb = max(peak_kb, peak_rss_kb(proc.pid))
             if sample_every is not None and now >= next_sample:
                 sampler.sample()
                 # Fine polling until the first request, so the window starts on time.
@@ -288,7 +291,7 @@ def run_sync(
         exit_code=proc.returncode,
         wall_seconds=wall,
         pass_seconds=float(summary.get("seconds") or wall),
-        peak_rss_mb=usage.ru_maxrss / 1024,
+        peak_rss_mb=peak_kb / 1024,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
         sim_cpu_cores=sim_cpu_cores,
         postgres_cpu_cores=pg_cores,

@@ -79,6 +79,18 @@ def postgres_cpu() -> CpuSample:
     return CpuSample(now, ticks / os.sysconf("SC_CLK_TCK"))
 
 
+def peak_rss_kb(pid: int) -> int:
+    """``pid``'s peak resident set (VmHWM) so far, in KiB; 0 once it is gone. (A child's
+    ``ru_maxrss`` is no use here: Linux counts in it the parent's resident set at fork.)"""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
 def database_backends_cpu(database: str) -> dict[int, float]:
     """CPU seconds so far of each live PostgreSQL backend connected to ``database`` (found by
     its process title, ``postgres: ... user database host(port) state``)."""
