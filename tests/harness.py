@@ -16,11 +16,11 @@ from typing import Any
 
 import asyncpg
 
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
+from convsync_tools.simulator import SimulatorServer
 from worker.client import Backoff, TwilioClient
 from worker.config import Settings, load_settings
 from worker.metrics import Metrics
-from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
-from worker.simulator import SimulatorServer
 from worker.store import PassSummary, Store
 from worker.sync import Scope, SyncPass
 

@@ -83,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["simulate"]:
-        # The simulator has its own options; it shares nothing with the worker.
-        from worker.simulator import simulate_main
+        # Tooling, imported for this command only (worker/ruff.toml allows no other import of
+        # it); the simulator has its own options and shares nothing with the worker.
+        from convsync_tools.simulator import simulate_main
 
         return simulate_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -153,7 +154,7 @@ async def _dispatch(
         with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
             return await run_service(settings, stop)
     if args.command == "demo":
-        from worker.demo import run_demo
+        from convsync_tools.demo import run_demo  # tooling, imported for this command only
 
         code: int = await run_demo(settings, args.users, stops)
         return code

@@ -13,6 +13,8 @@ from typing import Any
 import asyncpg
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import (
     COMMITTED_PAGES,
     check_cursors,
@@ -32,8 +34,6 @@ from tests.harness import (
     worker_env,
 )
 from worker.client import Backoff
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 from worker.store import PassSummary
 
 PAGE = 10

@@ -15,12 +15,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import quote_ident
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer
 from tests.conftest import PgServer, drop_database
 from tests.faults.common import record
 from tests.harness import convsync, scalar, spawn_convsync, worker_env
-from worker.pgembed import quote_ident
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
 
 TAG = secrets.token_hex(4)
 AUTH_TOKEN = f"tok-SECRET-{TAG}-auth"

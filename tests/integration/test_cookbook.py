@@ -17,10 +17,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from convsync_tools.cookbook import load_cookbook, parse_cookbook_file, run_cookbook_query
+from convsync_tools.simdata import Dataset, twilio_date
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import run_pass, settings_for
-from worker.demo import load_cookbook, parse_cookbook_file, run_cookbook_query
-from worker.simdata import Dataset, twilio_date
-from worker.simulator import Simulator, SimulatorServer
 
 COOKBOOK = {q.name: q for q in load_cookbook()}
 # Each name here has a test below that checks its results; a new file must join this list.

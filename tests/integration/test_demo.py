@@ -16,11 +16,12 @@ from typing import Any
 import asyncpg
 import pytest
 
+from convsync_tools.cookbook import load_cookbook
+from convsync_tools.demo import DEMO_QUERIES, DEMO_SEED, DEMO_SERVICES, Progress
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import convsync, worker_env
-from worker.demo import DEMO_QUERIES, DEMO_SEED, DEMO_SERVICES, Progress, load_cookbook
 from worker.metrics import Metrics
-from worker.simdata import DEMO_ACCOUNT_SID, Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 USERS = 40
 SUMMARY = re.compile(

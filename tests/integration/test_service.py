@@ -17,6 +17,8 @@ from typing import Any
 import aiohttp
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import (
     REPO,
     _base_env,
@@ -27,8 +29,6 @@ from tests.harness import (
     until,
     worker_env,
 )
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 CONCURRENCY = 8
 

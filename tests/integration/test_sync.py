@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_for
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 from worker.sync import Scope
 
 

@@ -23,7 +23,8 @@ Test and benchmark controls live under ``/_sim/`` (no auth, not counted, never f
 (``{"advance": seconds}``). Schema-breaking pages, for tests: ``Simulator.corrupt_next``
 (in-process only).
 
-Nothing here may import the worker's client, model or store: only ``worker.simdata``.
+It imports nothing of the worker (a lint rule, ``convsync_tools/ruff.toml``, fails CI
+otherwise): a bug shared with the client would hide itself.
 """
 
 from __future__ import annotations
@@ -50,7 +51,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, Dataset
+from convsync_tools.errors import BadRequest
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, Dataset
 
 CODE_INVALID = 20001
 CODE_AUTH = 20003
@@ -217,10 +219,6 @@ class _Listing:
     marker: Callable[[int], str]
     position: Callable[[str], int | None]
     render: Callable[[list[int], str], list[dict[str, Any]]]
-
-
-class _BadRequest(Exception):
-    pass
 
 
 class Simulator:
@@ -485,7 +483,7 @@ class Simulator:
         return "PT" + base64.urlsafe_b64encode(payload + mac).decode().rstrip("=")
 
     def _read_token(self, token: str, scope: str, config: SimulatorConfig) -> tuple[str, str]:
-        """(direction, marker) of a token for this list; _BadRequest if invalid or expired."""
+        """(direction, marker) of a token for this list; BadRequest if invalid or expired."""
         try:
             if not token.startswith("PT"):
                 raise ValueError
@@ -497,11 +495,11 @@ class Simulator:
             direction, token_scope, marker, issued = payload.decode().split("|")
             issued_at = int(issued)
         except (ValueError, binascii.Error, UnicodeDecodeError) as error:
-            raise _BadRequest("Invalid PageToken") from error
+            raise BadRequest("Invalid PageToken") from error
         if token_scope != scope or direction not in ("a", "b"):
-            raise _BadRequest("Invalid PageToken")
+            raise BadRequest("Invalid PageToken")
         if config.token_ttl is not None and self.now() - issued_at > config.token_ttl:
-            raise _BadRequest("PageToken has expired")
+            raise BadRequest("PageToken has expired")
         return direction, marker
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -598,7 +596,7 @@ class Simulator:
                     return _not_found(raw_path)
                 listing = self._memberships_listing(0, u, default_form=True)
                 return self._list(request, config, listing)
-        except _BadRequest as error:
+        except BadRequest as error:
             return _error(400, CODE_INVALID, str(error))
         return _not_found(raw_path)
 
@@ -644,10 +642,10 @@ class Simulator:
         query = request.query
         size = _int_param(query.get("PageSize"), 50, "PageSize")
         if not 1 <= size <= listing.max_size:
-            raise _BadRequest(f"PageSize must be between 1 and {listing.max_size}")
+            raise BadRequest(f"PageSize must be between 1 and {listing.max_size}")
         page = _int_param(query.get("Page"), 0, "Page")
         if page < 0:
-            raise _BadRequest("Page must be >= 0")
+            raise BadRequest("Page must be >= 0")
         token = query.get("PageToken")
         after: int | None = None
         before: int | None = None
@@ -655,13 +653,13 @@ class Simulator:
             direction, marker = self._read_token(token, listing.scope, config)
             position = listing.position(marker)
             if position is None:
-                raise _BadRequest("Invalid PageToken")
+                raise BadRequest("Invalid PageToken")
             if direction == "a":
                 after = position
             else:
                 before = position
         elif page > 0:
-            raise _BadRequest("Page > 0 needs the PageToken of a next_page_url/previous_page_url")
+            raise BadRequest("Page > 0 needs the PageToken of a next_page_url/previous_page_url")
         indices, more = listing.page(after, before, size)
         base = f"{request.scheme}://{request.host}"
         raw_path = request.raw_path.split("?", 1)[0]
@@ -734,7 +732,7 @@ def _int_param(raw: str | None, default: int, name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise _BadRequest(f"{name} must be an integer") from None
+        raise BadRequest(f"{name} must be an integer") from None
 
 
 def _authorized(header: str | None, config: SimulatorConfig) -> bool:
