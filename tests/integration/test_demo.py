@@ -42,7 +42,8 @@ async def demo(env: dict[str, str], users: int = USERS) -> Any:
 async def fetch(db_url: str, sql: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(db_url)
     try:
-        return await conn.fetch(sql)
+        rows: list[asyncpg.Record] = await conn.fetch(sql)
+        return rows
     finally:
         await conn.close()
 

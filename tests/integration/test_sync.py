@@ -4,6 +4,8 @@ after complete listings, and an interrupted pass resumes where it stopped."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from convsync_tools.simdata import Dataset
@@ -13,7 +15,7 @@ from worker.sync import Scope
 
 
 @pytest.fixture
-def server() -> SimulatorServer:
+def server() -> Iterator[SimulatorServer]:
     with SimulatorServer(
         Simulator(Dataset.generate(seed=11, services=2, users_per_service=60))
     ) as s:
