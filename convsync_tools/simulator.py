@@ -20,8 +20,8 @@ Errors carry Twilio's body ``{"code", "message", "more_info", "status"}``; codes
 Test and benchmark controls live under ``/_sim/`` (no auth, not counted, never faulted):
 ``GET /_sim/stats``, ``POST /_sim/reset_stats``, ``GET|POST /_sim/config`` (JSON of knobs),
 ``POST /_sim/fail_next`` (``{"path", "fault", "count"}``), ``POST /_sim/clock``
-(``{"advance": seconds}``). Schema-breaking pages, for tests: ``Simulator.corrupt_next``
-(in-process only).
+(``{"advance": seconds}``). In-process only, for tests: schema-breaking pages
+(``Simulator.corrupt_next``) and when each request came and went (``Simulator.served``).
 
 It imports nothing of the worker (a lint rule, ``convsync_tools/ruff.toml``, fails CI
 otherwise): a bug shared with the client would hide itself.
@@ -43,7 +43,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -74,6 +74,7 @@ _MESSAGES = {
 }
 FAULT_KINDS = frozenset({"drop", "truncate", "slow"})  # besides any HTTP status 400..599
 MAX_PAGE_SIZE = 50
+SERVED_KEPT = 100_000  # requests remembered by ``Simulator.served`` (the latest)
 MAX_SERVICES_PAGE_SIZE = 100
 
 
@@ -185,6 +186,17 @@ class Stats:
             "pages": pages(self.pages),
             "pages_ok": pages(self.pages_ok),
         }
+
+
+@dataclass(frozen=True)
+class Served:
+    """One API request as the simulator saw it: when it arrived and when its answer left
+    (``time.monotonic()``), its ``(path, PageToken)`` and status (None: dropped)."""
+
+    arrived: float
+    answered: float
+    key: tuple[str, str | None]
+    status: int | None
 
 
 @dataclass
@@ -375,6 +387,7 @@ class Simulator:
         self._pages: Counter[tuple[str, str | None]] = Counter()
         self._pages_ok: Counter[tuple[str, str | None]] = Counter()
         self._in_flight = in_flight
+        self._served: deque[Served] = deque(maxlen=SERVED_KEPT)
         self._max_in_flight = in_flight
         self._area = 0.0
         self._since = self._last = now
@@ -402,6 +415,11 @@ class Simulator:
     def stats(self) -> Stats:
         with self._lock:
             return self._snapshot_locked()
+
+    def served(self) -> list[Served]:
+        """The API requests since the last reset (the latest ``SERVED_KEPT``), oldest first."""
+        with self._lock:
+            return list(self._served)
 
     def wait_until(self, predicate: Callable[[Stats], bool], timeout: float = 10.0) -> bool:
         """Block until ``predicate(stats)`` holds (re-checked on every request start and end);
@@ -433,8 +451,10 @@ class Simulator:
         status: int | None,
         fault: str | None,
         whole: bool,
+        arrived: float,
     ) -> None:
         with self._lock:
+            self._served.append(Served(arrived, time.monotonic(), key, status))
             if admitted:
                 now = time.monotonic()
                 self._area += self._in_flight * (now - self._last)
@@ -509,6 +529,7 @@ class Simulator:
         config = self._config
         path = request.path
         key = (path, request.query.get("PageToken"))
+        arrived = time.monotonic()
         admitted, request_id = self._begin(key, config.concurrency_ceiling)
         status: int | None = None
         fault_name: str | None = None
@@ -554,7 +575,7 @@ class Simulator:
             whole = True
             return _respond(reply, request_id)
         finally:
-            self._end(key, admitted, status, fault_name, whole)
+            self._end(key, admitted, status, fault_name, whole, arrived)
 
     async def _gate(self) -> None:
         with self._lock:
