@@ -3,9 +3,10 @@
 Without Twilio credentials: the bundled simulator in-process (a seeded dataset of
 ``DEMO_SERVICES`` services x ``users`` users, a few ms of latency), PostgreSQL from
 ``DATABASE_URL`` or else our own in ``.convsync/pgdata`` (kept between runs; see
-``convsync_tools.pgembed``), migrations, one pass with a progress line, a summary, and a few
-``cookbook/*.sql`` queries as small tables. With ``TWILIO_*`` credentials set, the same steps
-sync the account they name (``TWILIO_CONVERSATIONS_BASE_URL``) and no simulator is started.
+``convsync_tools.pgembed``), migrations, one pass with the progress line of ``convsync sync``
+(``worker.progress``), a summary, and a few ``cookbook/*.sql`` queries as small tables. With
+``TWILIO_*`` credentials set, the same steps sync the account they name
+(``TWILIO_CONVERSATIONS_BASE_URL``) and no simulator is started.
 Simulated data never goes into a database that holds another account's (checked with
 ``cookbook/services.sql``): a real pass left running there would be resumed against the
 simulator, and its users marked gone.
@@ -29,11 +30,12 @@ import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import datetime
 from decimal import Decimal
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
+from worker import progress
 from worker.client import TwilioClient
 from worker.config import Settings, TwilioCredentials
 from worker.errors import ConfigError
@@ -116,79 +118,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], limit: int = SHOWN_ROWS) -> 
     return "\n".join(lines)
 
 
-# --- progress ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Progress:
-    """Polls a running pass (metrics and the store) and shows how far it is:
-    a single redrawn line on a TTY, a ``demo_progress`` log line every few seconds otherwise."""
-
-    store: Store
-    sync: SyncPass
-    metrics: Metrics
-    stream: TextIO
-    interactive: bool
-    width: int = 24
-
-    async def snapshot(self) -> dict[str, Any] | None:
-        """Users done / known, pages and rows so far; None before the pass has begun.
-
-        Metrics are read before the database, so a user finishing in between is counted in
-        neither (``users_known`` lags for a frame) rather than in both.
-        """
-        if not self.sync.state.run_id:
-            return None
-        users = int(self.metrics.total("convsync_users_total"))
-        pages = int(self.metrics.value("convsync_pages_total", kind="conversations"))
-        rows = int(self.metrics.total("convsync_rows_total"))
-        run_id = self.sync.state.run_id
-        progress = await self.store.pass_progress(run_id)
-        pending = await self.store.pending_users(run_id)
-        return {
-            "users_done": users,
-            "users_known": users + pending,
-            "discovering": progress.discovery_open,
-            "pages": pages,
-            "rows": rows,
-        }
-
-    def line(self, snap: Mapping[str, Any], seconds: float) -> str:
-        done, known = snap["users_done"], snap["users_known"]
-        filled = self.width * done // known if known else 0
-        bar = "#" * filled + "." * (self.width - filled)
-        more = "+" if snap["discovering"] else ""
-        return (
-            f"[{bar}] {done}/{known}{more} users  {snap['pages']} pages  {snap['rows']} rows"
-            f"  {seconds:.1f} s"
-        )
-
-    async def watch(self, finished: asyncio.Event) -> None:
-        """Report until ``finished`` is set; clears its line on a TTY."""
-        interval = 0.1 if self.interactive else 2.0
-        started = time.monotonic()
-        try:
-            while not finished.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), interval)
-                if finished.is_set():
-                    break
-                try:
-                    snap = await self.snapshot()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    continue  # the pass has its own database retry policy; just skip a frame
-                if snap is None:
-                    continue
-                if self.interactive:
-                    text = self.line(snap, time.monotonic() - started)
-                    self.stream.write("\r\x1b[K" + text)
-                    self.stream.flush()
-                else:
-                    log.info("demo_progress", **snap)
-        finally:
-            if self.interactive:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
+# --- the pass --------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -321,22 +251,19 @@ def _interrupted(summary: PassSummary, metrics: Metrics) -> str:
 
 
 async def _run_pass(
-    settings: Settings, store: Store, metrics: Metrics, interactive: bool, stops: StopSignals
+    settings: Settings, store: Store, metrics: Metrics, stops: StopSignals
 ) -> tuple[PassSummary, bool]:
-    """One pass with progress; (its summary, whether Ctrl-C/SIGTERM interrupted it)."""
+    """One pass with the progress line of ``convsync sync`` on a TTY; (its summary, whether
+    Ctrl-C/SIGTERM interrupted it)."""
     with stops.graceful(settings.shutdown_grace + BACKSTOP_SECONDS) as stop:
         async with TwilioClient(settings, metrics=metrics) as client:
             sync = SyncPass(settings, store, client, Scope(settings.services), stop=stop,
                             metrics=metrics)  # fmt: skip
-            finished = asyncio.Event()
-            progress = Progress(store, sync, metrics, sys.stderr, interactive)
-            watcher = asyncio.create_task(progress.watch(finished))
-            try:
-                with _quiet_worker_logs(interactive):
+            async with progress.shown(
+                store, client.limiter, lambda: sync.state.run_id, sys.stderr, metrics
+            ) as line:
+                with _quiet_worker_logs(line is not None):
                     summary = await sync.run()
-            finally:
-                finished.set()
-                await watcher
     assert summary is not None  # None only for a scheduled tick, which the demo never sets
     return summary, stop.is_set()
 
@@ -406,12 +333,9 @@ async def run_demo(settings: Settings, users: int, stops: StopSignals | None = N
         print(f"  source    {source}")
         print(f"  database  {database.label}")
         print(f"  ready in {time.monotonic() - began:.1f} s; syncing...", flush=True)
-        interactive = sys.stderr.isatty()
         metrics = Metrics()
         try:
-            summary, interrupted = await _run_pass(
-                settings, store, metrics, interactive, stops or StopSignals()
-            )
+            summary, interrupted = await _run_pass(settings, store, metrics, stops or StopSignals())
         except DatabaseUnavailable as error:
             log.error("pass_stopped", error=str(error))
             return EXIT_PARTIAL

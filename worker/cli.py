@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker import loop, signals
+from worker import loop, progress, signals
 from worker.client import TwilioClient
 from worker.config import (
     SERVICE_SID,
@@ -191,7 +191,8 @@ async def sync_command(
     """One pass over the scope; exit 0 all synced, 1 some failed or interrupted, 2 fatal.
 
     A stop while connecting or checking the schema cancels at once; during the pass, in-flight
-    pages get CONVSYNC_SHUTDOWN_GRACE to commit and the pass is recorded interrupted."""
+    pages get CONVSYNC_SHUTDOWN_GRACE to commit and the pass is recorded interrupted. On a
+    terminal, a live progress line (``worker.progress``) shows how far it is."""
     stops = stops or signals.StopSignals()
     scope = Scope(
         services=parse_sids(",".join(services), SERVICE_SID, "--service") or settings.services,
@@ -210,7 +211,10 @@ async def sync_command(
         with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
             async with TwilioClient(settings, stop=stop) as client:
                 sync = SyncPass(settings, store, client, scope, stop=stop)
-                summary = await sync.run()
+                async with progress.shown(
+                    store, client.limiter, lambda: sync.state.run_id, sys.stderr
+                ):
+                    summary = await sync.run()
         if stop.is_set() or summary is None:
             return EXIT_PARTIAL
         return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL
