@@ -30,20 +30,23 @@ RUN --mount=type=secret,id=ca \
        --only-binary=:all: -r requirements.lock
 # README.md* matches nothing when the readme is absent; pyproject.toml is enough to build.
 COPY pyproject.toml README.md* ./
+# The runtime and the tooling (`simulate`); migrations and the cookbook go into the wheel.
 COPY worker/ ./worker/
+COPY convsync_tools/ ./convsync_tools/
+COPY migrations/ ./migrations/
+COPY cookbook/ ./cookbook/
 # `pip check`: the lock must hold everything the project needs (it fails the build otherwise).
 RUN /opt/build/bin/pip wheel --no-deps --no-build-isolation --wheel-dir /wheels . \
     && /opt/build/bin/pip --python /opt/venv/bin/python install --no-deps --no-index \
        /wheels/*.whl \
     && /opt/build/bin/pip --python /opt/venv/bin/python check
 
-# --- runtime: the same Python, the venv, the migrations, a non-root user; no build tools ------
+# --- runtime: the same Python, the venv (migrations inside), a non-root user; no build tools --
 FROM ${BASE} AS runtime
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PATH=/opt/venv/bin:$PATH \
-    CONVSYNC_MIGRATIONS_DIR=/app/migrations \
     CONVSYNC_LOG_FORMAT=json \
     CONVSYNC_HTTP_PORT=8080
 
@@ -54,8 +57,6 @@ RUN (python -m pip uninstall --yes --quiet pip setuptools wheel 2>/dev/null || t
        --home-dir /nonexistent --shell /usr/sbin/nologin convsync
 
 COPY --from=builder /opt/venv /opt/venv
-COPY migrations/ /app/migrations/
-COPY cookbook/ /app/cookbook/
 WORKDIR /app
 
 # Numeric, so Kubernetes' runAsNonRoot can verify it without reading /etc/passwd; any other uid

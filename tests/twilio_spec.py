@@ -1,9 +1,10 @@
-"""Twilio's OpenAPI spec for Conversations v1 (../shared/twilio-oai), for tests to check against."""
+"""Twilio's OpenAPI spec for Conversations v1, vendored in ``spec/twilio-oai/``, for tests to
+check against. A missing spec fails the tests that need it: the source of truth is never
+skipped."""
 
 from __future__ import annotations
 
 import json
-import os
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -11,24 +12,15 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SPEC_PATH = Path(
-    os.environ.get(
-        "CONVSYNC_TWILIO_OAI",
-        REPO.parent / "shared" / "twilio-oai" / "twilio_conversations_v1.json",
-    )
-)
+SPEC_PATH = REPO / "spec" / "twilio-oai" / "twilio_conversations_v1.json"
 USER_CONVERSATION = "conversations.v1.service.service_user.service_user_conversation"
 
 
 @cache
 def spec() -> dict[str, Any]:
-    """The parsed spec. Absent: the calling test is skipped with the reason, except in CI,
-    where a missing source of truth must fail rather than pass unchecked."""
+    """The parsed spec; the calling test fails when the file is missing."""
     if not SPEC_PATH.is_file():
-        message = f"Twilio OpenAPI spec not found at {SPEC_PATH} (set CONVSYNC_TWILIO_OAI)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
+        pytest.fail(f"Twilio OpenAPI spec not found at {SPEC_PATH} (vendored: see its README)")
     loaded: dict[str, Any] = json.loads(SPEC_PATH.read_text(encoding="utf-8"))
     return loaded
 

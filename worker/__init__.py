@@ -1,1 +1,17 @@
-"""convsync: a resumable, typed sync of Twilio Conversations into PostgreSQL."""
+"""convsync: a resumable, typed sync of Twilio Conversations into PostgreSQL (the runtime).
+
+The modules in the order data flows through a pass:
+
+- ``config``: the environment -> one validated ``Settings``; ``errors``: every failure;
+- ``client`` (with ``limiter``): HTTP to Twilio, bounded, retried, under an adaptive limit;
+- ``model``: a page's JSON -> typed rows and quarantined items;
+- ``store`` (with ``migrate`` and the top-level ``migrations/``): every SQL statement;
+  ``writer``: pages of many users committed a batch per statement;
+- ``sync``: one pass (discovery, claims, listings, the outcome);
+- ``service``: ``convsync run`` (schedule, probes, ``/metrics``); ``cli``: every command.
+
+Beside them: ``logs`` (structlog, redaction), ``metrics`` (prometheus_client), ``progress``
+(the live line on a terminal), ``signals`` and ``loop`` (SIGTERM, the event loop) and
+``healthcheck`` (the image's). The developer tooling (simulator, embedded PostgreSQL, demo)
+is the ``convsync_tools`` package, which nothing here imports (``worker/ruff.toml``).
+"""

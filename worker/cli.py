@@ -20,7 +20,7 @@ from typing import Any
 import asyncpg
 import structlog
 
-from worker import loop, signals
+from worker import loop, progress, signals
 from worker.client import TwilioClient
 from worker.config import (
     SERVICE_SID,
@@ -83,8 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     if argv[:1] == ["simulate"]:
-        # The simulator has its own options; it shares nothing with the worker.
-        from worker.simulator import simulate_main
+        # Tooling, imported for this command only (worker/ruff.toml allows no other import of
+        # it); the simulator has its own options and shares nothing with the worker.
+        from convsync_tools.simulator import simulate_main
 
         return simulate_main(argv[1:])
     args = build_parser().parse_args(argv)
@@ -153,7 +154,7 @@ async def _dispatch(
         with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
             return await run_service(settings, stop)
     if args.command == "demo":
-        from worker.demo import run_demo
+        from convsync_tools.demo import run_demo  # tooling, imported for this command only
 
         code: int = await run_demo(settings, args.users, stops)
         return code
@@ -190,7 +191,8 @@ async def sync_command(
     """One pass over the scope; exit 0 all synced, 1 some failed or interrupted, 2 fatal.
 
     A stop while connecting or checking the schema cancels at once; during the pass, in-flight
-    pages get CONVSYNC_SHUTDOWN_GRACE to commit and the pass is recorded interrupted."""
+    pages get CONVSYNC_SHUTDOWN_GRACE to commit and the pass is recorded interrupted. On a
+    terminal, a live progress line (``worker.progress``) shows how far it is."""
     stops = stops or signals.StopSignals()
     scope = Scope(
         services=parse_sids(",".join(services), SERVICE_SID, "--service") or settings.services,
@@ -209,7 +211,10 @@ async def sync_command(
         with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
             async with TwilioClient(settings, stop=stop) as client:
                 sync = SyncPass(settings, store, client, scope, stop=stop)
-                summary = await sync.run()
+                async with progress.shown(
+                    store, client.limiter, lambda: sync.state.run_id, sys.stderr
+                ):
+                    summary = await sync.run()
         if stop.is_set() or summary is None:
             return EXIT_PARTIAL
         return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL

@@ -286,9 +286,12 @@ class TwilioClient:
             try:
                 # Paths are already percent-encoded (built with quote, or Twilio's own URLs).
                 url = yarl.URL(self._base_url + path, encoded=True)
+                sent = time.perf_counter()
                 async with self._session.get(url, allow_redirects=False) as response:
                     status = response.status
                     raw = await self._read_body(path, response)
+                took = time.perf_counter() - sent
+                self._metrics.observe("convsync_request_duration_seconds", took)
             except (aiohttp.ClientError, TimeoutError) as error:
                 dropped = True
                 self._metrics.inc("convsync_requests_total", status="connection_error")

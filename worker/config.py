@@ -111,7 +111,7 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "CONVSYNC_MIGRATIONS_DIR",
         None,
-        "Folder of the migration files (default: migrations/ beside the package, or ./migrations).",
+        "Folder of the migration files (default: those shipped in the package).",
     ),
 )
 VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)

@@ -1,4 +1,8 @@
-"""Apply ``migrations/*.sql`` in order, once each, under a PostgreSQL advisory lock."""
+"""Apply ``migrations/*.sql`` in order, once each, under a PostgreSQL advisory lock.
+
+The files stay at the top of the source tree and ship in the wheel as package data
+(``worker/migrations/``): an installed ``convsync migrate`` needs no configuration.
+"""
 
 from __future__ import annotations
 
@@ -14,12 +18,14 @@ from worker.errors import FatalError
 
 
 def _default_migrations_dir() -> Path:
-    """$CONVSYNC_MIGRATIONS_DIR, else migrations/ beside the package, else ./migrations."""
+    """$CONVSYNC_MIGRATIONS_DIR, else the migrations the package ships (``worker/migrations/``
+    in a wheel), else those of the checkout the package runs from (top-level ``migrations/``)."""
     configured = os.environ.get("CONVSYNC_MIGRATIONS_DIR", "").strip()
     if configured:
         return Path(configured)
-    beside = Path(__file__).resolve().parent.parent / "migrations"
-    return beside if beside.is_dir() else Path.cwd() / "migrations"
+    package = Path(__file__).resolve().parent
+    shipped = package / "migrations"
+    return shipped if shipped.is_dir() else package.parent / "migrations"
 
 
 MIGRATIONS_DIR = _default_migrations_dir()

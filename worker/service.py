@@ -204,9 +204,11 @@ class Service:
             )
         return web.json_response({"status": "ready"})
 
-    async def metrics(self, _request: web.Request) -> web.Response:
+    async def metrics(self, request: web.Request) -> web.Response:
+        """prometheus_client's exposition: OpenMetrics when the scraper asks for it."""
         metrics.set("convsync_concurrency_limit", self.client.limiter.limit)
-        return web.Response(text=metrics.render(), content_type="text/plain", charset="utf-8")
+        body, content_type = metrics.render(request.headers.get("Accept"))
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
 
 async def run_service(settings: Settings, stop: asyncio.Event) -> int:

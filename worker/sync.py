@@ -208,6 +208,7 @@ class SyncPass:
             refused=PAGE_REFUSED_ERRORS,
             max_pages=settings.batch_pages,
             max_wait=settings.batch_ms / 1000,
+            metrics=self.metrics,
         )
 
     # --- the pass, top to bottom ----------------------------------------------------------

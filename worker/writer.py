@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any
 
 from worker.errors import LeaseLost
+from worker.metrics import Metrics
+from worker.metrics import metrics as default_metrics
 from worker.store import PageOutcome, PageWrite, Store
 
 # How the pass runs a store operation: its retry wrapper (waits out a database gone away).
@@ -45,6 +48,7 @@ class PageWriter:
         refused: tuple[type[BaseException], ...],
         max_pages: int = 64,
         max_wait: float = 0.0,
+        metrics: Metrics | None = None,
     ) -> None:
         self._store = store
         self._lease = lease_seconds
@@ -52,6 +56,7 @@ class PageWriter:
         self._refused = refused
         self.max_pages = max_pages
         self.max_wait = max_wait
+        self._metrics = metrics or default_metrics
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
@@ -119,6 +124,7 @@ class PageWriter:
             ]
             for w in writes
         ]
+        began = time.perf_counter()
         try:
             outcomes = await self._run_store(
                 self._store.save_pages, writes, self._lease, conversations
@@ -134,10 +140,12 @@ class PageWriter:
             return
         self.batches += 1
         self.pages += len(batch)
+        took = time.perf_counter() - began
 
         for (write, done), outcome in zip(batch, outcomes, strict=True):
             if outcome is not None:
                 self._remember(write)
+                self._metrics.observe("convsync_page_commit_seconds", took)
             if done.done():
                 continue
             if outcome is None:

@@ -229,7 +229,7 @@ def cli_accepts(argv: list[str]) -> bool:
     """Whether ``convsync *argv`` parses (and, for simulate, the simulator's own options)."""
     try:
         if argv[:1] == ["simulate"]:  # main() hands these to the simulator's own parser
-            from worker.simulator import _parser
+            from convsync_tools.simulator import _parser
 
             _parser().parse_args(argv[1:])
         else:
@@ -595,9 +595,13 @@ def test_dockerfile_entrypoint_user_and_layout() -> None:
     env = image_env()
     assert env.get("PYTHONDONTWRITEBYTECODE") == "1"
     assert env.get("PYTHONUNBUFFERED") == "1"
-    copies = [c.split() for c in runtime.all("COPY") if not c.startswith("--")]
-    migrations = [c[-1].rstrip("/") for c in copies if c[0].rstrip("/") == "migrations"]
-    assert migrations == [env.get("CONVSYNC_MIGRATIONS_DIR")] == ["/app/migrations"]
+    # The migrations and the cookbook reach the image inside the wheel (package data), found
+    # without configuration: the builder copies them in, the runtime stage sets no folder.
+    builder = parse_dockerfile(DOCKERFILE.read_text(encoding="utf-8"))[0]
+    built = {c.split()[0].rstrip("/") for c in builder.all("COPY") if not c.startswith("--")}
+    assert {"worker", "convsync_tools", "migrations", "cookbook"} <= built
+    assert "CONVSYNC_MIGRATIONS_DIR" not in env
+    assert not [c for c in runtime.all("COPY") if not c.startswith("--")], "all in the venv"
 
 
 def test_dockerignore_lets_in_everything_the_build_copies() -> None:

@@ -18,8 +18,8 @@ from typing import Any
 
 import asyncpg
 
+from convsync_tools.simulator import SimulatorServer
 from tests.harness import REPO, VIEW_COLUMNS, _base_env, expected_row, view_rows
-from worker.simulator import SimulatorServer
 
 FIGURES_PATH = Path(os.environ.get("CONVSYNC_FAULT_FIGURES", "/tmp/convsync-fault-figures.json"))
 # Everything injected and checked by tests/faults, summed over the session (see conftest.py).

@@ -24,7 +24,7 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from worker.simdata import Dataset
+from convsync_tools.simdata import Dataset
 
 MIB = 1 << 20
 GIB = 1 << 30

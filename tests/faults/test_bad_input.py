@@ -12,10 +12,10 @@ from typing import Any
 
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import check_cursors, mirror, record
 from tests.harness import expected_row, fetch, run_pass, scalar, settings_for, view_rows
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 PAGE = 20
 Mutation = Callable[[dict[str, Any]], Any]

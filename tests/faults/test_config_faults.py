@@ -8,10 +8,10 @@ from collections.abc import Iterator
 
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import record
 from tests.harness import convsync, failure, fetch, scalar, worker_env
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 DROP = None  # remove the variable
 

@@ -13,6 +13,9 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import LocalPostgres
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import COMMITTED_PAGES, check_cursors, mirror, record
 from tests.harness import (
     convsync,
@@ -23,9 +26,6 @@ from tests.harness import (
     worker_env,
 )
 from worker.client import Backoff
-from worker.pgembed import LocalPostgres
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 PAGE = 10
 # The default lease: a claim or page whose reply is lost with its connection must not leave

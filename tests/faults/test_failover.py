@@ -29,12 +29,12 @@ import aiohttp
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import quote_ident
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.conftest import PgServer
 from tests.faults.common import COMMITTED_PAGES, check_cursors, mirror, record
 from tests.harness import REPO, _base_env, scalar, worker_env
-from worker.pgembed import quote_ident
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 PAGE = 10
 READ_ONLY = "ReadOnlySQLTransactionError"

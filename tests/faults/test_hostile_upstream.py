@@ -31,13 +31,13 @@ import aiohttp
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import quote_ident
+from convsync_tools.simdata import Dataset
 from tests.conftest import PgServer, drop_database
 from tests.faults.common import Measured, record, run_measured
 from tests.faults.hostile import Hostile, HostileServer, Trick
 from tests.harness import REPO, VIEW_COLUMNS, _base_env, expected_row, fetch, scalar, view_rows
 from worker.migrate import apply_migrations
-from worker.pgembed import quote_ident
-from worker.simdata import Dataset
 
 PAGE = 50
 RSS_LIMIT_MB = 200

@@ -15,6 +15,8 @@ from collections.abc import Iterator
 import asyncpg
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import (
     check_cursors,
     conversation_pages_fetched_twice,
@@ -23,8 +25,6 @@ from tests.faults.common import (
     wait_for,
 )
 from tests.harness import convsync, scalar, spawn_convsync, worker_env
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 TRIALS = int(os.environ.get("CONVSYNC_TRIALS", "20"))
 SEED = int(os.environ.get("CONVSYNC_TRIAL_SEED", "20241124"))

@@ -15,12 +15,12 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import quote_ident
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer
 from tests.conftest import PgServer, drop_database
 from tests.faults.common import record
-from tests.harness import convsync, scalar, spawn_convsync, worker_env
-from worker.pgembed import quote_ident
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
+from tests.harness import convsync, scalar, spawn_convsync, until, worker_env
 
 TAG = secrets.token_hex(4)
 AUTH_TOKEN = f"tok-SECRET-{TAG}-auth"
@@ -192,14 +192,17 @@ async def test_no_command_ever_prints_a_secret(
     child = spawn_convsync(
         ["run"], {**token_env, "CONVSYNC_INTERVAL": "3600", "CONVSYNC_HTTP_PORT": "0"}
     )
+
+    async def pass_finished() -> bool:
+        if child.poll() is not None:
+            raise AssertionError(f"convsync run exited with {child.returncode} before its pass")
+        finished = await scalar(
+            secret_db, "SELECT count(*) FROM sync_runs WHERE status <> 'running'"
+        )
+        return bool(finished > before)
+
     try:
-        for _ in range(600):
-            done = await scalar(
-                secret_db, "SELECT count(*) FROM sync_runs WHERE status <> 'running'"
-            )
-            if done > before or child.poll() is not None:
-                break
-            await asyncio.sleep(0.05)
+        await until(pass_finished, 30, "the service's pass to finish")
         child.send_signal(signal.SIGTERM)
         stdout, stderr = await asyncio.to_thread(child.communicate, timeout=60)
     finally:
@@ -208,7 +211,6 @@ async def test_no_command_ever_prints_a_secret(
             child.communicate()
     scan.check("run + SIGTERM", stdout, stderr)
     assert child.returncode == 0, stderr[-1500:]
-    assert done > before, "the service ran a pass"
 
     record(
         secret_commands=len(scan.commands),

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, settings_for
 from worker.client import Backoff, TwilioClient
 from worker.metrics import Metrics
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 from worker.store import Store
 from worker.sync import SyncPass
 
@@ -33,11 +33,15 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
         assert summary.status == "succeeded"
         await assert_mirrors(server, db_url)
         stats = sim.stats()
-    share_429 = stats.by_status[429] / stats.requests
-    # AIMD with decrease d cycles every ~K*K*(1-d) successes: at K=8, d=0.9 that is one 429 in
-    # ~7 requests; at K=32 about 1% (the benchmark measures that, out of process).
-    assert share_429 < 0.25, f"{share_429:.1%} of requests answered 429"
+    rejected = stats.by_status[429]
+    # The first round starts BOUND requests, of which BOUND - CEILING are turned away; the
+    # limit drops to the ceiling at once (not halving, not creeping down a 429 at a time) and
+    # holds there: from then on only a probe one above it may be answered 429. A few more are
+    # allowed for a request that started as a reply left the simulator but not yet our client.
     assert limiter.decreases >= 1, "the limiter backed off"
-    assert limiter.limit <= 2 * CEILING, f"limit {limiter.limit} did not come down to the ceiling"
-    assert limiter.peak_in_flight <= BOUND
+    assert CEILING - 1 <= limiter.limit <= CEILING + 1, f"settled at {limiter.limit}, not {CEILING}"
+    assert rejected <= (BOUND - CEILING) + limiter.probes + 3, (
+        f"{rejected} requests answered 429 ({rejected / stats.requests:.1%}), "
+        f"{limiter.probes} probes"
+    )
     assert stats.avg_in_flight >= 0.5 * CEILING, f"crawled: {stats.avg_in_flight:.1f} in flight"

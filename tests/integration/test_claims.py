@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import pytest
 
 from tests.harness import scalar
@@ -14,7 +16,7 @@ USER = "US" + "2" * 32
 
 
 @pytest.fixture
-async def store(db_url: str) -> Store:
+async def store(db_url: str) -> AsyncIterator[Store]:
     store = await Store.connect(db_url, 4)
     yield store
     await store.close()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import (
     assert_mirrors,
     convsync,
@@ -22,8 +24,6 @@ from tests.harness import (
     spawn_convsync,
     worker_env,
 )
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 CONCURRENCY = 8
 

@@ -17,10 +17,10 @@ from typing import Any
 import asyncpg
 import pytest
 
+from convsync_tools.cookbook import load_cookbook, parse_cookbook_file, run_cookbook_query
+from convsync_tools.simdata import Dataset, twilio_date
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import run_pass, settings_for
-from worker.demo import load_cookbook, parse_cookbook_file, run_cookbook_query
-from worker.simdata import Dataset, twilio_date
-from worker.simulator import Simulator, SimulatorServer
 
 COOKBOOK = {q.name: q for q in load_cookbook()}
 # Each name here has a test below that checks its results; a new file must join this list.
@@ -245,7 +245,8 @@ async def test_inactive_conversations(server: SimulatorServer, db_url: str) -> N
                 when(c["timers"].get("date_inactive")),
             )
             for (s, sid), c in conversations.items()
-            if c["conversation_state"] != "closed" and when(c["date_updated"]) < cutoff
+            if c["conversation_state"] != "closed"
+            and datetime.fromisoformat(c["date_updated"]) < cutoff
         ),
         key=lambda r: (r[0], r[1], r[2]),
     )
@@ -407,7 +408,11 @@ async def test_user_conversations(server: SimulatorServer, db_url: str) -> None:
     assert len(items) > 100, "a user over two pages"
     expected = sorted(
         (
-            (when(m["date_updated"]), m["conversation_sid"], m["unread_messages_count"])
+            (
+                datetime.fromisoformat(m["date_updated"]),
+                m["conversation_sid"],
+                m["unread_messages_count"],
+            )
             for m in items
         ),
         key=lambda r: (-r[0].timestamp(), r[1]),

@@ -7,7 +7,6 @@ simulator's dataset, rebuilt here from the demo's seed.
 from __future__ import annotations
 
 import asyncio
-import io
 import re
 from collections import defaultdict
 from collections.abc import Iterator
@@ -16,11 +15,11 @@ from typing import Any
 import asyncpg
 import pytest
 
+from convsync_tools.cookbook import load_cookbook
+from convsync_tools.demo import DEMO_QUERIES, DEMO_SEED, DEMO_SERVICES
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import convsync, worker_env
-from worker.demo import DEMO_QUERIES, DEMO_SEED, DEMO_SERVICES, Progress, load_cookbook
-from worker.metrics import Metrics
-from worker.simdata import DEMO_ACCOUNT_SID, Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 USERS = 40
 SUMMARY = re.compile(
@@ -41,7 +40,8 @@ async def demo(env: dict[str, str], users: int = USERS) -> Any:
 async def fetch(db_url: str, sql: str) -> list[asyncpg.Record]:
     conn = await asyncpg.connect(db_url)
     try:
-        return await conn.fetch(sql)
+        rows: list[asyncpg.Record] = await conn.fetch(sql)
+        return rows
     finally:
         await conn.close()
 
@@ -173,15 +173,3 @@ async def test_a_wrong_users_count_is_a_usage_error(db_url: str) -> None:
     result = await demo({"DATABASE_URL": db_url}, users=-1)
     assert result.returncode == 2
     assert "--users must be between 0 and" in result.stderr
-
-
-# --- the progress line --------------------------------------------------------------------------
-
-
-def test_the_progress_line_shows_users_pages_rows_and_time() -> None:
-    progress = Progress(None, None, Metrics(), io.StringIO(), interactive=True, width=10)  # type: ignore[arg-type]
-    snap = {"users_done": 4, "users_known": 10, "discovering": True, "pages": 9, "rows": 120}
-    assert progress.line(snap, 1.25) == "[####......] 4/10+ users  9 pages  120 rows  1.2 s"
-    done = {**snap, "users_done": 10, "discovering": False}
-    assert progress.line(done, 3.0) == "[##########] 10/10 users  9 pages  120 rows  3.0 s"
-    assert progress.line({**snap, "users_known": 0, "users_done": 0}, 0).startswith("[..........]")

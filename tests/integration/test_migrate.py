@@ -147,11 +147,16 @@ def test_migrations_dir_honours_the_environment(
     assert migrate._default_migrations_dir() == MIGRATIONS_DIR
 
 
-def test_migrations_dir_falls_back_to_the_working_directory(
+def test_an_installed_package_finds_the_migrations_it_ships(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.delenv("CONVSYNC_MIGRATIONS_DIR", raising=False)
-    # As if installed as a wheel: no migrations/ beside the package.
-    monkeypatch.setattr(migrate, "__file__", str(tmp_path / "site-packages/worker/migrate.py"))
-    monkeypatch.chdir(tmp_path)
-    assert migrate._default_migrations_dir() == tmp_path / "migrations"
+    monkeypatch.chdir(tmp_path)  # the working directory plays no part
+    # As installed from a wheel: the migrations are package data beside the module.
+    package = tmp_path / "site-packages" / "worker"
+    (package / "migrations").mkdir(parents=True)
+    monkeypatch.setattr(migrate, "__file__", str(package / "migrate.py"))
+    assert migrate._default_migrations_dir() == package / "migrations"
+    # A checkout: the top-level migrations/ beside the package.
+    monkeypatch.setattr(migrate, "__file__", str(tmp_path / "checkout" / "worker" / "migrate.py"))
+    assert migrate._default_migrations_dir() == tmp_path / "checkout" / "migrations"

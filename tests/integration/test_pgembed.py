@@ -13,9 +13,9 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from convsync_tools import pgembed
+from convsync_tools.pgembed import Endpoint, LocalPostgres, NoPostgresBinaries, PgEmbedError
 from tests.conftest import PgServer
-from worker import pgembed
-from worker.pgembed import Endpoint, LocalPostgres, NoPostgresBinaries, PgEmbedError
 
 
 @pytest.fixture
@@ -153,7 +153,7 @@ def test_leftover_postmaster_on_the_data_dir_is_stopped_before_start(pg_dir: Pat
         second.start()
         assert orphan.wait(5) == 0  # asked to shut down (fast), not killed
         assert second.pid != orphan.pid
-        assert pgembed.run_sql(second.endpoint, "postgres", "postgres", "SELECT 1") == [("1",)]
+        assert pgembed.run_sql(second.endpoint, "postgres", "postgres", "SELECT 1") == [(1,)]
     finally:
         second.close()
         first.close()
@@ -236,7 +236,7 @@ def test_probe_gives_up_on_refused_and_silent_endpoints_within_its_timeout() -> 
 
 
 def test_probe_skips_a_role_that_cannot_create_databases(pg_restartable: LocalPostgres) -> None:
-    me = pgembed._current_os_user()
+    me = pgembed.current_os_user()
     if me == pgembed.SUPERUSER:
         pytest.skip("the OS user is the server's superuser")
     endpoint = pg_restartable.endpoint
@@ -274,7 +274,7 @@ def test_session_server_is_usable(pg_server: PgServer) -> None:
 
 
 def test_run_sql_reports_server_errors_with_sqlstate(pg_restartable: LocalPostgres) -> None:
-    with pytest.raises(pgembed.ServerError) as caught:
+    with pytest.raises(asyncpg.PostgresError) as caught:
         pgembed.run_sql(pg_restartable.endpoint, "postgres", "postgres", "SELECT 1/0")
     assert caught.value.sqlstate == "22012"
     rows = pgembed.run_sql(

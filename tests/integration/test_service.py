@@ -16,7 +16,10 @@ from typing import Any
 
 import aiohttp
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import (
     REPO,
     _base_env,
@@ -27,8 +30,6 @@ from tests.harness import (
     until,
     worker_env,
 )
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 
 CONCURRENCY = 8
 
@@ -229,6 +230,27 @@ async def test_metrics_move_as_pages_flow(
     assert metrics["convsync_last_success_timestamp_seconds"] > time.time() - 120
     rows = await scalar(db_url, "SELECT rows_inserted FROM sync_runs")
     assert metrics['convsync_rows_total{outcome="inserted"}'] == rows
+
+    # prometheus_client's exposition, as a scraper parses it: the two latency histograms have
+    # one observation per request answered and per page committed, and the process is there.
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families["convsync_request_duration_seconds"].type == "histogram"
+    assert families["convsync_page_commit_seconds"].type == "histogram"
+    answered = sum(v for k, v in metrics.items() if k.startswith("convsync_requests_total{"))
+    assert metrics["convsync_request_duration_seconds_count"] == answered
+    assert metrics['convsync_request_duration_seconds_bucket{le="+Inf"}'] == answered
+    assert metrics["convsync_page_commit_seconds_count"] == pages
+    assert metrics["convsync_page_commit_seconds_sum"] > 0
+    assert metrics["convsync_pass_seconds_count"] == 1
+    assert metrics["process_resident_memory_bytes"] > 0
+    async with (
+        aiohttp.ClientSession() as session,
+        session.get(
+            replica.url + "/metrics", headers={"Accept": "application/openmetrics-text"}
+        ) as response,
+    ):
+        assert response.headers["Content-Type"].startswith("application/openmetrics-text")
+        assert (await response.text()).endswith("# EOF\n")
     assert replica.stop() == 0
 
 

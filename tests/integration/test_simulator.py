@@ -15,9 +15,9 @@ import aiohttp
 import pytest
 from multidict import CIMultiDictProxy
 
+from convsync_tools.simdata import DEMO_AUTH_TOKEN, Dataset
+from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer
 from tests.simulator_schema import check, errors
-from worker.simdata import DEMO_AUTH_TOKEN, Dataset
-from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
 
 SERVICES = "/v1/Services"
 SERVICE = "/v1/Services/{Sid}"
@@ -704,7 +704,7 @@ async def test_server_starts_and_stops_cleanly() -> None:
 
 async def run_simulate(*args: str) -> tuple[str, list[str], asyncio.subprocess.Process]:
     code = (
-        "import sys; from worker.simulator import simulate_main; "
+        "import sys; from convsync_tools.simulator import simulate_main; "
         "sys.exit(simulate_main(sys.argv[1:]))"
     )
     process = await asyncio.create_subprocess_exec(

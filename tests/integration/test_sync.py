@@ -4,16 +4,18 @@ after complete listings, and an interrupted pass resumes where it stopped."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_for
-from worker.simdata import Dataset
-from worker.simulator import Simulator, SimulatorServer
 from worker.sync import Scope
 
 
 @pytest.fixture
-def server() -> SimulatorServer:
+def server() -> Iterator[SimulatorServer]:
     with SimulatorServer(
         Simulator(Dataset.generate(seed=11, services=2, users_per_service=60))
     ) as s:

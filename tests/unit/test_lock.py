@@ -1,6 +1,7 @@
 """The locks the image is built from (and `pip install` uses): every runtime dependency of
 pyproject.toml pinned to a version it allows, with hashes, and nothing else; the builder's
-tools satisfy [build-system]. Regenerate with ci/lock.sh."""
+tools satisfy [build-system]; the dev tools (./dev setup) pinned within their bounds, on the
+same runtime versions. Regenerate with ci/lock.sh."""
 
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ from tests.harness import REPO
 
 LOCK = REPO / "requirements.lock"
 BUILD_LOCK = REPO / "requirements-build.lock"
+DEV_LOCK = REPO / "requirements-dev.lock"
 PYPROJECT = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
 # The image's interpreter: CPython 3.11 on Linux.
-TARGET = {**default_environment(), "python_version": "3.11", "sys_platform": "linux"}
+TARGET: dict[str, str] = {
+    **{k: str(v) for k, v in default_environment().items()},
+    "python_version": "3.11",
+    "sys_platform": "linux",
+}
 # name==version, an environment marker maybe (uvloop: not on Windows), then its hashes.
 PIN = re.compile(
     r"^([A-Za-z0-9._-]+)==([^\s;]+)(?:\s*;[^-]+)?((?:\s+--hash=sha256:[0-9a-f]{64})+)$"
@@ -38,7 +44,7 @@ def pins(path: Path) -> dict[str, str]:
         if pending + line:
             logical.append((pending + line).strip())
         pending = ""
-    found = {}
+    found: dict[str, str] = {}
     for entry in logical:
         match = PIN.match(entry)
         assert match, f"{path.name}: not pinned with hashes: {entry[:80]}"
@@ -107,3 +113,31 @@ def test_the_image_and_the_readme_install_from_the_lock() -> None:
     assert "--no-deps" in dockerfile
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert "pip install --require-hashes -r requirements.lock" in readme
+
+
+def test_the_dev_tools_are_bounded_and_locked_on_the_runtime_versions() -> None:
+    locked = pins(DEV_LOCK)
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for text in extras["dev"] + extras["embedded"]:
+        requirement = Requirement(text)
+        name = canonicalize_name(requirement.name)
+        assert name in locked, f"{name} is not in requirements-dev.lock: run ci/lock.sh"
+        assert requirement.specifier.contains(locked[name], prereleases=True), (
+            f"requirements-dev.lock pins {name}=={locked[name]}, pyproject wants {requirement}"
+        )
+        assert any(s.operator in ("<", "<=", "==", "~=") for s in requirement.specifier), (
+            f"{text}: give the dev tool an upper bound"
+        )
+    runtime = pins(LOCK)
+    drifted = {n: (v, runtime[n]) for n, v in locked.items() if n in runtime and runtime[n] != v}
+    assert not drifted, f"the dev lock moved runtime pins (dev, runtime): {drifted}"
+    assert set(runtime) <= set(locked), "the dev lock lacks runtime packages: run ci/lock.sh"
+
+
+def test_dev_setup_installs_from_the_locks_only() -> None:
+    dev = (REPO / "dev").read_text(encoding="utf-8")
+    installs = [line.strip() for line in dev.splitlines() if "pip install" in line]
+    setup = [line for line in installs if "bench" not in line]
+    for lock in ("requirements.lock", "requirements-dev.lock", "requirements-build.lock"):
+        assert any(f"--require-hashes -r {lock}" in line for line in setup), lock
+    assert all("--require-hashes" in line or "--no-deps" in line for line in setup), setup

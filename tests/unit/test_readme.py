@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 
 from tests.harness import REPO
@@ -20,7 +21,9 @@ def test_configuration_reference_is_generated_from_the_code() -> None:
 
 
 def test_every_command_is_documented() -> None:
-    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    parser = build_parser()
+    [subcommands] = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    commands = subcommands.choices
     for command in commands:
         assert f"convsync {command}" in README, command
 

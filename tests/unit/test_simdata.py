@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from worker.simdata import Dataset, twilio_date
+from convsync_tools.simdata import Dataset, twilio_date
 
 SID = {p: re.compile(rf"^{p}[0-9a-f]{{32}}$") for p in ("AC", "IS", "US", "CH", "MB", "RL")}
 DATE = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")

@@ -20,10 +20,11 @@ Errors carry Twilio's body ``{"code", "message", "more_info", "status"}``; codes
 Test and benchmark controls live under ``/_sim/`` (no auth, not counted, never faulted):
 ``GET /_sim/stats``, ``POST /_sim/reset_stats``, ``GET|POST /_sim/config`` (JSON of knobs),
 ``POST /_sim/fail_next`` (``{"path", "fault", "count"}``), ``POST /_sim/clock``
-(``{"advance": seconds}``). Schema-breaking pages, for tests: ``Simulator.corrupt_next``
-(in-process only).
+(``{"advance": seconds}``). In-process only, for tests: schema-breaking pages
+(``Simulator.corrupt_next``) and when each request came and went (``Simulator.served``).
 
-Nothing here may import the worker's client, model or store: only ``worker.simdata``.
+It imports nothing of the worker (a lint rule, ``convsync_tools/ruff.toml``, fails CI
+otherwise): a bug shared with the client would hide itself.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import signal
 import sys
 import threading
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -50,7 +51,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, Dataset
+from convsync_tools.errors import BadRequest
+from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, Dataset
 
 CODE_INVALID = 20001
 CODE_AUTH = 20003
@@ -72,6 +74,7 @@ _MESSAGES = {
 }
 FAULT_KINDS = frozenset({"drop", "truncate", "slow"})  # besides any HTTP status 400..599
 MAX_PAGE_SIZE = 50
+SERVED_KEPT = 100_000  # requests remembered by ``Simulator.served`` (the latest)
 MAX_SERVICES_PAGE_SIZE = 100
 
 
@@ -185,6 +188,17 @@ class Stats:
         }
 
 
+@dataclass(frozen=True)
+class Served:
+    """One API request as the simulator saw it: when it arrived and when its answer left
+    (``time.monotonic()``), its ``(path, PageToken)`` and status (None: dropped)."""
+
+    arrived: float
+    answered: float
+    key: tuple[str, str | None]
+    status: int | None
+
+
 @dataclass
 class _Targeted:
     needle: str
@@ -217,10 +231,6 @@ class _Listing:
     marker: Callable[[int], str]
     position: Callable[[str], int | None]
     render: Callable[[list[int], str], list[dict[str, Any]]]
-
-
-class _BadRequest(Exception):
-    pass
 
 
 class Simulator:
@@ -377,6 +387,7 @@ class Simulator:
         self._pages: Counter[tuple[str, str | None]] = Counter()
         self._pages_ok: Counter[tuple[str, str | None]] = Counter()
         self._in_flight = in_flight
+        self._served: deque[Served] = deque(maxlen=SERVED_KEPT)
         self._max_in_flight = in_flight
         self._area = 0.0
         self._since = self._last = now
@@ -404,6 +415,11 @@ class Simulator:
     def stats(self) -> Stats:
         with self._lock:
             return self._snapshot_locked()
+
+    def served(self) -> list[Served]:
+        """The API requests since the last reset (the latest ``SERVED_KEPT``), oldest first."""
+        with self._lock:
+            return list(self._served)
 
     def wait_until(self, predicate: Callable[[Stats], bool], timeout: float = 10.0) -> bool:
         """Block until ``predicate(stats)`` holds (re-checked on every request start and end);
@@ -435,8 +451,10 @@ class Simulator:
         status: int | None,
         fault: str | None,
         whole: bool,
+        arrived: float,
     ) -> None:
         with self._lock:
+            self._served.append(Served(arrived, time.monotonic(), key, status))
             if admitted:
                 now = time.monotonic()
                 self._area += self._in_flight * (now - self._last)
@@ -485,7 +503,7 @@ class Simulator:
         return "PT" + base64.urlsafe_b64encode(payload + mac).decode().rstrip("=")
 
     def _read_token(self, token: str, scope: str, config: SimulatorConfig) -> tuple[str, str]:
-        """(direction, marker) of a token for this list; _BadRequest if invalid or expired."""
+        """(direction, marker) of a token for this list; BadRequest if invalid or expired."""
         try:
             if not token.startswith("PT"):
                 raise ValueError
@@ -497,11 +515,11 @@ class Simulator:
             direction, token_scope, marker, issued = payload.decode().split("|")
             issued_at = int(issued)
         except (ValueError, binascii.Error, UnicodeDecodeError) as error:
-            raise _BadRequest("Invalid PageToken") from error
+            raise BadRequest("Invalid PageToken") from error
         if token_scope != scope or direction not in ("a", "b"):
-            raise _BadRequest("Invalid PageToken")
+            raise BadRequest("Invalid PageToken")
         if config.token_ttl is not None and self.now() - issued_at > config.token_ttl:
-            raise _BadRequest("PageToken has expired")
+            raise BadRequest("PageToken has expired")
         return direction, marker
 
     # -- HTTP --------------------------------------------------------------------------------
@@ -511,6 +529,7 @@ class Simulator:
         config = self._config
         path = request.path
         key = (path, request.query.get("PageToken"))
+        arrived = time.monotonic()
         admitted, request_id = self._begin(key, config.concurrency_ceiling)
         status: int | None = None
         fault_name: str | None = None
@@ -556,7 +575,7 @@ class Simulator:
             whole = True
             return _respond(reply, request_id)
         finally:
-            self._end(key, admitted, status, fault_name, whole)
+            self._end(key, admitted, status, fault_name, whole, arrived)
 
     async def _gate(self) -> None:
         with self._lock:
@@ -598,7 +617,7 @@ class Simulator:
                     return _not_found(raw_path)
                 listing = self._memberships_listing(0, u, default_form=True)
                 return self._list(request, config, listing)
-        except _BadRequest as error:
+        except BadRequest as error:
             return _error(400, CODE_INVALID, str(error))
         return _not_found(raw_path)
 
@@ -644,10 +663,10 @@ class Simulator:
         query = request.query
         size = _int_param(query.get("PageSize"), 50, "PageSize")
         if not 1 <= size <= listing.max_size:
-            raise _BadRequest(f"PageSize must be between 1 and {listing.max_size}")
+            raise BadRequest(f"PageSize must be between 1 and {listing.max_size}")
         page = _int_param(query.get("Page"), 0, "Page")
         if page < 0:
-            raise _BadRequest("Page must be >= 0")
+            raise BadRequest("Page must be >= 0")
         token = query.get("PageToken")
         after: int | None = None
         before: int | None = None
@@ -655,13 +674,13 @@ class Simulator:
             direction, marker = self._read_token(token, listing.scope, config)
             position = listing.position(marker)
             if position is None:
-                raise _BadRequest("Invalid PageToken")
+                raise BadRequest("Invalid PageToken")
             if direction == "a":
                 after = position
             else:
                 before = position
         elif page > 0:
-            raise _BadRequest("Page > 0 needs the PageToken of a next_page_url/previous_page_url")
+            raise BadRequest("Page > 0 needs the PageToken of a next_page_url/previous_page_url")
         indices, more = listing.page(after, before, size)
         base = f"{request.scheme}://{request.host}"
         raw_path = request.raw_path.split("?", 1)[0]
@@ -734,7 +753,7 @@ def _int_param(raw: str | None, default: int, name: str) -> int:
     try:
         return int(raw)
     except ValueError:
-        raise _BadRequest(f"{name} must be an integer") from None
+        raise BadRequest(f"{name} must be an integer") from None
 
 
 def _authorized(header: str | None, config: SimulatorConfig) -> bool:

@@ -8,7 +8,8 @@ increase with their index (a seeded offset and jitter hide it), so "sorted by SI
 by index" and keyset paging needs no sort: :meth:`Dataset.user_sid_index` and
 :meth:`Dataset.conversation_sid_index` invert a SID to its position.
 
-This module must not import anything from the worker: it is the independent side of the tests.
+It imports nothing of the worker (``convsync_tools/ruff.toml`` enforces it): it is the
+independent side of the tests.
 """
 
 from __future__ import annotations

