@@ -38,12 +38,12 @@ import structlog
 from worker import progress
 from worker.client import TwilioClient
 from worker.config import Settings, TwilioCredentials
-from worker.errors import ConfigError
+from worker.errors import ConfigError, DatabaseUnavailable
 from worker.metrics import Metrics
 from worker.migrate import apply_migrations
 from worker.signals import BACKSTOP_SECONDS, StopSignals
 from worker.store import PassSummary, Store
-from worker.sync import DatabaseUnavailable, Scope, SyncPass
+from worker.sync import Scope, SyncPass
 
 from convsync_tools.cookbook import CookbookQuery, load_cookbook, run_cookbook_query
 from convsync_tools.errors import PgEmbedError

@@ -30,7 +30,7 @@ from worker.config import (
     parse_sids,
     secret_values,
 )
-from worker.errors import ConfigError, ConvsyncError, FatalError
+from worker.errors import ConfigError, ConvsyncError, DatabaseUnreachable, FatalError
 from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
 from worker.service import DATABASE_REFUSED, RECORD_SECONDS, close_store, run_service
@@ -176,10 +176,6 @@ async def _database(settings: Settings) -> str:
         ) from None
     await conn.close()
     return dsn
-
-
-class DatabaseUnreachable(ConvsyncError):
-    """The database could not be reached at start (transient: exit 1, try again later)."""
 
 
 async def sync_command(

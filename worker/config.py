@@ -15,13 +15,11 @@ from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote_plus, urlsplit
 
 from worker.errors import ConfigError
+from worker.sids import SID_PATTERNS
 
-# Used with ``fullmatch``, as the database's CHECK (``~ '^IS[0-9a-fA-F]{32}$'``) matches: no
-# trailing newline (Python's ``$`` would accept one).
-SERVICE_SID = re.compile(r"IS[0-9a-fA-F]{32}")
-USER_SID = re.compile(r"US[0-9a-fA-F]{32}")
-ACCOUNT_SID = re.compile(r"AC[0-9a-fA-F]{32}")
-API_KEY_SID = re.compile(r"SK[0-9a-fA-F]{32}")
+# Applied with ``fullmatch`` (see worker.sids).
+SERVICE_SID, USER_SID = SID_PATTERNS["IS"], SID_PATTERNS["US"]
+ACCOUNT_SID, API_KEY_SID = SID_PATTERNS["AC"], SID_PATTERNS["SK"]
 MAX_PAGE_SIZE = 50
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")

@@ -90,3 +90,24 @@ class Interrupted(ConvsyncError):
 
 class LeaseLost(ConvsyncError):
     """Another worker took over this user or service; this worker's page is discarded."""
+
+
+class PassBusy(ConvsyncError):
+    """Another pass is running on live workers; this one cannot start now."""
+
+
+class DatabaseUnreachable(ConvsyncError):
+    """The database could not be reached at start (transient: exit 1, try again later)."""
+
+
+class DatabaseUnavailable(ConvsyncError):
+    """PostgreSQL stayed unreachable longer than the pass waits; committed pages are kept."""
+
+
+class MigrationError(FatalError):
+    """The migrations cannot be applied."""
+
+
+class InvalidItem(ValueError):
+    """An item of an API page that breaks the schema; the message says how (it is quarantined,
+    never raised past the parser)."""

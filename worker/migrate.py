@@ -14,7 +14,7 @@ from pathlib import Path
 import asyncpg
 import structlog
 
-from worker.errors import FatalError
+from worker.errors import MigrationError
 
 
 def _default_migrations_dir() -> Path:
@@ -33,10 +33,6 @@ MIGRATIONS_DIR = _default_migrations_dir()
 MIGRATION_LOCK_KEY = int.from_bytes(hashlib.sha256(b"convsync-migrations").digest()[:8], "big") >> 1
 
 log = structlog.get_logger(__name__)
-
-
-class MigrationError(FatalError):
-    """The migrations cannot be applied."""
 
 
 @dataclass(frozen=True)

@@ -16,22 +16,8 @@ from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
 
-SID_PATTERNS = {
-    "AC": re.compile(r"^AC[0-9a-fA-F]{32}$"),
-    "IS": re.compile(r"^IS[0-9a-fA-F]{32}$"),
-    "US": re.compile(r"^US[0-9a-fA-F]{32}$"),
-    "CH": re.compile(r"^CH[0-9a-fA-F]{32}$"),
-    "MB": re.compile(r"^MB[0-9a-fA-F]{32}$"),
-    "RL": re.compile(r"^RL[0-9a-fA-F]{32}$"),
-}
-# The spec's patterns mean what PostgreSQL's CHECK means: the whole string, no trailing newline
-# (Python's ``$`` would accept one), so they are always applied with ``fullmatch``.
-
-
-def is_sid(value: str, prefix: str) -> bool:
-    """True if ``value`` is a SID of that prefix exactly as the database's CHECK accepts it."""
-    return SID_PATTERNS[prefix].fullmatch(value) is not None
-
+from worker.errors import InvalidItem
+from worker.sids import SID_PATTERNS, is_sid
 
 # Stands, among seen SIDs, for an item whose SID could not be read: a listing holding one does
 # not prove any membership gone. Never a valid SID.
@@ -41,10 +27,6 @@ NOTIFICATION_LEVELS = frozenset({"default", "muted"})
 
 
 RowT = TypeVar("RowT")
-
-
-class InvalidItem(ValueError):
-    """An item that breaks the schema; the message says how."""
 
 
 @dataclass(frozen=True, slots=True)

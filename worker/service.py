@@ -22,13 +22,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from worker.client import TwilioClient
 from worker.config import Settings
-from worker.errors import ConfigError, ConvsyncError, FatalError
+from worker.errors import ConfigError, ConvsyncError, DatabaseUnavailable, FatalError
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
 from worker.store import Store
 from worker.sync import (
     DB_CONNECTION_ERRORS,
-    DatabaseUnavailable,
     Scope,
     SyncPass,
     database_read_only,

@@ -20,7 +20,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.errors import ConvsyncError, LeaseLost
+from worker.errors import LeaseLost, PassBusy
 from worker.model import UNIDENTIFIED, ConversationsPage, Rejected, ServiceRow, UserRow
 
 
@@ -834,10 +834,6 @@ class Store:
 
 
 # --- statements shared by the methods above ---------------------------------------------------
-
-
-class PassBusy(ConvsyncError):
-    """Another pass is running on live workers; this one cannot start now."""
 
 
 def new_claim_token(owner: str) -> str:

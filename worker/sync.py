@@ -34,7 +34,7 @@ from worker.client import ListingGuard, TwilioClient
 from worker.config import Settings
 from worker.errors import (
     ConfigError,
-    ConvsyncError,
+    DatabaseUnavailable,
     FatalError,
     Interrupted,
     LeaseLost,
@@ -135,10 +135,6 @@ async def database_read_only(conn: asyncpg.Connection) -> bool:
 
 def _refused(path: str, error: BaseException) -> str:
     return f"{path.split('?', 1)[0]}: PostgreSQL refused the page: {type(error).__name__}: {error}"
-
-
-class DatabaseUnavailable(ConvsyncError):
-    """PostgreSQL stayed unreachable longer than the pass waits; committed pages are kept."""
 
 
 @dataclass(frozen=True)

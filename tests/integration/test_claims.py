@@ -7,9 +7,9 @@ from collections.abc import AsyncIterator
 import pytest
 
 from tests.harness import scalar
-from worker.errors import LeaseLost
+from worker.errors import LeaseLost, PassBusy
 from worker.model import ConversationsPage
-from worker.store import PassBusy, Store
+from worker.store import Store
 
 SERVICE = "IS" + "1" * 32
 USER = "US" + "2" * 32

@@ -11,9 +11,9 @@ import asyncpg
 import pytest
 
 from worker import migrate
+from worker.errors import MigrationError
 from worker.migrate import (
     MIGRATIONS_DIR,
-    MigrationError,
     apply_migrations,
     load_migrations,
     pending_migrations,

@@ -10,7 +10,8 @@ from typing import Any
 import pytest
 
 from tests.twilio_spec import USER_CONVERSATION, resolve, schema, spec
-from worker import model
+from worker import model, sids
+from worker.errors import InvalidItem
 
 SERVICE = "IS" + "a" * 32
 USER = "US" + "a" * 32
@@ -38,10 +39,10 @@ def test_sid_patterns_are_the_specs() -> None:
         ("participant_sid", "MB"),
         ("user_sid", "US"),
     ]:
-        assert props[field]["pattern"] == model.SID_PATTERNS[prefix].pattern
+        assert props[field]["pattern"] == sids.SID_PATTERNS[prefix].pattern
     assert (
         schema("conversations.v1.service.service_user")["properties"]["role_sid"]["pattern"]
-        == model.SID_PATTERNS["RL"].pattern
+        == sids.SID_PATTERNS["RL"].pattern
     )
 
 
@@ -168,8 +169,8 @@ def test_users_page_follows_the_user_schema() -> None:
         SERVICE,
     )
     assert row.identity == "ада"
-    assert re.match(model.SID_PATTERNS["US"], row.user_sid)
-    with pytest.raises(model.InvalidItem, match="is_online must be a boolean"):
+    assert re.match(sids.SID_PATTERNS["US"], row.user_sid)
+    with pytest.raises(InvalidItem, match="is_online must be a boolean"):
         model.parse_user({"sid": USER, "is_online": "yes"}, SERVICE)
 
 
