@@ -18,9 +18,10 @@ import asyncpg
 
 from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN
 from convsync_tools.simulator import SimulatorServer
-from worker.client import Backoff, TwilioClient
+from worker.client import TwilioClient
 from worker.config import Settings, load_settings
 from worker.metrics import Metrics
+from worker.retry import Backoff
 from worker.store import PassSummary, Store
 from worker.sync import Scope, SyncPass
 

@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import hashlib
 import json
-import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -47,6 +46,7 @@ from worker.limiter import AdaptiveLimiter, TokenBucket
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
+from worker.retry import Backoff, retrying
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
@@ -142,19 +142,6 @@ def _page_keys(path: str) -> list[bytes]:
     return [hashlib.blake2b(t.encode(), digest_size=16).digest() for t in texts]
 
 
-@dataclass(frozen=True)
-class Backoff:
-    """Exponential backoff with full jitter, bounded by attempts and total time."""
-
-    max_attempts: int = 8
-    max_seconds: float = 120.0
-    base: float = 0.25
-    cap: float = 20.0
-
-    def delay(self, retry_num: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * 2 ** (retry_num - 1)))
-
-
 class TwilioClient:
     """Fetches Twilio list pages under a global, adaptive concurrency limit."""
 
@@ -224,45 +211,24 @@ class TwilioClient:
 
     async def _fetch(self, path: str, decode: Callable[[bytes], T]) -> T:
         """GET ``path`` and decode a 200's body, retrying transient failures with backoff."""
-        started = time.monotonic()
-        retry_num = 0
-        while True:
-            try:
-                return await self._attempt(path, decode)
-            except TransientError as error:
-                retry_num += 1
-                waited = time.monotonic() - started
-                wait = self._backoff.delay(retry_num)
-                if error.retry_after is not None:
-                    wait = max(wait, error.retry_after)
-                cause = type(error).__name__
-                if (
-                    retry_num >= self._backoff.max_attempts
-                    or waited + wait > self._backoff.max_seconds
-                ):
-                    log.warning(
-                        "retries_exhausted",
-                        path=_path_only(path),
-                        attempts=retry_num,
-                        caused_by=cause,
-                        error=str(error),
-                        waited_so_far=round(waited, 3),
-                    )
-                    raise RetriesExhausted(
-                        f"{_path_only(path)}: gave up after {retry_num} attempts "
-                        f"({waited:.1f}s): {cause}: {error}"
-                    ) from error
-                self._metrics.inc("convsync_retries_total", cause=cause)
-                log.info(
-                    "retry_scheduled",
-                    path=_path_only(path),
-                    retry_num=retry_num,
-                    caused_by=cause,
-                    wait_for=round(wait, 3),
-                    waited_so_far=round(waited, 3),
-                    concurrency_limit=self.limiter.limit,
-                )
-                await self._pause(wait)
+
+        def exhausted(error: BaseException, attempts: int, waited: float) -> BaseException:
+            return RetriesExhausted(
+                f"{_path_only(path)}: gave up after {attempts} attempts ({waited:.1f}s): "
+                f"{type(error).__name__}: {error}"
+            )
+
+        return await retrying(
+            lambda: self._attempt(path, decode),
+            target="twilio",
+            retry_on=(TransientError,),
+            backoff=self._backoff,
+            give_up=exhausted,
+            metrics=self._metrics,
+            asked_wait=lambda error: getattr(error, "retry_after", None),
+            pause=self._pause,
+            describe=lambda: {"path": _path_only(path), "concurrency_limit": self.limiter.limit},
+        )
 
     async def _pause(self, seconds: float) -> None:
         """Back off; a shutdown ends the wait at once (the request is not retried)."""

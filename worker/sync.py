@@ -19,7 +19,6 @@ import asyncio
 import contextlib
 import functools
 import os
-import random
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -52,6 +51,7 @@ from worker.model import (
     parse_services_page,
     parse_users_page,
 )
+from worker.retry import Backoff, retrying
 from worker.store import (
     DiscoveryClaim,
     PageWrite,
@@ -608,32 +608,35 @@ class SyncPass:
         A retried operation is safe: its transaction either committed or rolled back, and the
         page guards turn a replay of a committed page into LeaseLost, never a double write.
         """
-        deadline = time.monotonic() + self.db_wait_seconds
-        attempt = 0
-        while True:
+
+        async def attempt() -> T:
             try:
                 return await operation(*args, **kwargs)
             except asyncpg.ClientConfigurationError as error:
                 raise ConfigError(f"DATABASE_URL is not usable: {redact(str(error))}") from None
-            except DB_CONNECTION_ERRORS as error:
-                attempt += 1
-                if isinstance(error, DB_READ_ONLY_ERRORS):
-                    # Reconnect (when each connection is next released): DNS may by now name
-                    # the new primary.
-                    await self.store.pool.expire_connections()
-                if time.monotonic() >= deadline:
-                    raise DatabaseUnavailable(
-                        f"PostgreSQL unavailable (down, read-only or in recovery) for "
-                        f"{self.db_wait_seconds:.0f}s: {type(error).__name__}"
-                    ) from error
-                wait = min(5.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0)
-                log.warning(
-                    "database_retry",
-                    retry_num=attempt,
-                    caused_by=type(error).__name__,
-                    wait_for=round(wait, 3),
-                )
-                await asyncio.sleep(wait)
+
+        async def reconnect(error: BaseException) -> None:
+            if isinstance(error, DB_READ_ONLY_ERRORS):
+                # Reconnect (when each connection is next released): DNS may by now name the
+                # new primary.
+                await self.store.pool.expire_connections()
+
+        def unavailable(error: BaseException, _attempts: int, _waited: float) -> BaseException:
+            return DatabaseUnavailable(
+                f"PostgreSQL unavailable (down, read-only or in recovery) for "
+                f"{self.db_wait_seconds:.0f}s: {type(error).__name__}"
+            )
+
+        return await retrying(
+            attempt,
+            target="database",
+            retry_on=DB_CONNECTION_ERRORS,
+            backoff=Backoff(max_attempts=None, max_seconds=self.db_wait_seconds, base=0.1, cap=5),
+            give_up=unavailable,
+            metrics=self.metrics,
+            before_retry=reconnect,
+            level="warning",
+        )
 
     def record(self, summary: PassSummary) -> None:
         self.metrics.inc("convsync_passes_total", status=summary.status)

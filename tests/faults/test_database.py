@@ -25,7 +25,7 @@ from tests.harness import (
     spawn_convsync,
     worker_env,
 )
-from worker.client import Backoff
+from worker.retry import Backoff
 
 PAGE = 10
 # The default lease: a claim or page whose reply is lost with its connection must not leave

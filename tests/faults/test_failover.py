@@ -38,6 +38,16 @@ from tests.harness import REPO, _base_env, scalar, worker_env
 
 PAGE = 10
 READ_ONLY = "ReadOnlySQLTransactionError"
+
+
+def db_retries(child: Any) -> list[dict[str, Any]]:
+    """The child's retries of a database operation refused as read-only."""
+    found: list[dict[str, Any]] = child.events(
+        "retry_scheduled", target="database", caused_by=READ_ONLY
+    )
+    return found
+
+
 HOLD = 2.0  # seconds the database stays read-only at least (and until the worker hit it)
 
 
@@ -188,14 +198,12 @@ async def test_sync_rides_out_a_read_only_failover_mid_pass(
         terminated = await failover.demote()
         try:
             await until(
-                lambda: child.events("database_retry", caused_by=READ_ONLY), "a refused write"
+                lambda: db_retries(child),
+                "a refused write",
             )
             before = await committed(db_url)  # every session since is a read-only one
             await until(
-                lambda: (
-                    len(child.events("database_retry", caused_by=READ_ONLY)) >= 3
-                    and time.monotonic() - failover.began >= HOLD
-                ),
+                lambda: len(db_retries(child)) >= 3 and time.monotonic() - failover.began >= HOLD,
                 "the worker refused writes by the read-only database",
             )
             assert child.process.poll() is None, "the pass survives the read-only database"

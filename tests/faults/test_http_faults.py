@@ -33,13 +33,14 @@ from tests.harness import (
     spawn_convsync,
     worker_env,
 )
-from worker.client import Backoff
+from worker.retry import Backoff
 from worker.store import PassSummary
 
 PAGE = 10
 USERS = 40
-PATIENT = Backoff(max_attempts=12, max_seconds=30.0, base=0.01, cap=0.1)
-FEW = Backoff(max_attempts=3, max_seconds=5.0, base=0.01, cap=0.05)
+PATIENT_ATTEMPTS, FEW_ATTEMPTS = 12, 3
+PATIENT = Backoff(max_attempts=PATIENT_ATTEMPTS, max_seconds=30.0, base=0.01, cap=0.1)
+FEW = Backoff(max_attempts=FEW_ATTEMPTS, max_seconds=5.0, base=0.01, cap=0.05)
 
 
 @pytest.fixture
@@ -115,7 +116,7 @@ async def test_429_storm_without_retry_after_fails_some_users_boundedly_then_hea
     assert storm.status == "partial"
     assert storm.users_failed > 0
     assert storm.users_synced > 0, "users whose pages got through committed"
-    assert max(conversation_keys(server).values()) <= FEW.max_attempts, "retries are bounded"
+    assert max(conversation_keys(server).values()) <= FEW_ATTEMPTS, "retries are bounded"
     errors = await fetch(db_url, "SELECT last_error FROM sync_cursors WHERE state = 'failed'")
     assert all("RateLimited" in e["last_error"] for e in errors)
     assert await assert_done_users_complete(server, db_url) == storm.users_synced
@@ -174,7 +175,7 @@ async def test_5xx_bursts_fail_their_users_and_moderate_rates_end_equal(
     faults = record_sim_faults(server)
     server.sim.clear_faults()
     server.sim.configure(rate_500=0.0, rate_503=0.0)
-    assert faults["500"] + faults["503"] + faults["502"] > 3 * PATIENT.max_attempts
+    assert faults["500"] + faults["503"] + faults["502"] > 3 * PATIENT_ATTEMPTS
     assert summary.users_failed == len(victims)
     assert summary.users_synced == USERS - len(victims)
     failed = await fetch(
@@ -200,7 +201,7 @@ async def test_dropped_connections_and_truncated_bodies_are_retried_to_equal(
     assert faults["truncate"] > 5
     assert summary.status == "succeeded"
     # aiohttp resends an idempotent request once when a reused connection drops
-    assert max(conversation_keys(server).values()) <= 2 * PATIENT.max_attempts
+    assert max(conversation_keys(server).values()) <= 2 * PATIENT_ATTEMPTS
     await mirror(server, db_url)
 
 

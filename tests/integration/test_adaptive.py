@@ -5,8 +5,9 @@ from __future__ import annotations
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, settings_for
-from worker.client import Backoff, TwilioClient
+from worker.client import TwilioClient
 from worker.metrics import Metrics
+from worker.retry import Backoff
 from worker.store import Store
 from worker.sync import SyncPass
 
