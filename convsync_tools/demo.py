@@ -24,7 +24,9 @@ import contextlib
 import dataclasses
 import logging
 import re
+import subprocess
 import sys
+import threading
 import time
 import unicodedata
 from collections.abc import Iterator, Mapping, Sequence
@@ -52,9 +54,7 @@ from convsync_tools.simdata import (
     DEMO_ACCOUNT_SID,
     DEMO_AUTH_TOKEN,
     MAX_USERS_PER_SERVICE,
-    Dataset,
 )
-from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer
 
 log = structlog.get_logger(__name__)
 
@@ -177,25 +177,53 @@ async def open_database(settings: Settings) -> Database:
     return Database(url, label, server)
 
 
-def start_simulator(users: int) -> SimulatorServer:
+class SimulatorProcess:
+    """``convsync simulate`` in a process of its own, so that its CPU is not the worker's (in
+    a thread, the two would share one interpreter lock)."""
+
+    def __init__(self, users: int, port: int) -> None:
+        self._proc = subprocess.Popen(  # noqa: S603 (this interpreter, fixed arguments)
+            [sys.executable, "-m", "worker", "simulate", "--port", str(port),
+             "--seed", str(DEMO_SEED), "--services", str(DEMO_SERVICES), "--users", str(users),
+             "--latency-ms", str(DEMO_LATENCY_MS), "--jitter-ms", str(DEMO_JITTER_MS)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        assert self._proc.stdout is not None
+        self.url = ""
+        for line in self._proc.stdout:  # until it listens, or exits (its port taken, say)
+            found = re.search(r"simulator listening on (\S+)", line)
+            if found:
+                self.url = found.group(1)
+                break
+        if not self.url:
+            self.stop()
+            raise RuntimeError(f"the simulator did not start on port {port}")
+        # Whatever it prints later is read (and dropped), so a full pipe never blocks it.
+        threading.Thread(target=self._proc.stdout.read, daemon=True).start()
+
+    def stop(self) -> None:
+        if self._proc.poll() is None:
+            self._proc.terminate()
+            try:
+                self._proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+
+
+def start_simulator(users: int) -> SimulatorProcess:
     """The simulator serving the seeded demo dataset on ``DEMO_SIM_PORT``, or any free port.
 
     A fixed port keeps the API URLs stored in each row the same from run to run, so a second
     demo shows its rows unchanged rather than updated.
     """
-    dataset = Dataset.generate(DEMO_SEED, DEMO_SERVICES, users)
-    config = SimulatorConfig(latency_ms=DEMO_LATENCY_MS, jitter_ms=DEMO_JITTER_MS)
-    sim = Simulator(dataset, config)
-    for port in (DEMO_SIM_PORT, 0):
-        server = SimulatorServer(sim, port=port)
-        try:
-            server.start()
-        except RuntimeError:
-            if port == 0:
-                raise
-            continue
-        return server
-    raise AssertionError("unreachable")
+    try:
+        return SimulatorProcess(users, DEMO_SIM_PORT)
+    except RuntimeError:
+        return SimulatorProcess(users, 0)
 
 
 async def _refuse_foreign_data(
@@ -307,7 +335,7 @@ async def run_demo(settings: Settings, users: int, stops: StopSignals | None = N
     except ValueError as error:
         raise ConfigError(f"cookbook: {error}") from None
     database = await open_database(settings)
-    simulator: SimulatorServer | None = None
+    simulator: SimulatorProcess | None = None
     store: Store | None = None
     try:
         await apply_migrations(database.url)
