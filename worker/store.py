@@ -1,9 +1,9 @@
 """Every SQL statement convsync runs: passes, discovery, claims, pages, cursors, removals.
 
 Invariants kept here:
-- a page's memberships, quarantined items, removals and cursor commit in one statement, guarded
-  by the claim's token and the page number it expects, so a page is never applied twice or out
-  of order (its conversations, shared and idempotent, are upserted just before, apart);
+- a page's conversations, memberships, quarantined items, removals and cursor commit together,
+  in one statement for a batch of pages (``save_pages``), each page guarded by its claim's token
+  and the page number it expects, so a page is never applied twice or out of order;
 - an unchanged row is not rewritten (``IS DISTINCT FROM``), and conversation data only moves
   forward in ``date_updated``;
 - memberships are never deleted: a complete listing marks what it did not see ``removed_at``.

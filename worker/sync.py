@@ -2,9 +2,11 @@
 
 The pass reads top to bottom: ``SyncPass.run`` creates or resumes the ``sync_runs`` row,
 discovers services, then runs discovery loops (users of each service, streamed page by page into
-``sync_cursors``) beside a feeder (claims pending users in batches into a bounded queue) and
-user loops (walk a user's pages from its cursor, write each page with its cursor). Work is
-claimed through PostgreSQL, so replicas and restarts share a pass.
+``sync_cursors``; the next page is fetched while one is saved) beside a feeder (claims pending
+users in batches into a bounded queue, refilled by halves) and user loops (walk a user's pages
+from its cursor; each page goes to the group-commit writer, ``worker/writer.py``, and the next
+is fetched once it committed). Work is claimed through PostgreSQL, so replicas and restarts
+share a pass.
 
 Failure policy, in one place (``sync_user``): a user that is gone (404) is marked removed; a
 rejected page token restarts that user's listing once; other per-user errors fail that user
