@@ -115,11 +115,16 @@ class ParsedConversationsPage:
     def seen_sids(self) -> list[str]:
         """Every conversation SID this page proves the user still has, rejected ones included;
         ``UNIDENTIFIED`` too if an item had no readable SID (it may be any membership)."""
-        sids = [m.conversation_sid for m in self.memberships]
-        sids.extend(r.sid for r in self.rejected if r.sid is not None)
-        if any(r.sid is None for r in self.rejected):
-            sids.append(UNIDENTIFIED)
-        return sids
+        return seen_sids([m.conversation_sid for m in self.memberships], self.rejected)
+
+
+def seen_sids(stored: list[str], rejected: list[Rejected]) -> list[str]:
+    """The SIDs of a page's stored items, then those of its rejected items that had one, then
+    ``UNIDENTIFIED`` if one had none."""
+    seen = [*stored, *(r.sid for r in rejected if r.sid is not None)]
+    if any(r.sid is None for r in rejected):
+        seen.append(UNIDENTIFIED)
+    return seen
 
 
 # --- field readers ----------------------------------------------------------------------------
@@ -499,11 +504,7 @@ class ConversationsPage:
     @property
     def seen_sids(self) -> list[str]:
         """What this page proves the user still has (see ``ParsedConversationsPage``)."""
-        seen = list(self.sids)
-        seen.extend(r.sid for r in self.rejected if r.sid is not None)
-        if any(r.sid is None for r in self.rejected):
-            seen.append(UNIDENTIFIED)
-        return seen
+        return seen_sids(self.sids, self.rejected)
 
 
 def decode_conversations_page(
