@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import importlib.util
 import ipaddress
 import os
@@ -24,95 +25,6 @@ MAX_PAGE_SIZE = 50
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 Number = TypeVar("Number", int, float)
-
-
-@dataclass(frozen=True)
-class Variable:
-    """One environment variable: its name, default (as text) and meaning."""
-
-    name: str
-    default: str | None
-    help: str
-    secret: bool = False
-
-
-VARIABLES: tuple[Variable, ...] = (
-    Variable("DATABASE_URL", None, "PostgreSQL URL (postgresql://user:pass@host:port/db).", True),
-    Variable("TWILIO_API_KEY_SID", None, "API key SID (SK...); preferred over the auth token."),
-    Variable("TWILIO_API_KEY_SECRET", None, "API key secret.", True),
-    Variable("TWILIO_ACCOUNT_SID", None, "Account SID (AC...), with TWILIO_AUTH_TOKEN."),
-    Variable("TWILIO_AUTH_TOKEN", None, "Account auth token.", True),
-    Variable(
-        "TWILIO_CONVERSATIONS_BASE_URL",
-        "https://conversations.twilio.com",
-        "Base URL of the Conversations API (the simulator's URL for local runs).",
-    ),
-    Variable("CONVSYNC_SERVICES", None, "Comma-separated IS SIDs; unset: discover all services."),
-    Variable("CONVSYNC_CONCURRENCY", "16", "Upper bound of requests in flight (adaptive below)."),
-    Variable("CONVSYNC_PAGE_SIZE", "50", "Items per page, 1..50."),
-    Variable("CONVSYNC_RATE_LIMIT", None, "Optional hard ceiling in requests per second."),
-    Variable("CONVSYNC_REQUEST_TIMEOUT", "30", "Seconds before one request is abandoned."),
-    Variable("CONVSYNC_MAX_ATTEMPTS", "8", "Attempts per request before the user fails."),
-    Variable("CONVSYNC_MAX_RETRY_SECONDS", "120", "Total seconds one request may spend retrying."),
-    Variable(
-        "CONVSYNC_MAX_RESPONSE_BYTES",
-        "16777216",
-        "Largest response body accepted, counted after decompression (16 MiB); a larger one "
-        "fails its listing at once, unretried.",
-    ),
-    Variable(
-        "CONVSYNC_MAX_PAGE_ITEMS",
-        "1000",
-        "Most items a page may hold (never more than the PageSize asked for).",
-    ),
-    Variable(
-        "CONVSYNC_MAX_PAGES",
-        "20000",
-        "Most pages one listing (a service's users, a user's conversations) may span.",
-    ),
-    Variable("CONVSYNC_DB_POOL_SIZE", "8", "PostgreSQL connections held by the worker."),
-    Variable("CONVSYNC_BATCH_PAGES", "64", "Most pages one transaction writes (group commit)."),
-    Variable(
-        "CONVSYNC_BATCH_MS", "0", "Milliseconds a batch may wait for more pages before it commits."
-    ),
-    Variable(
-        "CONVSYNC_DB_WAIT_SECONDS",
-        "60",
-        "Seconds a pass waits for a database that is down, read-only or in recovery.",
-    ),
-    Variable("CONVSYNC_LEASE_SECONDS", "60", "How long a claimed user stays claimed unrenewed."),
-    Variable(
-        "CONVSYNC_WORKER_ID", None, "This replica's name in claims (default host:pidns:pid:random)."
-    ),
-    Variable("CONVSYNC_SCHEDULE", None, "`convsync run`: cron expression (UTC) for passes."),
-    Variable(
-        "CONVSYNC_INTERVAL",
-        None,
-        "`convsync run`: seconds between passes (3600 when no schedule is set).",
-    ),
-    Variable("CONVSYNC_RUN_AT_START", "true", "`convsync run`: start a pass immediately."),
-    Variable(
-        "CONVSYNC_HTTP_HOST",
-        "0.0.0.0",  # noqa: S104 (probes come from outside the container)
-        "`convsync run`: address of /healthz, /readyz, /metrics (0.0.0.0: every interface).",
-    ),
-    Variable("CONVSYNC_HTTP_PORT", "8080", "`convsync run`: port of /healthz, /readyz, /metrics."),
-    Variable(
-        "CONVSYNC_HTTP_HEADER_TIMEOUT",
-        "10",
-        "`convsync run`: seconds a client has to send a request's headers (and idles at most).",
-    ),
-    Variable("CONVSYNC_SHUTDOWN_GRACE", "25", "Seconds in-flight work gets after SIGTERM."),
-    Variable("CONVSYNC_EVENT_LOOP", "auto", "auto (uvloop where installed), uvloop or asyncio."),
-    Variable("CONVSYNC_LOG_FORMAT", "auto", "auto (console on a TTY, else JSON), json or console."),
-    Variable("CONVSYNC_LOG_LEVEL", "info", "debug, info, warning or error."),
-    Variable(
-        "CONVSYNC_MIGRATIONS_DIR",
-        None,
-        "Folder of the migration files (default: those shipped in the package).",
-    ),
-)
-VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
 
 
 @dataclass(frozen=True)
@@ -186,6 +98,159 @@ class Settings:
             found += [self.credentials.password, self.credentials.basic]
         found += url_secrets(self.database_url)
         return tuple(dict.fromkeys(s for s in found if s))
+
+
+@dataclass(frozen=True)
+class Variable:
+    """One environment variable: its name, meaning and the ``Settings`` field it sets (whose
+    default is the variable's: defaults are stated once, in ``Settings``)."""
+
+    name: str
+    help: str
+    secret: bool = False
+    setting: str | None = None
+
+    @property
+    def default(self) -> str | None:
+        """The default as an operator writes it (None: unset by default)."""
+        if self.setting is None:
+            return None
+        value = _SETTINGS_DEFAULTS[self.setting]
+        if value is None or value == ():
+            return None
+        if isinstance(value, bool):
+            return "true" if value else "false"
+        if isinstance(value, float):
+            return f"{value:g}"
+        return str(value)
+
+
+_SETTINGS_DEFAULTS: dict[str, Any] = {
+    f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING
+}
+VARIABLES: tuple[Variable, ...] = (
+    Variable("DATABASE_URL", "PostgreSQL URL (postgresql://user:pass@host:port/db).", secret=True),
+    Variable("TWILIO_API_KEY_SID", "API key SID (SK...); preferred over the auth token."),
+    Variable("TWILIO_API_KEY_SECRET", "API key secret.", secret=True),
+    Variable("TWILIO_ACCOUNT_SID", "Account SID (AC...), with TWILIO_AUTH_TOKEN."),
+    Variable("TWILIO_AUTH_TOKEN", "Account auth token.", secret=True),
+    Variable(
+        "TWILIO_CONVERSATIONS_BASE_URL",
+        "Base URL of the Conversations API (the simulator's URL for local runs).",
+        setting="base_url",
+    ),
+    Variable("CONVSYNC_SERVICES", "Comma-separated IS SIDs; unset: discover all services."),
+    Variable(
+        "CONVSYNC_CONCURRENCY",
+        "Upper bound of requests in flight (adaptive below).",
+        setting="concurrency",
+    ),
+    Variable("CONVSYNC_PAGE_SIZE", "Items per page, 1..50.", setting="page_size"),
+    Variable("CONVSYNC_RATE_LIMIT", "Optional hard ceiling in requests per second."),
+    Variable(
+        "CONVSYNC_REQUEST_TIMEOUT",
+        "Seconds before one request is abandoned.",
+        setting="request_timeout",
+    ),
+    Variable(
+        "CONVSYNC_MAX_ATTEMPTS",
+        "Attempts per request before the user fails.",
+        setting="max_attempts",
+    ),
+    Variable(
+        "CONVSYNC_MAX_RETRY_SECONDS",
+        "Total seconds one request may spend retrying.",
+        setting="max_retry_seconds",
+    ),
+    Variable(
+        "CONVSYNC_MAX_RESPONSE_BYTES",
+        "Largest response body accepted, counted after decompression (16 MiB); a larger one "
+        "fails its listing at once, unretried.",
+        setting="max_response_bytes",
+    ),
+    Variable(
+        "CONVSYNC_MAX_PAGE_ITEMS",
+        "Most items a page may hold (never more than the PageSize asked for).",
+        setting="max_page_items",
+    ),
+    Variable(
+        "CONVSYNC_MAX_PAGES",
+        "Most pages one listing (a service's users, a user's conversations) may span.",
+        setting="max_pages",
+    ),
+    Variable(
+        "CONVSYNC_DB_POOL_SIZE",
+        "PostgreSQL connections held by the worker.",
+        setting="db_pool_size",
+    ),
+    Variable(
+        "CONVSYNC_BATCH_PAGES",
+        "Most pages one transaction writes (group commit).",
+        setting="batch_pages",
+    ),
+    Variable(
+        "CONVSYNC_BATCH_MS",
+        "Milliseconds a batch may wait for more pages before it commits.",
+        setting="batch_ms",
+    ),
+    Variable(
+        "CONVSYNC_DB_WAIT_SECONDS",
+        "Seconds a pass waits for a database that is down, read-only or in recovery.",
+        setting="db_wait_seconds",
+    ),
+    Variable(
+        "CONVSYNC_LEASE_SECONDS",
+        "How long a claimed user stays claimed unrenewed.",
+        setting="lease_seconds",
+    ),
+    Variable(
+        "CONVSYNC_WORKER_ID", "This replica's name in claims (default host:pidns:pid:random)."
+    ),
+    Variable("CONVSYNC_SCHEDULE", "`convsync run`: cron expression (UTC) for passes."),
+    Variable(
+        "CONVSYNC_INTERVAL",
+        "`convsync run`: seconds between passes (3600 when no schedule is set).",
+    ),
+    Variable(
+        "CONVSYNC_RUN_AT_START", "`convsync run`: start a pass immediately.", setting="run_at_start"
+    ),
+    Variable(
+        "CONVSYNC_HTTP_HOST",
+        "`convsync run`: address of /healthz, /readyz, /metrics (0.0.0.0: every interface).",
+        setting="http_host",
+    ),
+    Variable(
+        "CONVSYNC_HTTP_PORT",
+        "`convsync run`: port of /healthz, /readyz, /metrics.",
+        setting="http_port",
+    ),
+    Variable(
+        "CONVSYNC_HTTP_HEADER_TIMEOUT",
+        "`convsync run`: seconds a client has to send a request's headers (and idles at most).",
+        setting="http_header_timeout",
+    ),
+    Variable(
+        "CONVSYNC_SHUTDOWN_GRACE",
+        "Seconds in-flight work gets after SIGTERM.",
+        setting="shutdown_grace",
+    ),
+    Variable(
+        "CONVSYNC_EVENT_LOOP",
+        "auto (uvloop where installed), uvloop or asyncio.",
+        setting="event_loop",
+    ),
+    Variable(
+        "CONVSYNC_LOG_FORMAT",
+        "auto (console on a TTY, else JSON), json or console.",
+        setting="log_format",
+    ),
+    Variable("CONVSYNC_LOG_LEVEL", "debug, info, warning or error.", setting="log_level"),
+    Variable(
+        "CONVSYNC_MIGRATIONS_DIR",
+        "Folder of the migration files (default: those shipped in the package).",
+    ),
+)
+VARIABLE_NAMES = frozenset(v.name for v in VARIABLES)
 
 
 def basic_credentials(username: str, password: str) -> str:
@@ -370,15 +435,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     )
     if schedule is not None and interval is not None:
         raise ConfigError("CONVSYNC_SCHEDULE and CONVSYNC_INTERVAL are both set; choose one")
-    log_format = (_get(env, "CONVSYNC_LOG_FORMAT") or "auto").lower()
+    log_format = (_get(env, "CONVSYNC_LOG_FORMAT") or Settings.log_format).lower()
     if log_format not in ("auto", "json", "console"):
         raise ConfigError("CONVSYNC_LOG_FORMAT must be auto, json or console")
-    event_loop = (_get(env, "CONVSYNC_EVENT_LOOP") or "auto").lower()
+    event_loop = (_get(env, "CONVSYNC_EVENT_LOOP") or Settings.event_loop).lower()
     if event_loop not in ("auto", "uvloop", "asyncio"):
         raise ConfigError("CONVSYNC_EVENT_LOOP must be auto, uvloop or asyncio")
     if event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
         raise ConfigError("CONVSYNC_EVENT_LOOP is uvloop, but uvloop is not installed")
-    log_level = (_get(env, "CONVSYNC_LOG_LEVEL") or "info").lower()
+    log_level = (_get(env, "CONVSYNC_LOG_LEVEL") or Settings.log_level).lower()
     if log_level not in ("debug", "info", "warning", "error"):
         raise ConfigError("CONVSYNC_LOG_LEVEL must be debug, info, warning or error")
     values: dict[str, Any] = {
