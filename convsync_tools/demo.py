@@ -43,7 +43,7 @@ from worker.config import Settings, TwilioCredentials
 from worker.errors import ConfigError, DatabaseUnavailable
 from worker.metrics import Metrics
 from worker.migrate import apply_migrations
-from worker.signals import BACKSTOP_SECONDS, StopSignals
+from worker.signals import StopSignals
 from worker.store import PassSummary, Store
 from worker.sync import Scope, SyncPass
 
@@ -283,17 +283,19 @@ async def _run_pass(
 ) -> tuple[PassSummary, bool]:
     """One pass with the progress line of ``convsync sync`` on a TTY; (its summary, whether
     Ctrl-C/SIGTERM interrupted it)."""
-    with stops.graceful(settings.shutdown_grace + BACKSTOP_SECONDS) as stop:
-        async with TwilioClient(settings, metrics=metrics) as client:
-            sync = SyncPass(settings, store, client, Scope(settings.services), stop=stop,
-                            metrics=metrics)  # fmt: skip
+    with stops.graceful(settings.shutdown_grace) as shutdown:
+        async with TwilioClient(settings, metrics=metrics, stop=shutdown.stop) as client:
+            sync = SyncPass(
+                settings, store, client, Scope(settings.services), shutdown=shutdown,
+                metrics=metrics,
+            )  # fmt: skip
             async with progress.shown(
                 store, client.limiter, lambda: sync.state.run_id, sys.stderr, metrics
             ) as line:
                 with _quiet_worker_logs(line is not None):
                     summary = await sync.run()
     assert summary is not None  # None only for a scheduled tick, which the demo never sets
-    return summary, stop.is_set()
+    return summary, shutdown.stop.is_set()
 
 
 async def _show_queries(store: Store, cookbook: Mapping[str, CookbookQuery]) -> bool:

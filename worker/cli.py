@@ -30,10 +30,11 @@ from worker.config import (
     parse_sids,
     secret_values,
 )
+from worker.daemon import close_store, run_daemon
+from worker.database import LOGIN_REFUSED_ERRORS
 from worker.errors import ConfigError, ConvsyncError, DatabaseUnreachable, FatalError
 from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
-from worker.service import DATABASE_REFUSED, RECORD_SECONDS, close_store, run_service
 from worker.store import Store, recent_passes, troubled_users
 from worker.sync import Scope, SyncPass
 
@@ -151,8 +152,8 @@ async def _dispatch(
     if args.command == "status":
         return await status_command(settings, args.json, args.limit)
     if args.command == "run":
-        with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
-            return await run_service(settings, stop)
+        with stops.graceful(settings.shutdown_grace) as shutdown:
+            return await run_daemon(settings, shutdown)
     if args.command == "demo":
         from convsync_tools.demo import run_demo  # tooling, imported for this command only
 
@@ -166,7 +167,7 @@ async def _database(settings: Settings) -> str:
     dsn = settings.require_database()
     try:
         conn = await asyncpg.connect(dsn, timeout=10)
-    except DATABASE_REFUSED as error:
+    except LOGIN_REFUSED_ERRORS as error:
         raise ConfigError(f"DATABASE_URL was refused: {type(error).__name__}") from None
     except asyncpg.ClientConfigurationError as error:
         raise ConfigError(f"DATABASE_URL is not usable: {redact(str(error))}") from None
@@ -204,14 +205,14 @@ async def sync_command(
             raise ConfigError(
                 f"the database is not migrated ({missing[0]}...): run convsync migrate"
             )
-        with stops.graceful(settings.shutdown_grace + RECORD_SECONDS) as stop:
-            async with TwilioClient(settings, stop=stop) as client:
-                sync = SyncPass(settings, store, client, scope, stop=stop)
+        with stops.graceful(settings.shutdown_grace) as shutdown:
+            async with TwilioClient(settings, stop=shutdown.stop) as client:
+                sync = SyncPass(settings, store, client, scope, shutdown=shutdown)
                 async with progress.shown(
                     store, client.limiter, lambda: sync.state.run_id, sys.stderr
                 ):
                     summary = await sync.run()
-        if stop.is_set() or summary is None:
+        if shutdown.stop.is_set() or summary is None:
             return EXIT_PARTIAL
         return EXIT_OK if summary.status == "succeeded" else EXIT_PARTIAL
     finally:

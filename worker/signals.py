@@ -3,9 +3,9 @@
 As PID 1 of a container, a process that has no handler for SIGTERM ignores it. So ``main``
 installs one first thing (SIGTERM then raises KeyboardInterrupt, as SIGINT does), and once the
 event loop runs both signals set ``stop``: inside a ``graceful`` section (a pass whose in-flight
-pages deserve their grace, the long-running service) the command winds down by itself, with a
-backstop after its grace; anywhere else (connecting, waiting on a lock or a query) the command
-is cancelled at once. A second signal always cancels at once.
+pages deserve their grace, the daemon) the command winds down by itself along
+``worker.shutdown``'s one path, with a backstop; anywhere else (connecting, waiting on a lock
+or a query) the command is cancelled at once. A second signal always cancels at once.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ import contextlib
 import signal
 from collections.abc import Iterator
 
+from worker.shutdown import Shutdown
+
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
-BACKSTOP_SECONDS = 5.0  # after a graceful section's grace, cancel whatever still runs
 
 
 def install_early() -> None:
@@ -33,7 +34,7 @@ class StopSignals:
         self.received: str | None = None  # name of the first signal
         self.cancelled = False  # the command was cancelled because of a signal
         self._task: asyncio.Task[object] | None = None
-        self._grace: float | None = None  # set inside a graceful section
+        self._backstop: float | None = None  # seconds, set inside a graceful section
 
     @contextlib.contextmanager
     def attached(self) -> Iterator[StopSignals]:
@@ -50,25 +51,26 @@ class StopSignals:
             install_early()
 
     @contextlib.contextmanager
-    def graceful(self, grace: float) -> Iterator[asyncio.Event]:
-        """A section that honours ``stop`` by itself within ``grace`` seconds."""
+    def graceful(self, grace: float) -> Iterator[Shutdown]:
+        """A section that honours ``stop`` by itself, giving work in flight ``grace`` seconds."""
         if self.stop.is_set():
             self._cancel()
-        self._grace = grace
+        shutdown = Shutdown(grace, self.stop)
+        self._backstop = shutdown.backstop_seconds
         try:
-            yield self.stop
+            yield shutdown
         finally:
-            self._grace = None
+            self._backstop = None
 
     def _on_signal(self, sig: signal.Signals) -> None:
         first = self.received is None
         if first:
             self.received = sig.name
         self.stop.set()
-        if not first or self._grace is None:
+        if not first or self._backstop is None:
             self._cancel()
         else:
-            asyncio.get_running_loop().call_later(self._grace + BACKSTOP_SECONDS, self._cancel)
+            asyncio.get_running_loop().call_later(self._backstop, self._cancel)
 
     def _cancel(self) -> None:
         if self._task is not None and not self._task.done():

@@ -59,7 +59,7 @@ class PageWrite:
     """One page of a user's listing, to be written with its cursor (``Store.save_pages``)."""
 
     claim: UserClaim
-    page_number: int  # pages of this listing already written
+    pages_written: int  # pages of this listing already written
     source_path: str
     page: ConversationsPage
     next_page_path: str | None
@@ -375,7 +375,7 @@ class Store:
         self,
         claim: DiscoveryClaim,
         lease_seconds: float,
-        page_number: int,
+        pages_written: int,
         source_path: str,
         users: Sequence[UserRow],
         rejected: Sequence[Rejected],
@@ -402,7 +402,7 @@ class Store:
                 next_page_path,
                 len(users),
                 lease_seconds,
-                page_number,
+                pages_written,
             )
             if advanced is None:
                 raise LeaseLost(f"discovery of {service} was taken over")
@@ -478,7 +478,7 @@ class Store:
             error[:2000],
         )
 
-    async def restart_discovery(self, claim: DiscoveryClaim, page_number: int) -> bool:
+    async def restart_discovery(self, claim: DiscoveryClaim, pages_written: int) -> bool:
         """Forget a rejected users page token: the listing starts again from its first page
         (queueing is idempotent; nobody is marked gone before a last page)."""
         restarted = await self.pool.fetchval(
@@ -488,7 +488,7 @@ class Store:
             claim.run_id,
             claim.chat_service_sid,
             claim.token,
-            page_number,
+            pages_written,
         )
         return restarted is not None
 
@@ -664,14 +664,14 @@ class Store:
         self,
         claim: UserClaim,
         lease_seconds: float,
-        page_number: int,
+        pages_written: int,
         source_path: str,
         page: ConversationsPage,
         next_page_path: str | None,
     ) -> PageOutcome:
         """Write one page of a user's listing and advance its cursor, atomically (a batch of
         one: see ``save_pages``); LeaseLost if the cursor is not where this claim left it."""
-        write = PageWrite(claim, page_number, source_path, page, next_page_path)
+        write = PageWrite(claim, pages_written, source_path, page, next_page_path)
         (outcome,) = await self.save_pages([write], lease_seconds)
         if outcome is None:
             raise LeaseLost(f"user {claim.user_sid} was taken over or its cursor moved")
@@ -687,7 +687,7 @@ class Store:
         transaction; per page, its outcome, or None when its claim no longer holds the cursor
         at that page (taken over, or already written): that page wrote nothing.
 
-        ``page_number`` is the count of pages of the listing already written. On a listing's
+        ``pages_written`` is the count of pages of the listing already written. On a listing's
         last page, memberships not seen in the whole listing are removed. If PostgreSQL refuses
         a value, nothing of the batch is written and the error is raised. ``conversations``:
         per page, the conversations to upsert (default: all of the page's); a conversation
@@ -706,7 +706,7 @@ class Store:
             [w.claim.chat_service_sid for w in writes],
             [w.claim.user_sid for w in writes],
             [w.claim.token for w in writes],
-            [w.page_number for w in writes],
+            [w.pages_written for w in writes],
             [w.next_page_path for w in writes],
             [w.claim.run_id for w in writes],
             [w.page.payload for w in writes],

@@ -21,17 +21,12 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any
 
+from worker.database import VALUES_REFUSED_ERRORS, RetryingStore
 from worker.errors import LeaseLost
-from worker.metrics import Metrics
-from worker.metrics import metrics as default_metrics
-from worker.store import PageOutcome, PageWrite, Store
+from worker.store import PageOutcome, PageWrite
 
-# How the pass runs a store operation: its retry wrapper (waits out a database gone away).
-RunStore = Callable[..., Awaitable[Any]]
 KNOWN_CONVERSATIONS = 32_768  # ~8 MB: a bounded memory, whatever the size of the pass
 
 
@@ -40,23 +35,13 @@ class PageWriter:
     batches should be in flight at once (each holds one pooled connection while it writes)."""
 
     def __init__(
-        self,
-        store: Store,
-        lease_seconds: float,
-        *,
-        run_store: RunStore,
-        refused: tuple[type[BaseException], ...],
-        max_pages: int = 64,
-        max_wait: float = 0.0,
-        metrics: Metrics | None = None,
+        self, db: RetryingStore, lease_seconds: float, *, max_pages: int = 64, max_wait: float = 0.0
     ) -> None:
-        self._store = store
+        self._db = db
         self._lease = lease_seconds
-        self._run_store = run_store
-        self._refused = refused
         self.max_pages = max_pages
         self.max_wait = max_wait
-        self._metrics = metrics or default_metrics
+        self._metrics = db.metrics
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
@@ -126,10 +111,10 @@ class PageWriter:
         ]
         began = time.perf_counter()
         try:
-            outcomes = await self._run_store(
-                self._store.save_pages, writes, self._lease, conversations
+            outcomes = await self._db.call(
+                self._db.store.save_pages, writes, self._lease, conversations
             )
-        except self._refused as error:
+        except VALUES_REFUSED_ERRORS as error:
             if len(batch) == 1:
                 if not batch[0][1].done():
                     batch[0][1].set_exception(error)

@@ -6,13 +6,12 @@ Three validators, each with a canary proving it can fail:
   * kubernetes-validate validates every manifest, strictly, against its bundled schemas.
 Then consistency checks against the code, so the deployment files cannot drift from it: env var
 names (worker.config.VARIABLES), which variables are secrets, HTTP routes and port
-(worker.service), the shutdown grace, the CLI commands and the image's user and entrypoint.
+(worker.daemon), the shutdown grace, the CLI commands and the image's user and entrypoint.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import fnmatch
 import json
 import os
@@ -31,8 +30,9 @@ import yaml
 
 from worker.cli import EXIT_CONFIG, build_parser
 from worker.config import VARIABLE_NAMES, VARIABLES, load_settings
+from worker.daemon import Daemon
 from worker.healthcheck import HEALTHZ
-from worker.service import Service
+from worker.shutdown import Shutdown
 
 ROOT = Path(__file__).resolve().parents[2]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -217,7 +217,7 @@ def containers(spec: dict[str, Any]) -> Iterator[dict[str, Any]]:
 
 def routes() -> dict[str, str]:
     """Handler name -> path, from the service's real aiohttp application."""
-    service = Service(load_settings({}), cast(Any, None), cast(Any, None), asyncio.Event())
+    service = Daemon(load_settings({}), cast(Any, None), cast(Any, None), Shutdown(0))
     found: dict[str, str] = {}
     for route in service.app().router.routes():
         assert route.resource is not None

@@ -14,10 +14,11 @@ import pytest
 
 from tests.harness import scalar
 from worker.client import _ENVELOPES
+from worker.database import RetryingStore
 from worker.errors import LeaseLost
+from worker.metrics import Metrics
 from worker.model import decode_conversations_page
 from worker.store import PageWrite, Store, UserClaim
-from worker.sync import PAGE_REFUSED_ERRORS
 from worker.writer import PageWriter
 
 SERVICE = "IS" + "1" * 32
@@ -62,10 +63,7 @@ def page_of(claim: UserClaim, *items: dict[str, Any]) -> PageWrite:
 
 
 def writer_for(store: Store) -> PageWriter:
-    async def run_store(operation: Any, *args: Any) -> Any:
-        return await operation(*args)
-
-    return PageWriter(store, 60, run_store=run_store, refused=PAGE_REFUSED_ERRORS, max_pages=64)
+    return PageWriter(RetryingStore(store, 0.0, Metrics()), 60, max_pages=64)
 
 
 async def test_pages_of_many_users_commit_in_few_statements(store: Store, db_url: str) -> None:

@@ -120,7 +120,7 @@ def test_every_variable_read_is_declared() -> None:
 def test_default_worker_ids_are_unique_and_name_host_pid_namespace_and_pid() -> None:
     import os
 
-    from worker.sync import parse_owner
+    from worker.leases import parse_owner
 
     first, second = load_settings({}).worker_id, load_settings({}).worker_id
     assert first != second

@@ -1,4 +1,4 @@
-"""``convsync run``: scheduled passes, /healthz /readyz /metrics, graceful shutdown.
+"""``convsync run``, the daemon: scheduled passes, /healthz /readyz /metrics, graceful shutdown.
 
 The scheduler only ticks; PostgreSQL decides who works (a pass is created once per tick, users
 are leased), so any number of replicas can run this against one database.
@@ -22,28 +22,17 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from worker.client import TwilioClient
 from worker.config import Settings
+from worker.database import CONNECTION_ERRORS, LOGIN_REFUSED_ERRORS, database_read_only
 from worker.errors import ConfigError, ConvsyncError, DatabaseUnavailable, FatalError
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
+from worker.shutdown import RECORD_SECONDS, Shutdown
 from worker.store import Store
-from worker.sync import (
-    DB_CONNECTION_ERRORS,
-    Scope,
-    SyncPass,
-    database_read_only,
-)
+from worker.sync import Scope, SyncPass
 
 log = structlog.get_logger(__name__)
-# The database answered but refused us: as wrong as a bad setting, and retrying will not help.
-DATABASE_REFUSED = (
-    asyncpg.InvalidPasswordError,
-    asyncpg.InvalidAuthorizationSpecificationError,
-    asyncpg.InvalidCatalogNameError,
-)
 DEFAULT_INTERVAL = 3600.0
 DATABASE_POLL_SECONDS = 1.0  # after a pass lost to the database: how often to ask if it is back
-# After the grace: how long a stopped pass gets to record itself and give its claims back.
-RECORD_SECONDS = 5.0
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -68,25 +57,27 @@ def current_tick(settings: Settings, now: datetime | None = None) -> datetime:
     return EPOCH + timedelta(seconds=elapsed - elapsed % seconds)
 
 
-class Service:
-    """The long-running worker: one pass at a time, stopped cleanly by SIGTERM."""
+class Daemon:
+    """The long-running worker (``convsync run``): one pass at a time, stopped cleanly by
+    SIGTERM along ``worker.shutdown``'s path."""
 
     def __init__(
-        self, settings: Settings, store: Store, client: TwilioClient, stop: asyncio.Event
+        self, settings: Settings, store: Store, client: TwilioClient, shutdown: Shutdown
     ) -> None:
         self.settings = settings
         self.store = store
         self.client = client
-        self.stop = stop
+        self.shutdown = shutdown
+        self.stop = shutdown.stop
         self.fatal: FatalError | None = None
         self._pass_task: asyncio.Task[Any] | None = None
         self._started = time.time()
 
     async def tick(self) -> None:
-        """A schedule tick: start a pass in a task the service owns, and return.
+        """A schedule tick: start a pass in a task the daemon owns, and return.
 
         APScheduler only starts the pass: its shutdown cancels running jobs, and a pass must
-        instead get its grace (``wait_for_pass``). A tick while a pass runs is skipped."""
+        instead get its grace (``Shutdown.wait_for``). A tick while a pass runs is skipped."""
         if self._pass_task is not None and not self._pass_task.done():
             log.warning("tick_skipped", reason="a pass is still running")
             return
@@ -107,12 +98,12 @@ class Service:
             self.store,
             self.client,
             Scope(services=self.settings.services),
-            stop=self.stop,
+            shutdown=self.shutdown,
             tick=tick,
         )
         try:
             await sync.run()
-        except DATABASE_REFUSED as error:
+        except LOGIN_REFUSED_ERRORS as error:
             self._stop_fatally(ConfigError(f"DATABASE_URL was refused: {type(error).__name__}"))
         except FatalError as error:
             self._stop_fatally(error)
@@ -137,7 +128,7 @@ class Service:
         while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), DATABASE_POLL_SECONDS)
-            with contextlib.suppress(*DB_CONNECTION_ERRORS):
+            with contextlib.suppress(*CONNECTION_ERRORS):
                 await self.store.pool.expire_connections()
                 async with asyncio.timeout(5), self.store.pool.acquire() as conn:
                     if not self.stop.is_set() and not await database_read_only(conn):
@@ -149,17 +140,10 @@ class Service:
         self.fatal = error
         self.stop.set()
 
-    async def wait_for_pass(self, grace: float) -> None:
-        """Let the running pass commit its in-flight pages and record itself: the pass stops its
-        own loops after ``grace`` seconds; past that and ``RECORD_SECONDS`` it is cancelled."""
-        task = self._pass_task
-        if task is None or task.done():
-            return
-        done, _ = await asyncio.wait({task}, timeout=grace + RECORD_SECONDS)
-        if not done:
-            log.warning("shutdown_grace_exceeded", grace_seconds=grace)
-            task.cancel()
-            await asyncio.wait({task}, timeout=RECORD_SECONDS)
+    async def wait_for_pass(self) -> None:
+        """Let the running pass commit its in-flight pages and record itself."""
+        if self._pass_task is not None:
+            await self.shutdown.wait_for(self._pass_task)
 
     async def _release_claims(self) -> None:
         try:
@@ -210,16 +194,16 @@ class Service:
         return web.Response(body=body, headers={"Content-Type": content_type})
 
 
-async def run_service(settings: Settings, stop: asyncio.Event) -> int:
-    """Run until ``stop`` (SIGTERM/SIGINT); exit 0 after a clean stop, 2 on a fatal error."""
+async def run_daemon(settings: Settings, shutdown: Shutdown) -> int:
+    """Run until stopped (SIGTERM/SIGINT); exit 0 after a clean stop, 2 on a fatal error."""
     trigger = build_trigger(settings)
     dsn = settings.require_database()
     settings.require_credentials()
     store = await Store.connect(dsn, settings.db_pool_size, lazy=True)
     try:
-        async with TwilioClient(settings, stop=stop) as client:
-            service = Service(settings, store, client, stop)
-            return await _serve(service, trigger)
+        async with TwilioClient(settings, stop=shutdown.stop) as client:
+            daemon = Daemon(settings, store, client, shutdown)
+            return await _serve(daemon, trigger)
     finally:
         await close_store(store)
 
@@ -237,12 +221,12 @@ async def close_store(store: Store, at_once: bool = False) -> None:
     store.pool.terminate()
 
 
-async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> int:
-    settings = service.settings
+async def _serve(daemon: Daemon, trigger: CronTrigger | IntervalTrigger) -> int:
+    settings = daemon.settings
     # aiohttp closes a connection idle this long, including one whose request headers are not
     # complete by then (the header read timeout).
     runner = web.AppRunner(
-        service.app(), access_log=None, keepalive_timeout=settings.http_header_timeout
+        daemon.app(), access_log=None, keepalive_timeout=settings.http_header_timeout
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
@@ -260,20 +244,20 @@ async def _serve(service: Service, trigger: CronTrigger | IntervalTrigger) -> in
     # No next_run_time: the first tick is the trigger's own (an interval is aligned to the
     # epoch, so replicas tick together); the run at start is a tick of its own.
     scheduler.add_job(
-        service.tick, trigger, id="pass", max_instances=1, coalesce=True, misfire_grace_time=None
+        daemon.tick, trigger, id="pass", max_instances=1, coalesce=True, misfire_grace_time=None
     )
     scheduler.start()
     try:
         if settings.run_at_start:
-            await service.tick()
-        await service.stop.wait()
+            await daemon.tick()
+        await daemon.stop.wait()
         log.info("shutdown_started", grace_seconds=settings.shutdown_grace)
-        scheduler.shutdown(wait=False)  # cancels no pass: the service owns it
-        await service.wait_for_pass(settings.shutdown_grace)
-        await service._release_claims()
+        scheduler.shutdown(wait=False)  # cancels no pass: the daemon owns it
+        await daemon.wait_for_pass()
+        await daemon._release_claims()
     finally:
         await runner.cleanup()
-    if service.fatal is not None:
-        raise service.fatal
+    if daemon.fatal is not None:
+        raise daemon.fatal
     log.info("shutdown_complete")
     return 0

@@ -1,0 +1,113 @@
+"""Which database errors are passing, and how the runtime waits them out.
+
+A database that goes away, turns read-only or is in recovery (a failover) is "not available
+yet": ``RetryingStore`` re-runs a store operation through ``worker.retry`` until it answers,
+for at most ``CONVSYNC_DB_WAIT_SECONDS``, then raises DatabaseUnavailable. An error that means
+"PostgreSQL refused these values" is no such thing: it fails the page's listing, not the pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import ParamSpec, TypeVar
+
+import asyncpg
+
+from worker.errors import ConfigError, DatabaseUnavailable
+from worker.logs import redact
+from worker.metrics import Metrics
+from worker.retry import Backoff, retrying
+from worker.store import Store
+
+T = TypeVar("T")
+P = ParamSpec("P")
+
+# A server that refuses writes: a demoted primary still in DNS, a standby in recovery. Pooled
+# connections keep the read-only default of the session they opened with: they are dropped.
+READ_ONLY_ERRORS: tuple[type[BaseException], ...] = (asyncpg.ReadOnlySQLTransactionError,)
+# Errors that mean "the database is not available (yet)", not "the statement is wrong".
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.InterfaceError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.AdminShutdownError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    *READ_ONLY_ERRORS,
+    asyncpg.CrashShutdownError,
+    asyncpg.DeadlockDetectedError,
+    asyncpg.SerializationError,
+    # What asyncpg raises on a pooled connection whose backend was terminated under it
+    # ("cannot switch to state 15; another operation (2) is in progress", MagicStack/asyncpg
+    # #784, #1069); the pool's reset then fails and the connection is dropped.
+    asyncpg.InternalClientError,
+)
+# Errors that mean "PostgreSQL refused this page's values": that listing fails, not the pass.
+VALUES_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.DataError,
+    asyncpg.IntegrityConstraintViolationError,
+)
+# The database answered but refused us: as wrong as a bad setting, and retrying will not help.
+LOGIN_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.InvalidPasswordError,
+    asyncpg.InvalidAuthorizationSpecificationError,
+    asyncpg.InvalidCatalogNameError,
+)
+
+
+async def database_read_only(conn: asyncpg.Connection) -> bool:
+    """True when the server on ``conn`` refuses writes (in recovery, or read-only)."""
+    return bool(
+        await conn.fetchval(
+            "SELECT pg_is_in_recovery() OR current_setting('transaction_read_only')::bool"
+        )
+    )
+
+
+class RetryingStore:
+    """Calls store operations, each one transaction, waiting out an unavailable database.
+
+    A retried operation is safe: its transaction either committed or rolled back, and the page
+    guards turn a replay of a committed page into LeaseLost, never a double write.
+    """
+
+    def __init__(self, store: Store, wait_seconds: float, metrics: Metrics) -> None:
+        self.store = store
+        self.wait_seconds = wait_seconds
+        self.metrics = metrics
+
+    async def call(
+        self, operation: Callable[P, Awaitable[T]], *args: P.args, **kwargs: P.kwargs
+    ) -> T:
+        """``operation(*args, **kwargs)``, retried while the database is unavailable, for at
+        most ``wait_seconds`` (then DatabaseUnavailable)."""
+
+        async def attempt() -> T:
+            try:
+                return await operation(*args, **kwargs)
+            except asyncpg.ClientConfigurationError as error:
+                raise ConfigError(f"DATABASE_URL is not usable: {redact(str(error))}") from None
+
+        async def reconnect(error: BaseException) -> None:
+            if isinstance(error, READ_ONLY_ERRORS):
+                # Reconnect (when each connection is next released): DNS may by now name the
+                # new primary.
+                await self.store.pool.expire_connections()
+
+        def unavailable(error: BaseException, _attempts: int, _waited: float) -> BaseException:
+            return DatabaseUnavailable(
+                f"PostgreSQL unavailable (down, read-only or in recovery) for "
+                f"{self.wait_seconds:.0f}s: {type(error).__name__}"
+            )
+
+        return await retrying(
+            attempt,
+            target="database",
+            retry_on=CONNECTION_ERRORS,
+            backoff=Backoff(max_attempts=None, max_seconds=self.wait_seconds, base=0.1, cap=5),
+            give_up=unavailable,
+            metrics=self.metrics,
+            before_retry=reconnect,
+            level="warning",
+        )
