@@ -23,21 +23,24 @@ Test and benchmark controls live under ``/_sim/`` (no auth, not counted, never f
 (``{"advance": seconds}``). In-process only, for tests: schema-breaking pages
 (``Simulator.corrupt_next``) and when each request came and went (``Simulator.served``).
 
-Webhooks: with ``webhook_url`` set, every dataset mutation (in-process, or through
-``POST /_sim/mutate`` ``{"op": "add_message", ...args}``; ops in ``MUTATIONS``) is POSTed there
-as Twilio Conversations' post-event webhook (``onParticipantAdded``, ``onParticipantRemoved``,
-``onParticipantUpdated``, ``onConversationAdded``, ``onConversationUpdated``,
-``onConversationStateUpdated``, ``onConversationRemoved``, ``onMessageAdded``; fields: simdata's
-``Change``), form-encoded and signed with the auth token as Twilio signs (``X-Twilio-Signature``),
-with ``I-Twilio-Idempotency-Token`` and ``User-Agent: TwilioProxy/1.1``; in mutation order, off
-the mutating thread, ``webhook_retries`` more tries after a non-2xx or no answer (backoff
-``webhook_backoff`` s, doubling), only ``webhook_filters`` events when set. ``GET
-/_sim/webhooks[?wait=s&last=n]``: counts, ``idle``, the latest attempts; ``POST
-/_sim/webhooks/replay`` (``{"token"}``: that event, else the last delivered one, byte for byte)
-and ``POST /_sim/webhooks/send`` (``{"event", "signature": "good"|"bad"|"none"}``: the latest
-such event under a new token, signed right, wrongly or not at all). In-process:
-``Simulator.mutate``, ``webhooks_idle``, ``webhook_stats``, ``webhook_deliveries``,
-``replay_webhook``, ``send_webhook``.
+Webhooks (Twilio Conversations' post-event webhooks): with ``webhook_url`` set, each dataset
+mutation POSTs its event there (``onParticipantAdded``/``Updated``/``Removed``,
+``onConversationAdded``/``Updated``/``StateUpdated``/``Removed``, ``onMessageAdded``; fields as
+simdata's ``Change`` lists them), form-encoded, signed with the auth token as Twilio signs
+(``X-Twilio-Signature``), with ``I-Twilio-Idempotency-Token`` (one per event, kept on retries)
+and ``User-Agent: TwilioProxy/1.1``. Deliveries run on the server's loop in mutation order,
+never blocking the mutation; ``webhook_retries`` more attempts follow a non-2xx answer or none
+(``webhook_backoff`` seconds, doubling); ``webhook_filters`` limits the events. URL, token and
+retries are fixed when an event is queued; events queued while nothing serves wait for a server.
+
+* ``POST /_sim/mutate`` ``{"op", ...args}``: a ``Dataset`` mutation (``MUTATIONS``; the default
+  service unless ``service_sid``); ``{"result"}``, 400 on bad input, 404 for what does not exist
+* ``GET /_sim/webhooks?wait=seconds&last=n``: counts, ``pending``, ``idle``, the latest attempts
+* ``POST /_sim/webhooks/replay`` ``{"token"?}``: the last delivered event (or that one) again,
+  byte for byte; ``POST /_sim/webhooks/send`` ``{"event"?, "signature": "good"|"bad"|"none"}``:
+  the latest such event's body under a new token, signed right, with a wrong key or unsigned
+* in-process: ``Simulator.mutate``, ``webhooks_idle``, ``webhook_stats``,
+  ``webhook_deliveries``, ``replay_webhook``, ``send_webhook``
 
 It imports nothing of the worker (a lint rule, ``convsync_tools/ruff.toml``, fails CI
 otherwise): a bug shared with the client would hide itself.
