@@ -8,6 +8,10 @@ increase with their index (a seeded offset and jitter hide it), so "sorted by SI
 by index" and keyset paging needs no sort: :meth:`Dataset.user_sid_index` and
 :meth:`Dataset.conversation_sid_index` invert a SID to its position.
 
+Every mutation also tells :meth:`Dataset.subscribe`'s listeners what it changed, as a
+:class:`Change`: the event type and form fields of Twilio Conversations' post-event webhook
+(``onParticipantAdded``, ``onMessageAdded``...); the simulator delivers them.
+
 It imports nothing of the worker (``convsync_tools/ruff.toml`` enforces it): it is the
 independent side of the tests.
 """
@@ -16,13 +20,14 @@ from __future__ import annotations
 
 import bisect
 import calendar
+import contextlib
 import hashlib
 import json
 import random
 import re
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
@@ -90,9 +95,38 @@ _SERVICE_NAMES = ("Default Conversations Service", "Support 🎧", "销售 Sales
 _TAGS = ("vip", "urgent", "beta", "emea", "apac", "紧急", "🔥")
 
 
+EVENT_TYPES = (
+    "onConversationAdded",
+    "onConversationUpdated",
+    "onConversationStateUpdated",
+    "onConversationRemoved",
+    "onParticipantAdded",
+    "onParticipantUpdated",
+    "onParticipantRemoved",
+    "onMessageAdded",
+)
+
+
+@dataclass(frozen=True)
+class Change:
+    """One mutation as a Twilio post-event webhook reports it: ``fields`` are the form
+    parameters in order (``AccountSid``, ``EventType``, ``Source``, ``ChatServiceSid``,
+    ``ConversationSid``, then the event's own)."""
+
+    event_type: str
+    service_sid: str
+    conversation_sid: str
+    fields: tuple[tuple[str, str], ...]
+
+
 def twilio_date(epoch_seconds: int) -> str:
     """An epoch time in Twilio's format, e.g. ``2015-07-30T20:00:00Z``."""
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch_seconds))
+
+
+def webhook_date(date: str) -> str:
+    """A Twilio API date as webhooks carry it, with milliseconds: ``2015-07-30T20:00:00.000Z``."""
+    return date[:-1] + ".000Z"
 
 
 def now_epoch() -> int:
@@ -177,10 +211,15 @@ class Dataset:
         self._removed: dict[tuple[int, int], set[int]] = {}
         self._added: dict[tuple[int, int], set[int]] = {}
         self._membership_overrides: dict[tuple[int, int, int], dict[str, Any]] = {}
+        self._gone: set[tuple[int, int]] = set()  # removed conversations
+        self._next_message: dict[tuple[int, int], int] = {}
+        self._listeners: list[Callable[[Change], None]] = []
+        self._count_cache: dict[int, list[int]] = {}
         self._generation = 0
         self._base_memberships = lru_cache(maxsize=32_768)(self._compute_base_memberships)
         self._conversation = lru_cache(maxsize=65_536)(self._compute_conversation)
         self._user = lru_cache(maxsize=32_768)(self._compute_user)
+        self._base_members = lru_cache(maxsize=4096)(self._compute_base_members)
         self._attribute_pool = self._attribute_variants()
         self._service_sids = [self._ordered_sid("IS", 0, s) for s in range(params.services)]
 
@@ -726,7 +765,126 @@ class Dataset:
             return list(range(self.params.services))
         return [self._service(service_sid)]
 
-    # -- mutations (thread-safe; each bumps ``version``) ----------------------------------
+    # -- conversation members (a reverse index, built per conversation on demand) -----------
+
+    def _counts(self, s: int) -> list[int]:
+        """Every generated user's membership count in service ``s`` (computed once)."""
+        counts = self._count_cache.get(s)
+        if counts is None:
+            counts = [self._membership_count(s, u) for u in range(self.params.users_per_service)]
+            self._count_cache[s] = counts
+        return counts
+
+    def _compute_base_members(self, s: int, c: int) -> tuple[int, ...]:
+        """Generated users whose base memberships hold ``c``: only users whose draw window
+        covers ``c`` are drawn (see :meth:`_compute_base_memberships`)."""
+        if c >= self._pool:
+            return ()
+        pool, n = self._pool, self.params.users_per_service
+        found = []
+        for u, count in enumerate(self._counts(s)):
+            if not count:
+                continue
+            window = min(pool, max(512, 4 * count))
+            start = u * pool // max(1, n) - window // 2
+            if (c - start) % pool >= window:
+                continue
+            base = self._base_memberships(s, u)
+            at = bisect.bisect_left(base, c)
+            if at < len(base) and base[at] == c:
+                found.append(u)
+        return tuple(found)
+
+    def _members(self, s: int, c: int, *, live: bool = True) -> list[int]:
+        """Users who are members of conversation ``c`` now (the overlay applied), in user
+        order; ``live``: deleted users left out. Caller holds the lock."""
+        members = set(self._base_members(s, c))
+        for (scope, u), added in self._added.items():
+            if scope == s and c in added:
+                members.add(u)
+        for (scope, u), removed in self._removed.items():
+            if scope == s and c in removed:
+                members.discard(u)
+        return sorted(u for u in members if not live or self._live_user(s, u))
+
+    def conversation_members(self, service_sid: str, conversation_sid: str) -> list[str]:
+        """The SIDs of a conversation's current members (live users), in SID order.
+
+        The first call for a conversation scans the service's users once (cheaply: only those
+        whose draws can reach it are drawn); the answer for the generated data is cached.
+        """
+        with self._lock:
+            s = self._service(service_sid)
+            c = self._conversation_of(s, conversation_sid)
+            return [self._user(s, u)["sid"] for u in self._members(s, c)]
+
+    # -- change events ---------------------------------------------------------------------
+
+    def subscribe(self, listener: Callable[[Change], None]) -> Callable[[], None]:
+        """Call ``listener`` with each mutation's :class:`Change`; returns an unsubscribe.
+
+        Listeners run on the mutating thread, under the dataset's lock, in mutation order:
+        they must be quick (e.g. put it on a queue) and must not block.
+        """
+        with self._lock:
+            self._listeners.append(listener)
+
+        def unsubscribe() -> None:
+            with self._lock, contextlib.suppress(ValueError):
+                self._listeners.remove(listener)
+
+        return unsubscribe
+
+    def _emit(self, event_type: str, s: int, c: int, **fields: str | int | None) -> None:
+        """Tell listeners of one event (None-valued fields are left out, as Twilio does)."""
+        if not self._listeners:
+            return
+        form: list[tuple[str, str]] = [
+            ("AccountSid", self.account_sid),
+            ("EventType", event_type),
+            ("Source", "API"),
+            ("ChatServiceSid", self.service_sid(s)),
+            ("ConversationSid", self._ordered_sid("CH", s, c)),
+        ]
+        form.extend((name, str(value)) for name, value in fields.items() if value is not None)
+        change = Change(event_type, self.service_sid(s), form[4][1], tuple(form))
+        for listener in list(self._listeners):
+            listener(change)
+
+    def _current_conversation(self, s: int, c: int) -> dict[str, Any]:
+        override = self._conversation_overrides.get((s, c))
+        conv = self._conversation(s, c)
+        return {**conv, **override} if override else conv
+
+    def _conversation_fields(self, conv: dict[str, Any]) -> dict[str, str | int | None]:
+        return {
+            "FriendlyName": conv["friendly_name"],
+            "UniqueName": conv["unique_name"],
+            "Attributes": conv["attributes"],
+            "DateCreated": webhook_date(conv["date_created"]),
+            "DateUpdated": webhook_date(conv["date_updated"]),
+            "State": conv["conversation_state"],
+        }
+
+    def _participant_role(self, s: int) -> str:
+        """The (fake) conversation-scoped role every participant has."""
+        return "RL" + self._hex(32, "participant-role", s)
+
+    def _emit_participant_updated(self, s: int, u: int, c: int, fields: dict[str, Any]) -> None:
+        self._emit(
+            "onParticipantUpdated",
+            s,
+            c,
+            ParticipantSid=fields["participant_sid"],
+            Identity=self._user_value(s, u, "identity"),
+            RoleSid=self._participant_role(s),
+            Attributes="{}",
+            LastReadMessageIndex=fields["last_read_message_index"],
+            DateUpdated=webhook_date(twilio_date(now_epoch())),
+        )
+
+    # -- mutations (thread-safe; each bumps ``version`` and tells :meth:`subscribe`'s
+    # listeners what Twilio's post-event webhooks would) -------------------------------------
 
     def _service(self, service_sid: str) -> int:
         s = self.service_index(service_sid)
@@ -742,7 +900,7 @@ class Dataset:
 
     def _conversation_of(self, s: int, conversation_sid: str) -> int:
         c = self._ordered_index("CH", s, conversation_sid)
-        if c is None or c >= self._conversation_total(s):
+        if c is None or c >= self._conversation_total(s) or (s, c) in self._gone:
             raise KeyError(f"no conversation {conversation_sid}")
         return c
 
@@ -754,20 +912,34 @@ class Dataset:
             now = twilio_date(stamp + 1)
         return now
 
+    def _member_of(
+        self, service_sid: str, user: str, conversation_sid: str
+    ) -> tuple[int, int, int]:
+        """(s, u, c) of a current membership (KeyError if there is none)."""
+        s, u = self._service(service_sid), self._user_of(service_sid, user)
+        c = self._conversation_of(s, conversation_sid)
+        if c not in self._memberships(s, u):
+            raise KeyError(f"{user} is not a member of {conversation_sid}")
+        return s, u, c
+
     def remove_membership(self, service_sid: str, user: str, conversation_sid: str) -> None:
-        """The user leaves the conversation (KeyError if it was not a member)."""
+        """The user leaves the conversation (KeyError if it was not a member);
+        ``onParticipantRemoved``."""
         with self._lock:
-            s, u = self._service(service_sid), self._user_of(service_sid, user)
-            c = self._conversation_of(s, conversation_sid)
-            if c not in self._memberships(s, u):
-                raise KeyError(f"{user} is not a member of {conversation_sid}")
-            added = self._added.get((s, u))
-            if added and c in added:
-                added.discard(c)
-            else:
-                self._removed.setdefault((s, u), set()).add(c)
-            self._membership_overrides.pop((s, u, c), None)
+            s, u, c = self._member_of(service_sid, user, conversation_sid)
+            participant = self._membership_fields(s, u, c)["participant_sid"]
+            self._drop_membership(s, u, c)
             self.version += 1
+            identity = self._user_value(s, u, "identity")
+            self._emit("onParticipantRemoved", s, c, ParticipantSid=participant, Identity=identity)
+
+    def _drop_membership(self, s: int, u: int, c: int) -> None:
+        added = self._added.get((s, u))
+        if added and c in added:
+            added.discard(c)
+        else:
+            self._removed.setdefault((s, u), set()).add(c)
+        self._membership_overrides.pop((s, u, c), None)
 
     def add_membership(
         self,
@@ -780,11 +952,13 @@ class Dataset:
         last_read_message_index: int | None = None,
     ) -> str:
         """The user joins a conversation (a new one when ``conversation_sid`` is None) with a
-        new participant; returns the conversation SID (ValueError if already a member)."""
+        new participant; returns the conversation SID (ValueError if already a member).
+        ``onConversationAdded`` (a new conversation), then ``onParticipantAdded``."""
         if notification_level not in NOTIFICATION_LEVELS:
             raise ValueError(f"notification_level must be one of {NOTIFICATION_LEVELS}")
         with self._lock:
             s, u = self._service(service_sid), self._user_of(service_sid, user)
+            created = conversation_sid is None
             if conversation_sid is None:
                 c = self._conversation_total(s)
                 self._added_conversations[s] += 1
@@ -805,14 +979,30 @@ class Dataset:
             else:
                 self._added.setdefault((s, u), set()).add(c)
             self._generation += 1
+            participant = "MB" + self._hex(32, "participant", s, u, c, self._generation)
             self._membership_overrides[(s, u, c)] = {
-                "participant_sid": "MB" + self._hex(32, "participant", s, u, c, self._generation),
+                "participant_sid": participant,
                 "notification_level": notification_level,
                 "unread_messages_count": unread_messages_count,
                 "last_read_message_index": last_read_message_index,
             }
             self.version += 1
-            return str(self._conversation(s, c)["sid"])
+            conv = self._current_conversation(s, c)
+            if created:
+                fields = self._conversation_fields(conv)
+                del fields["DateUpdated"]
+                self._emit("onConversationAdded", s, c, **fields)
+            self._emit(
+                "onParticipantAdded",
+                s,
+                c,
+                ParticipantSid=participant,
+                Identity=self._user_value(s, u, "identity"),
+                DateCreated=webhook_date(twilio_date(now_epoch())),
+                RoleSid=self._participant_role(s),
+                Attributes="{}",
+            )
+            return str(conv["sid"])
 
     def delete_user(self, service_sid: str, user: str) -> None:
         """The user is deleted: gone from the users listing, 404 for its conversations."""
@@ -847,7 +1037,8 @@ class Dataset:
     def update_conversation(self, service_sid: str, conversation_sid: str, **fields: Any) -> None:
         """Change conversation-level fields (seen by every member); bumps ``date_updated``
         unless given. Fields: friendly_name, unique_name, attributes, conversation_state,
-        timers, created_by, date_created, date_updated."""
+        timers, created_by, date_created, date_updated. ``onConversationUpdated`` when a field
+        other than the state is given, ``onConversationStateUpdated`` when the state changes."""
         unknown = set(fields) - CONVERSATION_FIELDS
         if unknown:
             raise ValueError(f"not conversation fields: {sorted(unknown)}")
@@ -863,6 +1054,38 @@ class Dataset:
             if "date_updated" not in fields:
                 override["date_updated"] = self._now(current["date_updated"])
             self.version += 1
+            after = self._current_conversation(s, c)
+            if set(fields) - {"conversation_state"}:
+                self._emit("onConversationUpdated", s, c, **self._conversation_fields(after))
+            before_state, after_state = current["conversation_state"], after["conversation_state"]
+            if before_state != after_state:
+                self._emit(
+                    "onConversationStateUpdated",
+                    s,
+                    c,
+                    StateFrom=before_state,
+                    StateTo=after_state,
+                    Reason="API",
+                    StateUpdated=webhook_date(after["date_updated"]),
+                    DateCreated=webhook_date(after["date_created"]),
+                    DateUpdated=webhook_date(after["date_updated"]),
+                )
+
+    def remove_conversation(self, service_sid: str, conversation_sid: str) -> list[str]:
+        """The conversation is deleted: every membership of it disappears and its SID is
+        unknown from then on; returns the SIDs of the live users who were members.
+        ``onConversationRemoved``."""
+        with self._lock:
+            s = self._service(service_sid)
+            c = self._conversation_of(s, conversation_sid)
+            conv = self._current_conversation(s, c)
+            members = self._members(s, c, live=False)
+            for u in members:
+                self._drop_membership(s, u, c)
+            self._gone.add((s, c))
+            self.version += 1
+            self._emit("onConversationRemoved", s, c, **self._conversation_fields(conv))
+            return [self._user(s, u)["sid"] for u in members if self._live_user(s, u)]
 
     def set_unread(
         self,
@@ -872,14 +1095,76 @@ class Dataset:
         unread_messages_count: int | None,
         last_read_message_index: int | None = None,
     ) -> None:
-        """Set one membership's read horizon."""
+        """Set one membership's read horizon; ``onParticipantUpdated``."""
         with self._lock:
-            s, u = self._service(service_sid), self._user_of(service_sid, user)
-            c = self._conversation_of(s, conversation_sid)
-            if c not in self._memberships(s, u):
-                raise KeyError(f"{user} is not a member of {conversation_sid}")
+            s, u, c = self._member_of(service_sid, user, conversation_sid)
             current = self._membership_fields(s, u, c)
             current["unread_messages_count"] = unread_messages_count
             current["last_read_message_index"] = last_read_message_index
             self._membership_overrides[(s, u, c)] = current
             self.version += 1
+            self._emit_participant_updated(s, u, c, current)
+
+    def set_notification_level(
+        self, service_sid: str, user: str, conversation_sid: str, notification_level: str
+    ) -> None:
+        """Set one membership's notification level; ``onParticipantUpdated`` if it changed."""
+        if notification_level not in NOTIFICATION_LEVELS:
+            raise ValueError(f"notification_level must be one of {NOTIFICATION_LEVELS}")
+        with self._lock:
+            s, u, c = self._member_of(service_sid, user, conversation_sid)
+            current = self._membership_fields(s, u, c)
+            changed = current["notification_level"] != notification_level
+            current["notification_level"] = notification_level
+            self._membership_overrides[(s, u, c)] = current
+            self.version += 1
+            if changed:
+                self._emit_participant_updated(s, u, c, current)
+
+    def add_message(
+        self, service_sid: str, author_user: str, conversation_sid: str, body: str | None = None
+    ) -> int:
+        """A member posts a message; returns its index. ``onMessageAdded``.
+
+        Every other current member's ``unread_messages_count`` goes up by one, except where it
+        is None (a member that never read has no count: Twilio reports null) which stays None;
+        the author's read horizon is left alone (as for messages sent through the REST API).
+        Indices continue from the highest any member's horizon implies (last read + unread).
+        The conversation's ``date_updated`` moves on.
+        """
+        with self._lock:
+            s, u, c = self._member_of(service_sid, author_user, conversation_sid)
+            members = self._members(s, c)
+            rows = {v: self._membership_fields(s, v, c) for v in members}
+            index = self._next_message.get((s, c))
+            if index is None:
+                index = max(
+                    (
+                        row["last_read_message_index"] + (row["unread_messages_count"] or 0) + 1
+                        for row in rows.values()
+                        if row["last_read_message_index"] is not None
+                    ),
+                    default=0,
+                )
+            self._next_message[(s, c)] = index + 1
+            for v, row in rows.items():
+                if v != u and row["unread_messages_count"] is not None:
+                    row["unread_messages_count"] += 1
+                    self._membership_overrides[(s, v, c)] = row
+            override = self._conversation_overrides.setdefault((s, c), {})
+            current = {**self._conversation(s, c), **override}
+            override["date_updated"] = self._now(current["date_updated"])
+            self.version += 1
+            self._emit(
+                "onMessageAdded",
+                s,
+                c,
+                MessageSid="IM" + self._hex(32, "message", s, c, index),
+                Index=index,
+                Author=self._user_value(s, u, "identity"),
+                Body=f"Message {index}" if body is None else body,
+                Attributes="{}",
+                ParticipantSid=rows[u]["participant_sid"],
+                DateCreated=webhook_date(override["date_updated"]),
+            )
+            return index

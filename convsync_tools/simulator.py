@@ -23,6 +23,25 @@ Test and benchmark controls live under ``/_sim/`` (no auth, not counted, never f
 (``{"advance": seconds}``). In-process only, for tests: schema-breaking pages
 (``Simulator.corrupt_next``) and when each request came and went (``Simulator.served``).
 
+Webhooks (Twilio Conversations' post-event webhooks): with ``webhook_url`` set, each dataset
+mutation POSTs its event there (``onParticipantAdded``/``Updated``/``Removed``,
+``onConversationAdded``/``Updated``/``StateUpdated``/``Removed``, ``onMessageAdded``; fields as
+simdata's ``Change`` lists them), form-encoded, signed with the auth token as Twilio signs
+(``X-Twilio-Signature``), with ``I-Twilio-Idempotency-Token`` (one per event, kept on retries)
+and ``User-Agent: TwilioProxy/1.1``. Deliveries run on the server's loop in mutation order,
+never blocking the mutation; ``webhook_retries`` more attempts follow a non-2xx answer or none
+(``webhook_backoff`` seconds, doubling); ``webhook_filters`` limits the events. URL, token and
+retries are fixed when an event is queued; events queued while nothing serves wait for a server.
+
+* ``POST /_sim/mutate`` ``{"op", ...args}``: a ``Dataset`` mutation (``MUTATIONS``; the default
+  service unless ``service_sid``); ``{"result"}``, 400 on bad input, 404 for what does not exist
+* ``GET /_sim/webhooks?wait=seconds&last=n``: counts, ``pending``, ``idle``, the latest attempts
+* ``POST /_sim/webhooks/replay`` ``{"token"?}``: the last delivered event (or that one) again,
+  byte for byte; ``POST /_sim/webhooks/send`` ``{"event"?, "signature": "good"|"bad"|"none"}``:
+  the latest such event's body under a new token, signed right, with a wrong key or unsigned
+* in-process: ``Simulator.mutate``, ``webhooks_idle``, ``webhook_stats``,
+  ``webhook_deliveries``, ``replay_webhook``, ``send_webhook``
+
 It imports nothing of the worker (a lint rule, ``convsync_tools/ruff.toml``, fails CI
 otherwise): a bug shared with the client would hide itself.
 """
@@ -37,22 +56,38 @@ import contextlib
 import dataclasses
 import hashlib
 import hmac
+import inspect
 import json
 import random
 import signal
 import sys
 import threading
 import time
+import types
+import typing
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from convsync_tools.errors import BadRequest
-from convsync_tools.simdata import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, Dataset
+from convsync_tools.simdata import (
+    DEMO_ACCOUNT_SID,
+    DEMO_AUTH_TOKEN,
+    EVENT_TYPES,
+    Change,
+    Dataset,
+)
+from convsync_tools.webhook_sender import (
+    Delivery,
+    Outgoing,
+    SignatureMode,
+    WebhookSender,
+    WebhookStats,
+)
 
 CODE_INVALID = 20001
 CODE_AUTH = 20003
@@ -76,6 +111,29 @@ FAULT_KINDS = frozenset({"drop", "truncate", "slow"})  # besides any HTTP status
 MAX_PAGE_SIZE = 50
 SERVED_KEPT = 100_000  # requests remembered by ``Simulator.served`` (the latest)
 MAX_SERVICES_PAGE_SIZE = 100
+MUTATIONS = frozenset(
+    {
+        "add_membership",
+        "remove_membership",
+        "set_unread",
+        "set_notification_level",
+        "update_conversation",
+        "add_message",
+        "remove_conversation",
+        "add_user",
+        "delete_user",
+    }
+)
+_CONVERSATION_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "friendly_name": (str, type(None)),
+    "unique_name": (str, type(None)),
+    "attributes": (str,),
+    "conversation_state": (str,),
+    "timers": (dict,),
+    "created_by": (str, type(None)),
+    "date_created": (str,),
+    "date_updated": (str,),
+}
 
 
 @dataclass(frozen=True)
@@ -100,6 +158,11 @@ class SimulatorConfig:
     token_ttl: float | None = None  # PageTokens older than this many seconds get 400
     api_down: bool = False  # every API request gets 503
     fault_seed: int = 0
+    webhook_url: str | None = None  # the post-event URL (signed verbatim); None: no webhooks
+    webhook_retries: int = 3  # more attempts after a non-2xx answer or none
+    webhook_backoff: float = 0.2  # seconds before the first retry, doubling
+    webhook_timeout: float = 5.0  # per attempt
+    webhook_filters: tuple[str, ...] | None = None  # the events sent; None: all
 
     def validate(self) -> SimulatorConfig:
         rates = (self.rate_429, self.rate_500, self.rate_503, self.drop_rate,
@@ -116,6 +179,15 @@ class SimulatorConfig:
             raise ValueError("token_ttl must be >= 0 or None")
         if (self.api_key_sid is None) != (self.api_key_secret is None):
             raise ValueError("api_key_sid and api_key_secret go together")
+        if self.webhook_url is not None and not self.webhook_url.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("webhook_url must be an http:// or https:// URL or None")
+        if self.webhook_retries < 0 or self.webhook_backoff < 0 or self.webhook_timeout <= 0:
+            raise ValueError("webhook_retries, webhook_backoff must be >= 0, webhook_timeout > 0")
+        unknown = set(self.webhook_filters or ()) - set(EVENT_TYPES)
+        if unknown:
+            raise ValueError(f"unknown webhook_filters {sorted(unknown)}; known: {EVENT_TYPES}")
         return self
 
     def public(self) -> dict[str, Any]:
@@ -127,7 +199,8 @@ class SimulatorConfig:
 
 def _knob_types() -> dict[str, tuple[type, ...]]:
     """Allowed JSON value types per knob, from SimulatorConfig's annotations."""
-    names = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None)}
+    names = {"str": str, "int": int, "float": float, "bool": bool, "None": type(None),
+             "tuple[str, ...]": list}  # fmt: skip
     found: dict[str, tuple[type, ...]] = {}
     for knob in dataclasses.fields(SimulatorConfig):
         types = tuple(names[part.strip()] for part in str(knob.type).split("|"))
@@ -139,17 +212,25 @@ _KNOB_TYPES = _knob_types()
 
 
 def _coerce_knobs(knobs: dict[str, Any]) -> dict[str, Any]:
-    """Check JSON knob values against SimulatorConfig's field types."""
+    """Check JSON knob values against SimulatorConfig's field types (a list of strings
+    becomes a tuple)."""
     unknown = set(knobs) - set(_KNOB_TYPES)
     if unknown:
         raise ValueError(f"unknown knobs: {sorted(unknown)}")
+    coerced = dict(knobs)
     for name, value in knobs.items():
         allowed = _KNOB_TYPES[name]
+        if isinstance(value, tuple) and list in allowed:
+            value = list(value)
         if isinstance(value, bool) and bool not in allowed:
             raise ValueError(f"{name}: expected {allowed}, got a boolean")
         if not isinstance(value, allowed):
             raise ValueError(f"{name}: expected {allowed}, got {type(value).__name__}")
-    return knobs
+        if isinstance(value, list):
+            if not all(isinstance(item, str) for item in value):
+                raise ValueError(f"{name}: expected a list of strings")
+            coerced[name] = tuple(value)
+    return coerced
 
 
 @dataclass(frozen=True)
@@ -261,6 +342,8 @@ class Simulator:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._request_ids = 0
         self._reset_stats_locked()
+        self._webhooks = WebhookSender()
+        self._unsubscribe = self.dataset.subscribe(self._on_change)
 
     # -- knobs -------------------------------------------------------------------------------
 
@@ -270,7 +353,7 @@ class Simulator:
 
     def configure(self, **knobs: Any) -> SimulatorConfig:
         """Change knobs (names of :class:`SimulatorConfig` fields); returns the new config."""
-        _coerce_knobs(knobs)
+        knobs = _coerce_knobs(knobs)
         with self._lock:
             new = dataclasses.replace(self._config, **knobs).validate()
             if "fault_seed" in knobs:
@@ -393,9 +476,11 @@ class Simulator:
         self._since = self._last = now
 
     def reset_stats(self) -> None:
+        """Forget API counts and requests, and webhook counts and attempts."""
         with self._lock:
             self._reset_stats_locked()
             self._changed.notify_all()
+        self._webhooks.reset()
 
     def _snapshot_locked(self) -> Stats:
         now = time.monotonic()
@@ -467,6 +552,99 @@ class Simulator:
             if status == 200 and whole:
                 self._pages_ok[key] += 1
             self._changed.notify_all()
+
+    # -- webhooks and mutations --------------------------------------------------------------
+
+    def _on_change(self, change: Change) -> None:
+        """A dataset listener (under the dataset's lock): queue the event's webhook."""
+        config = self._config
+        if config.webhook_url is None:
+            return
+        if config.webhook_filters is not None and change.event_type not in config.webhook_filters:
+            self._webhooks.filtered(change.event_type)
+            return
+        self._webhooks.submit(
+            Outgoing(
+                event_type=change.event_type,
+                fields=change.fields,
+                url=config.webhook_url,
+                auth_token=config.auth_token,
+                retries=config.webhook_retries,
+                backoff=config.webhook_backoff,
+                timeout=config.webhook_timeout,
+            )
+        )
+
+    def webhooks_idle(self, timeout: float = 10.0) -> bool:
+        """Block until every queued webhook was delivered or gave up; False on timeout. Call
+        it from another thread than the server's loop (e.g. ``asyncio.to_thread``)."""
+        return self._webhooks.wait_idle(timeout)
+
+    def webhook_stats(self) -> WebhookStats:
+        return self._webhooks.stats()
+
+    def webhook_deliveries(self) -> list[Delivery]:
+        """Every webhook attempt remembered (the latest 1000), oldest first."""
+        return self._webhooks.deliveries()
+
+    def replay_webhook(self, token: str | None = None, timeout: float = 10.0) -> Delivery:
+        """POST again, byte for byte, the last delivered event (or the event ``token``);
+        LookupError if none. Blocks: call it off the server's loop."""
+        return self._on_loop(self._webhooks.replay(token), timeout)
+
+    def send_webhook(
+        self,
+        event_type: str | None = None,
+        signature: SignatureMode = "good",
+        timeout: float = 10.0,
+    ) -> Delivery:
+        """POST the latest ``event_type`` event's body again under a new idempotency token,
+        to the current ``webhook_url``, signed right (``good``), with the wrong key (``bad``)
+        or unsigned (``none``). Blocks: call it off the server's loop."""
+        config = self._config
+        coroutine = self._webhooks.send(
+            event_type, signature, config.webhook_url, config.auth_token
+        )
+        return self._on_loop(coroutine, timeout)
+
+    def _on_loop(self, coroutine: typing.Coroutine[Any, Any, Delivery], timeout: float) -> Delivery:
+        loop = self._loop
+        if loop is None or loop.is_closed():
+            coroutine.close()
+            raise RuntimeError("the simulator is not being served")
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            coroutine.close()
+            raise RuntimeError("called on the server's loop: it would wait for itself")
+        return asyncio.run_coroutine_threadsafe(coroutine, loop).result(timeout)
+
+    def mutate(self, op: str, **args: Any) -> Any:
+        """Apply the dataset mutation ``op`` (one of ``MUTATIONS``) to JSON-like ``args``,
+        checked against the method's signature; ``service_sid`` defaults to the default
+        service. ValueError on bad input, KeyError for what does not exist."""
+        if op not in MUTATIONS:
+            raise ValueError(f"unknown op {op!r}; one of {sorted(MUTATIONS)}")
+        method = getattr(self.dataset, op)
+        args.setdefault("service_sid", self.dataset.default_service_sid)
+        hints = typing.get_type_hints(method)
+        extra: dict[str, tuple[type, ...]] = {}
+        for param in inspect.signature(method).parameters.values():
+            if param.kind is inspect.Parameter.VAR_KEYWORD:
+                extra = _CONVERSATION_FIELD_TYPES
+                continue
+            if param.name not in args:
+                if param.default is inspect.Parameter.empty:
+                    raise ValueError(f"{op} needs {param.name!r}")
+                continue
+            _check_arg(op, param.name, args[param.name], _allowed(hints[param.name]))
+        for name in set(args) - set(inspect.signature(method).parameters):
+            if name not in extra:
+                raise ValueError(f"{op} takes no {name!r}")
+            _check_arg(op, name, args[name], extra[name])
+        return method(**args)
 
     # -- faults ------------------------------------------------------------------------------
 
@@ -738,9 +916,76 @@ class Simulator:
             if name == "clock" and request.method == "POST":
                 self.advance_clock(float(payload.get("advance", 0)))
                 return _control_reply({"now": self.now()})
+            if name == "webhooks" and request.method == "GET":
+                wait = float(request.query.get("wait", 0))
+                if wait > 0:
+                    await asyncio.to_thread(self._webhooks.wait_idle, min(wait, 60.0))
+                last = int(request.query.get("last", 50))
+                shown = self._webhooks.deliveries()[-last:] if last > 0 else []
+                body = self._webhooks.stats().to_json()
+                return _control_reply({**body, "deliveries": [d.to_json() for d in shown]})
+            if name == "mutate" and request.method == "POST":
+                op = payload.pop("op", None)
+                if not isinstance(op, str):
+                    raise ValueError(f"'op' must be one of {sorted(MUTATIONS)}")
+                try:
+                    result = await asyncio.to_thread(self.mutate, op, **payload)
+                except KeyError as missing:
+                    return _control_reply({"error": str(missing.args[0])}, 404)
+                return _control_reply({"result": result})
         except (ValueError, KeyError, TypeError) as error:
             return _control_reply({"error": str(error)}, 400)
         return _control_reply({"error": f"no control {request.method} /_sim/{name}"}, 404)
+
+    async def webhook_control(self, request: web.Request) -> web.Response:
+        """``POST /_sim/webhooks/replay`` and ``/_sim/webhooks/send`` (module docstring):
+        the attempt made, as JSON; 404 when there is nothing to replay or send."""
+        action = request.match_info["action"]
+        if request.method != "POST" or action not in ("replay", "send"):
+            return _control_reply({"error": f"no control {request.method} {request.path}"}, 404)
+        try:
+            text = await request.text()
+            payload: Any = json.loads(text) if text.strip() else {}
+            if not isinstance(payload, dict):
+                raise ValueError("body must be a JSON object")
+            if action == "replay":
+                token = payload.get("token")
+                if token is not None and not isinstance(token, str):
+                    raise ValueError("token must be a string")
+                sent = await self._webhooks.replay(token)
+            else:
+                event, signature = payload.get("event"), payload.get("signature", "good")
+                if event is not None and event not in EVENT_TYPES:
+                    raise ValueError(f"event must be one of {EVENT_TYPES}")
+                if signature not in ("good", "bad", "none"):
+                    raise ValueError("signature must be 'good', 'bad' or 'none'")
+                config = self._config
+                sent = await self._webhooks.send(
+                    event, signature, config.webhook_url, config.auth_token
+                )
+        except LookupError as error:
+            return _control_reply({"error": str(error.args[0])}, 404)
+        except (ValueError, TypeError) as error:
+            return _control_reply({"error": str(error)}, 400)
+        return _control_reply(sent.to_json())
+
+
+def _allowed(hint: Any) -> tuple[type, ...]:
+    """The runtime types of a parameter annotation (``str | None`` -> ``(str, NoneType)``)."""
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        return tuple(arg for arg in get_args(hint) if isinstance(arg, type))
+    return (hint,) if isinstance(hint, type) else (object,)
+
+
+def _check_arg(op: str, name: str, value: Any, allowed: tuple[type, ...]) -> None:
+    if isinstance(value, bool) and bool not in allowed:
+        raise ValueError(f"{op}: {name} must be {_names(allowed)}, not a boolean")
+    if not isinstance(value, allowed):
+        raise ValueError(f"{op}: {name} must be {_names(allowed)}, not {type(value).__name__}")
+
+
+def _names(allowed: tuple[type, ...]) -> str:
+    return " or ".join("null" if kind is type(None) else kind.__name__ for kind in allowed)
 
 
 def _control_reply(body: dict[str, Any], status: int = 200) -> web.Response:
@@ -828,8 +1073,14 @@ def build_app(sim: Simulator) -> web.Application:
 
     async def on_startup(_: web.Application) -> None:
         sim._loop = asyncio.get_running_loop()
+        await sim._webhooks.start()
+
+    async def on_cleanup(_: web.Application) -> None:
+        await sim._webhooks.stop()
 
     app.on_startup.append(on_startup)
+    app.on_cleanup.append(on_cleanup)
+    app.router.add_route("*", "/_sim/webhooks/{action}", sim.webhook_control)
     app.router.add_route("*", "/_sim/{name}", sim.control)
     app.router.add_route("*", "/{tail:.*}", sim.handle)
     return app
@@ -969,6 +1220,9 @@ def _parser() -> argparse.ArgumentParser:
     add("--auth-token", default=None, help="default: the demo token (printed)")
     add("--api-key-sid", default=None)
     add("--api-key-secret", default=None)
+    add("--webhook-url", default=None, help="POST signed post-event webhooks here on mutations")
+    add("--webhook-retries", type=int, default=3, help="more attempts after a failure")
+    add("--webhook-filters", default=None, help="comma-separated event types (default: all)")
     return parser
 
 
@@ -977,6 +1231,9 @@ def simulate_main(argv: Sequence[str]) -> int:
     args = _parser().parse_args(list(argv))
     demo_token = args.auth_token is None
     third = args.error_rate / 3
+    filters: tuple[str, ...] | None = None
+    if args.webhook_filters is not None:
+        filters = tuple(name.strip() for name in args.webhook_filters.split(",") if name.strip())
     try:
         dataset = Dataset.generate(
             args.seed, args.services, args.users, account_sid=args.account_sid
@@ -999,6 +1256,9 @@ def simulate_main(argv: Sequence[str]) -> int:
             slow_seconds=args.slow_seconds,
             token_ttl=args.token_ttl,
             fault_seed=args.fault_seed,
+            webhook_url=args.webhook_url,
+            webhook_retries=args.webhook_retries,
+            webhook_filters=filters,
         ).validate()
     except ValueError as error:
         print(f"convsync simulate: {error}", file=sys.stderr)
