@@ -15,6 +15,8 @@ The modules in the order data flows through a pass:
 
 Beside them: ``shutdown`` (the one path from a stop to exit) and ``signals``, ``logs``
 (structlog, redaction), ``metrics`` (prometheus_client), ``progress`` (the live line on a
-terminal), ``loop`` (the event loop) and ``healthcheck`` (the image's). The developer tooling (simulator, embedded PostgreSQL, demo)
-is the ``convsync_tools`` package, which nothing here imports (``worker/ruff.toml``).
+terminal), ``loop`` (the event loop) and ``healthcheck`` (the image's). With webhooks on,
+``webhooks`` (the receiver) -> ``targets`` (their durable queue) -> ``relist`` (re-lists
+between passes). The developer tooling (simulator, embedded PostgreSQL, demo) is the
+``convsync_tools`` package, which nothing here imports (``worker/ruff.toml``).
 """

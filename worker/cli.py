@@ -37,6 +37,7 @@ from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
 from worker.store import Store, recent_passes, troubled_users
 from worker.sync import Scope, SyncPass
+from worker.targets import pending_relists
 
 log = structlog.get_logger("convsync")
 
@@ -225,12 +226,19 @@ async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
     try:
         passes = await recent_passes(conn, limit)
         users = await troubled_users(conn)
+        relists = await pending_relists(conn)
     finally:
         await conn.close()
     # Errors were redacted when stored; scrubbed again with today's secrets all the same.
     passes, users = scrub(passes), scrub(users)
     if as_json:
-        print(json.dumps({"passes": passes, "users": users}, default=_json_default, indent=2))
+        print(
+            json.dumps(
+                {"passes": passes, "users": users, "relists": relists},
+                default=_json_default,
+                indent=2,
+            )
+        )
         return EXIT_OK
     print(
         _table(
@@ -255,6 +263,14 @@ async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
         print()
         print(
             _table(users, ["chat_service_sid", "user_sid", "state", "listing_pages", "last_error"])
+        )
+    if relists["pending"]:
+        oldest = relists["oldest"]
+        print()
+        print(
+            f"targeted re-lists pending (webhooks): {relists['pending']}, "
+            f"{relists['in_progress']} in progress, oldest requested "
+            f"{oldest.strftime('%Y-%m-%d %H:%M:%S') if oldest else '-'}"
         )
     return EXIT_OK
 

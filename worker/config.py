@@ -73,6 +73,12 @@ class Settings:
     log_format: str = "auto"
     log_level: str = "info"
     event_loop: str = "auto"
+    webhooks: bool = False
+    # The key Twilio signs webhooks with: CONVSYNC_WEBHOOK_AUTH_TOKEN, else TWILIO_AUTH_TOKEN.
+    webhook_auth_token: str | None = field(default=None, repr=False)
+    webhook_url: str | None = None
+    webhook_coalesce_seconds: float = 2.0
+    relist_concurrency: int = 4
     # Every secret the environment held, used or not (e.g. TWILIO_AUTH_TOKEN beside an API key).
     environment_secrets: tuple[str, ...] = field(default=(), repr=False)
 
@@ -90,6 +96,15 @@ class Settings:
                 "TWILIO_API_KEY_SECRET, or TWILIO_ACCOUNT_SID and TWILIO_AUTH_TOKEN"
             )
         return self.credentials
+
+    def require_webhook_key(self) -> str:
+        """The webhook signing key, or a ConfigError naming the variables."""
+        if not self.webhook_auth_token:
+            raise ConfigError(
+                "CONVSYNC_WEBHOOKS is true but no key checks their signatures: set "
+                "CONVSYNC_WEBHOOK_AUTH_TOKEN (or TWILIO_AUTH_TOKEN) to the account's auth token"
+            )
+        return self.webhook_auth_token
 
     def secrets(self) -> tuple[str, ...]:
         """Every secret value known, for redaction (``worker.logs`` adds their encodings)."""
@@ -230,6 +245,32 @@ VARIABLES: tuple[Variable, ...] = (
         setting="http_header_timeout",
     ),
     Variable(
+        "CONVSYNC_WEBHOOKS",
+        "`convsync run`: accept Twilio post-event webhooks at POST /webhooks/twilio and re-list "
+        "the users they name between passes.",
+        setting="webhooks",
+    ),
+    Variable(
+        "CONVSYNC_WEBHOOK_AUTH_TOKEN",
+        "The account auth token Twilio signs webhooks with (default: TWILIO_AUTH_TOKEN).",
+        secret=True,
+    ),
+    Variable(
+        "CONVSYNC_WEBHOOK_URL",
+        "The public URL Twilio calls (behind a proxy or ingress), as signed; default: the URL "
+        "as received.",
+    ),
+    Variable(
+        "CONVSYNC_WEBHOOK_COALESCE_SECONDS",
+        "Seconds a user's webhooks are gathered before one re-list serves them all.",
+        setting="webhook_coalesce_seconds",
+    ),
+    Variable(
+        "CONVSYNC_RELIST_CONCURRENCY",
+        "Users re-listed at once for webhooks (their requests count in CONVSYNC_CONCURRENCY).",
+        setting="relist_concurrency",
+    ),
+    Variable(
         "CONVSYNC_SHUTDOWN_GRACE",
         "Seconds in-flight work gets after SIGTERM.",
         setting="shutdown_grace",
@@ -364,6 +405,18 @@ def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> 
     return url
 
 
+def validate_webhook_url(url: str, name: str = "CONVSYNC_WEBHOOK_URL") -> str:
+    """The full http(s) URL Twilio calls (a query is part of what it signs; no fragment)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{name} is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+        raise ConfigError(f"{name} must be an http(s) URL without a fragment")
+    return url
+
+
 def _host(env: Mapping[str, str], name: str) -> str | None:
     raw = _get(env, name)
     if raw is None:
@@ -466,7 +519,15 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "http_header_timeout": _number(env, "CONVSYNC_HTTP_HEADER_TIMEOUT", float, 0.1),
         "shutdown_grace": _number(env, "CONVSYNC_SHUTDOWN_GRACE", float, 0.0),
         "run_at_start": _bool(env, "CONVSYNC_RUN_AT_START"),
+        "webhooks": _bool(env, "CONVSYNC_WEBHOOKS"),
+        "webhook_coalesce_seconds": _number(
+            env, "CONVSYNC_WEBHOOK_COALESCE_SECONDS", float, 0.0, 3600.0
+        ),
+        "relist_concurrency": _number(env, "CONVSYNC_RELIST_CONCURRENCY", int, 1, 1024),
     }
+    webhook_url = _get(env, "CONVSYNC_WEBHOOK_URL")
+    if webhook_url is not None:
+        validate_webhook_url(webhook_url)
     return Settings(
         database_url=database_url,
         credentials=_credentials(env),
@@ -478,6 +539,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         log_format=log_format,
         log_level=log_level,
         event_loop=event_loop,
+        webhook_auth_token=(
+            _get(env, "CONVSYNC_WEBHOOK_AUTH_TOKEN") or _get(env, "TWILIO_AUTH_TOKEN")
+        ),
+        webhook_url=webhook_url,
         environment_secrets=secret_values(env),
         **{k: v for k, v in values.items() if v is not None},
     )

@@ -26,13 +26,18 @@ from worker.database import CONNECTION_ERRORS, LOGIN_REFUSED_ERRORS, database_re
 from worker.errors import ConfigError, ConvsyncError, DatabaseUnavailable, FatalError
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
+from worker.relist import Relister
 from worker.shutdown import RECORD_SECONDS, Shutdown
 from worker.store import Store
 from worker.sync import Scope, SyncPass
+from worker.targets import TargetQueue
+from worker.webhooks import PATH as WEBHOOK_PATH
+from worker.webhooks import Event, Recorded, WebhookReceiver
 
 log = structlog.get_logger(__name__)
 DEFAULT_INTERVAL = 3600.0
 DATABASE_POLL_SECONDS = 1.0  # after a pass lost to the database: how often to ask if it is back
+RELISTER_RESTART_SECONDS = 5.0  # after the re-lister stopped on an error
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -72,6 +77,44 @@ class Daemon:
         self.fatal: FatalError | None = None
         self._pass_task: asyncio.Task[Any] | None = None
         self._started = time.time()
+        self.relister: Relister | None = None
+        self.receiver: WebhookReceiver | None = None
+        if settings.webhooks:
+            self.relister = Relister(settings, store, client, shutdown, metrics)
+            self.receiver = WebhookReceiver(
+                settings.require_webhook_key(),
+                settings.webhook_url,
+                self._record_webhook,
+                metrics,
+                services=settings.services,
+                on_recorded=self.relister.wake.set,
+            )
+        self._relister_task: asyncio.Task[None] | None = None
+
+    async def _record_webhook(self, event: Event | None, key: str) -> Recorded:
+        queue = TargetQueue(self.store.pool)
+        return await queue.record(event, key, self.settings.webhook_coalesce_seconds)
+
+    def start_relister(self) -> None:
+        """Serve webhooks' targeted re-lists beside the schedule (CONVSYNC_WEBHOOKS)."""
+        if self.relister is not None and self._relister_task is None:
+            self._relister_task = asyncio.create_task(self._run_relister(self.relister))
+
+    async def _run_relister(self, relister: Relister) -> None:
+        """The re-lister until stop; started again after an error that stopped it (a database
+        away past its wait, a bug), so targets recorded meanwhile are served once it can."""
+        while not self.stop.is_set():
+            try:
+                await relister.run()
+            except FatalError as error:
+                self._stop_fatally(error)
+                return
+            except DatabaseUnavailable as error:
+                log.error("relister_stopped", error=str(error), error_kind=type(error).__name__)
+            except Exception:
+                log.exception("relister_crashed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.stop.wait(), RELISTER_RESTART_SECONDS)
 
     async def tick(self) -> None:
         """A schedule tick: start a pass in a task the daemon owns, and return.
@@ -141,9 +184,10 @@ class Daemon:
         self.stop.set()
 
     async def wait_for_pass(self) -> None:
-        """Let the running pass commit its in-flight pages and record itself."""
-        if self._pass_task is not None:
-            await self.shutdown.wait_for(self._pass_task)
+        """Let the running pass and re-lists commit their in-flight pages and record
+        themselves."""
+        running = [t for t in (self._pass_task, self._relister_task) if t is not None]
+        await asyncio.gather(*(self.shutdown.wait_for(task) for task in running))
 
     async def _release_claims(self) -> None:
         try:
@@ -159,6 +203,8 @@ class Daemon:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        if self.receiver is not None:
+            app.router.add_post(WEBHOOK_PATH, self.receiver.handle)
         return app
 
     async def healthz(self, _request: web.Request) -> web.Response:
@@ -199,6 +245,8 @@ async def run_daemon(settings: Settings, shutdown: Shutdown) -> int:
     trigger = build_trigger(settings)
     dsn = settings.require_database()
     settings.require_credentials()
+    if settings.webhooks:
+        settings.require_webhook_key()
     store = await Store.connect(dsn, settings.db_pool_size, lazy=True)
     try:
         async with TwilioClient(settings, stop=shutdown.stop) as client:
@@ -232,8 +280,13 @@ async def _serve(daemon: Daemon, trigger: CronTrigger | IntervalTrigger) -> int:
     site = web.TCPSite(runner, settings.http_host, settings.http_port)
     await site.start()
     log.info(
-        "service_started", host=settings.http_host, port=settings.http_port, trigger=str(trigger)
+        "service_started",
+        host=settings.http_host,
+        port=settings.http_port,
+        trigger=str(trigger),
+        webhooks=settings.webhooks,
     )
+    daemon.start_relister()
 
     scheduler = AsyncIOScheduler(timezone=UTC)
 

@@ -31,6 +31,7 @@ Kind = Literal["counter", "gauge", "histogram"]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 COMMIT_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 PASS_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0)
+RELIST_BUCKETS = (0.5, 1.0, 2.0, 3.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 900.0)
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,18 @@ FAMILIES = (
     Family("convsync_last_success_timestamp_seconds", "gauge",
            "Unix time of the last successful pass."),
     Family("convsync_passes_total", "counter", "Passes finished, by status.", ("status",)),
+    Family("convsync_webhooks_total", "counter",
+           "Twilio webhooks received, by event type and outcome (accepted, duplicate, ignored, "
+           "refused, unavailable).", ("event_type", "outcome")),
+    Family("convsync_relist_requests_total", "counter",
+           "Users named by accepted webhooks: a new target, or coalesced into a waiting one.",
+           ("outcome",)),
+    Family("convsync_relists_total", "counter",
+           "Targeted re-lists finished, by outcome (done, failed, gone, busy, unknown_user).",
+           ("outcome",)),
+    Family("convsync_relist_delay_seconds", "histogram",
+           "Seconds from a user's oldest unserved webhook to its re-list committed.",
+           buckets=RELIST_BUCKETS),
 )  # fmt: skip
 # Setting the gauge of the last pass's duration records the pass in the histogram too.
 OBSERVED_WITH = {"convsync_pass_duration_seconds": "convsync_pass_seconds"}

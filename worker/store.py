@@ -23,6 +23,9 @@ import asyncpg
 from worker.errors import LeaseLost, PassBusy
 from worker.model import UNIDENTIFIED, ConversationsPage, Rejected, ServiceRow, UserRow
 
+# Tables whose rows are claimed with a lease (``claimed_by``, ``lease_until``).
+CLAIM_TABLES = ("sync_cursors", "sync_discovery", "relist_targets")
+
 
 @dataclass(frozen=True)
 class PassInfo:
@@ -276,6 +279,12 @@ class Store:
 
     # --- services and discovery -----------------------------------------------------------
 
+    async def upsert_users(self, rows: Sequence[UserRow]) -> None:
+        """Upsert user records (a user first known from a webhook)."""
+        await self.pool.execute(
+            _USERS_UPSERT_SQL, *_columns(sorted(rows, key=lambda u: u.user_sid), 13)
+        )
+
     async def upsert_services(self, rows: Sequence[ServiceRow]) -> None:
         if not rows:
             return
@@ -407,30 +416,7 @@ class Store:
             if advanced is None:
                 raise LeaseLost(f"discovery of {service} was taken over")
             users = sorted(users, key=lambda u: u.user_sid)
-            await conn.execute(
-                """INSERT INTO users AS u (chat_service_sid, user_sid, account_sid, role_sid,
-                          identity, friendly_name, attributes, is_online, is_notifiable,
-                          date_created, date_updated, url, links)
-                   SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
-                          $5::text[], $6::text[], $7::jsonb[], $8::bool[], $9::bool[],
-                          $10::timestamptz[], $11::timestamptz[], $12::text[], $13::jsonb[])
-                   ON CONFLICT (chat_service_sid, user_sid) DO UPDATE SET
-                     account_sid = EXCLUDED.account_sid, role_sid = EXCLUDED.role_sid,
-                     identity = EXCLUDED.identity, friendly_name = EXCLUDED.friendly_name,
-                     attributes = EXCLUDED.attributes, is_online = EXCLUDED.is_online,
-                     is_notifiable = EXCLUDED.is_notifiable,
-                     date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
-                     url = EXCLUDED.url, links = EXCLUDED.links,
-                     changed_at = now(), removed_at = NULL
-                   WHERE (u.account_sid, u.role_sid, u.identity, u.friendly_name, u.attributes,
-                          u.is_online, u.is_notifiable, u.date_created, u.date_updated, u.url,
-                          u.links, u.removed_at IS NULL)
-                     IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.role_sid,
-                          EXCLUDED.identity, EXCLUDED.friendly_name, EXCLUDED.attributes,
-                          EXCLUDED.is_online, EXCLUDED.is_notifiable, EXCLUDED.date_created,
-                          EXCLUDED.date_updated, EXCLUDED.url, EXCLUDED.links, true)""",
-                *_columns(users, 13),
-            )
+            await conn.execute(_USERS_UPSERT_SQL, *_columns(users, 13))
             # A user listed with a record that cannot be stored still exists: its stored row
             # (or a bare one) stays, its conversations are listed, it is never marked gone.
             listed = {u.user_sid for u in users}
@@ -497,7 +483,7 @@ class Store:
         if not tokens:
             return
         async with self.pool.acquire() as conn, conn.transaction():
-            for table in ("sync_cursors", "sync_discovery"):
+            for table in CLAIM_TABLES:
                 await conn.execute(
                     f"UPDATE {table} SET lease_until = now() + make_interval(secs => $2) "
                     "WHERE claimed_by = ANY($1::text[])",
@@ -511,6 +497,8 @@ class Store:
             """SELECT split_part(claimed_by, '/', 1) AS owner FROM sync_cursors
                WHERE claimed_by IS NOT NULL
                UNION SELECT split_part(claimed_by, '/', 1) FROM sync_discovery
+               WHERE claimed_by IS NOT NULL
+               UNION SELECT split_part(claimed_by, '/', 1) FROM relist_targets
                WHERE claimed_by IS NOT NULL"""
         )
         return [r["owner"] for r in rows]
@@ -804,7 +792,7 @@ class Store:
     async def release_all(self, owner: str) -> None:
         """Give back every claim of this worker (shutdown)."""
         async with self.pool.acquire() as conn, conn.transaction():
-            for table in ("sync_cursors", "sync_discovery"):
+            for table in CLAIM_TABLES:
                 await conn.execute(
                     f"UPDATE {table} SET claimed_by = NULL, lease_until = NULL "
                     "WHERE split_part(claimed_by, '/', 1) = $1",
@@ -868,6 +856,30 @@ def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
 # memberships, quarantine the rejected items, mark removed what a complete listing did not list
 # (unless an item could not be identified), and advance every cursor with its page's counts.
 # Per page, the removal and the upsert touch disjoint rows (the listing's own SIDs are listed).
+_USERS_UPSERT_SQL = """
+INSERT INTO users AS u (chat_service_sid, user_sid, account_sid, role_sid,
+       identity, friendly_name, attributes, is_online, is_notifiable,
+       date_created, date_updated, url, links)
+SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::text[],
+       $5::text[], $6::text[], $7::jsonb[], $8::bool[], $9::bool[],
+       $10::timestamptz[], $11::timestamptz[], $12::text[], $13::jsonb[])
+ON CONFLICT (chat_service_sid, user_sid) DO UPDATE SET
+  account_sid = EXCLUDED.account_sid, role_sid = EXCLUDED.role_sid,
+  identity = EXCLUDED.identity, friendly_name = EXCLUDED.friendly_name,
+  attributes = EXCLUDED.attributes, is_online = EXCLUDED.is_online,
+  is_notifiable = EXCLUDED.is_notifiable,
+  date_created = EXCLUDED.date_created, date_updated = EXCLUDED.date_updated,
+  url = EXCLUDED.url, links = EXCLUDED.links,
+  changed_at = now(), removed_at = NULL
+WHERE (u.account_sid, u.role_sid, u.identity, u.friendly_name, u.attributes,
+       u.is_online, u.is_notifiable, u.date_created, u.date_updated, u.url,
+       u.links, u.removed_at IS NULL)
+  IS DISTINCT FROM (EXCLUDED.account_sid, EXCLUDED.role_sid,
+       EXCLUDED.identity, EXCLUDED.friendly_name, EXCLUDED.attributes,
+       EXCLUDED.is_online, EXCLUDED.is_notifiable, EXCLUDED.date_created,
+       EXCLUDED.date_updated, EXCLUDED.url, EXCLUDED.links, true)
+"""
+
 _PAGES_SQL = """
 WITH page AS (
     SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::text[],

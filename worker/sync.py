@@ -129,6 +129,7 @@ class SyncPass:
         self.writer = PageWriter(
             self.db, self.lease, max_pages=settings.batch_pages, max_wait=settings.batch_ms / 1000
         )
+        self.listings = ListingContext(self.db, self.writer, self.metrics, self.page_size)
 
     # --- the pass, top to bottom ----------------------------------------------------------
 
@@ -301,7 +302,7 @@ class SyncPass:
                 service_sid=claim.chat_service_sid, user_sid=claim.user_sid
             ):
                 try:
-                    await self.walk(ConversationsListing(self, claim))
+                    await self.walk(ConversationsListing(self.listings, claim))
                 finally:
                     self.held.discard(claim.token)
                     if self.state.discovery_closed:
@@ -392,17 +393,33 @@ class UsersListing(Listing):
         log.info("users_listed", pages=self.pages_written, users_gone=self.users_gone)
 
 
+@dataclass(frozen=True)
+class ListingContext:
+    """What a conversations listing needs (a pass's, or a targeted re-list's)."""
+
+    db: RetryingStore
+    writer: PageWriter
+    metrics: Metrics
+    page_size: int
+
+    @property
+    def store(self) -> Store:
+        return self.db.store
+
+
 class ConversationsListing(Listing):
     """A user's conversations listing: each page goes to the group-commit writer, and the next
-    is fetched only once it committed (so a crash refetches at most the pages in flight)."""
+    is fetched only once it committed (so a crash refetches at most the pages in flight).
+    ``outcome`` says how it ended: done, failed, gone, or released (to be continued)."""
 
     kind = "conversations"
     prefetch = False
 
-    def __init__(self, sync: SyncPass, claim: UserClaim) -> None:
+    def __init__(self, sync: ListingContext, claim: UserClaim) -> None:
         first = api.user_conversations_path(claim.chat_service_sid, claim.user_sid, sync.page_size)
         super().__init__(first, claim.next_page_path, claim.listing_pages)
         self.sync, self.claim = sync, claim
+        self.outcome = "released"
 
     async def save(self, page: Page) -> None:
         claim, metrics = self.claim, self.sync.metrics
@@ -427,13 +444,16 @@ class ConversationsListing(Listing):
         await self.sync.db.call(self.sync.store.release_user, self.claim)
 
     async def fail(self, message: str) -> None:
+        self.outcome = "failed"
         self.sync.metrics.inc("convsync_users_total", outcome="failed")
         await self.sync.db.call(self.sync.store.mark_user_failed, self.claim, message)
 
     async def gone(self, message: str) -> None:
+        self.outcome = "gone"
         self.sync.metrics.inc("convsync_users_total", outcome="gone")
         await self.sync.db.call(self.sync.store.mark_user_gone, self.claim)
 
     async def done(self) -> None:
+        self.outcome = "done"
         self.sync.metrics.inc("convsync_users_total", outcome="done")
         log.debug("user_synced", pages=self.pages_written)

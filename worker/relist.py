@@ -1,0 +1,198 @@
+"""Targeted re-lists: the users a webhook named, listed again from page one, between passes.
+
+``Relister`` runs beside the schedule in ``convsync run`` (CONVSYNC_WEBHOOKS=true). It claims
+due targets (``worker.targets``) and serves each with at most CONVSYNC_RELIST_CONCURRENCY at
+once, through the client the passes use (one concurrency limit for both, so a burst of events
+never exceeds it, and the pass keeps its own user loops: it is never starved):
+
+1. a target named by identity only (a user the mirror does not know yet) is resolved through
+   Twilio's ``GET /v1/Services/{IS}/Users/{identity}``; one Twilio does not know is dropped;
+2. the user's cursor is claimed from page one (a listing already under way is left to finish,
+   and the target is tried again a second later);
+3. the listing is walked exactly as a pass walks it (``worker.listing``, the pages through a
+   group-commit writer): its last page marks what it no longer lists removed;
+4. the target is then served, unless an event came while it ran (then it is re-listed again).
+
+It wakes when a webhook was recorded here, and otherwise polls for targets other replicas
+recorded (or that became due) every ``POLL_SECONDS``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from urllib.parse import quote
+
+import structlog
+
+from worker import client as api
+from worker.client import TwilioClient
+from worker.config import Settings
+from worker.database import CONNECTION_ERRORS, RetryingStore
+from worker.errors import FatalError, UserGone, UserSyncError
+from worker.leases import HeldClaims
+from worker.listing import walk
+from worker.logs import redact
+from worker.metrics import Metrics
+from worker.model import parse_users_page
+from worker.shutdown import Shutdown
+from worker.sids import is_sid
+from worker.store import Store, new_claim_token
+from worker.sync import ConversationsListing, ListingContext
+from worker.targets import BUSY_RETRY_SECONDS, Target, TargetQueue
+from worker.writer import PageWriter
+
+log = structlog.get_logger(__name__)
+POLL_SECONDS = 1.0
+FAILED_RETRY_SECONDS = 30.0  # a target whose re-list could not even start is tried again
+
+
+class Relister:
+    """Serves targeted re-lists until its shutdown's stop (see the module docstring)."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        store: Store,
+        client: TwilioClient,
+        shutdown: Shutdown,
+        metrics: Metrics,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.shutdown = shutdown
+        self.metrics = metrics
+        self.db = RetryingStore(store, settings.db_wait_seconds, metrics)
+        self.queue = TargetQueue(store.pool)
+        self.lease = settings.lease_seconds
+        self.held = HeldClaims(self.db, self.lease)
+        self.writer = PageWriter(self.db, self.lease, max_pages=settings.batch_pages)
+        self.listings = ListingContext(self.db, self.writer, metrics, settings.page_size)
+        self.wake = asyncio.Event()  # set when a webhook was recorded by this process
+
+    async def run(self) -> None:
+        """Claim and serve due targets until stopped; in-flight re-lists get the grace."""
+        stop = self.shutdown.stop
+        serving: set[asyncio.Task[None]] = set()
+        helpers = [
+            asyncio.ensure_future(self.held.renew_forever()),
+            asyncio.ensure_future(self.writer.run()),
+            asyncio.ensure_future(self.shutdown.cancel_after_grace(serving)),
+        ]
+        try:
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.queue.prune_events()
+            while not stop.is_set():
+                free = self.settings.relist_concurrency - len(serving)
+                if free <= 0:  # every slot busy: wait for one
+                    await asyncio.wait(set(serving), return_when=asyncio.FIRST_COMPLETED)
+                    continue
+                targets = await self._claim(free)
+                for target in targets:
+                    task = asyncio.create_task(self._serve_claimed(target))
+                    serving.add(task)
+                    task.add_done_callback(serving.discard)
+                if len(targets) < free:
+                    await self._wait_for_work()
+            if serving:
+                await asyncio.wait(set(serving))
+        finally:
+            for task in (*serving, *helpers):
+                task.cancel()
+            await asyncio.gather(*serving, *helpers, return_exceptions=True)
+
+    async def _claim(self, limit: int) -> list[Target]:
+        token = new_claim_token(self.settings.worker_id)
+        tries = 0
+
+        async def attempt() -> list[Target]:
+            nonlocal tries
+            tries += 1
+            return await self.queue.claim_due(token, self.lease, limit, recover=tries > 1)
+
+        targets = await self.db.call(attempt)
+        for target in targets:
+            self.held.add(target.token)
+        return targets
+
+    async def _wait_for_work(self) -> None:
+        """Until a webhook is recorded here, a target is due, ``POLL_SECONDS`` or stop."""
+        due_in = await self.db.call(self.queue.next_due_in)
+        wait = POLL_SECONDS if due_in is None else min(POLL_SECONDS, due_in)
+        if wait <= 0:
+            return
+        self.wake.clear()
+        waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, self.shutdown.stop)]
+        try:
+            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for waiter in waiters:
+                waiter.cancel()
+
+    async def _serve_claimed(self, target: Target) -> None:
+        try:
+            with structlog.contextvars.bound_contextvars(service_sid=target.chat_service_sid):
+                await self.serve(target)
+        except FatalError:
+            log.error("relist_fatal")
+            self.shutdown.stop.set()
+            raise
+        finally:
+            self.held.discard(target.token)
+
+    async def serve(self, target: Target) -> None:
+        """Re-list one target's user from page one and record how it went."""
+        user_sid = await self._user_sid(target)
+        if user_sid is None:
+            return
+        with structlog.contextvars.bound_contextvars(user_sid=user_sid):
+            claim = await self.db.call(self.queue.claim_cursor, target, user_sid, self.lease)
+            if claim is None:
+                # A listing of this user is under way (a pass's, or a replica's re-list).
+                self.metrics.inc("convsync_relists_total", outcome="busy")
+                await self.db.call(self.queue.postpone, target, BUSY_RETRY_SECONDS)
+                return
+            listing = ConversationsListing(self.listings, claim)
+            await walk(listing, self.client.get_page, self.settings.max_pages, self.shutdown.stop)
+            if listing.outcome == "released":
+                await self.db.call(self.queue.postpone, target, 0.0)
+                return
+            delay = await self.db.call(self.queue.served, target)
+            self.metrics.inc("convsync_relists_total", outcome=listing.outcome)
+            if delay is not None:
+                self.metrics.observe("convsync_relist_delay_seconds", delay)
+            log.info(
+                "relist_done",
+                outcome=listing.outcome,
+                pages=listing.pages_written,
+                delay_seconds=None if delay is None else round(delay, 3),
+            )
+
+    async def _user_sid(self, target: Target) -> str | None:
+        """The target's user SID: as named, or its identity resolved through Twilio (the
+        user is then known to the mirror); None when it cannot be (the target dropped or
+        postponed)."""
+        if is_sid(target.user_ref, "US"):
+            return target.user_ref
+        path = (
+            f"{api.service_path(target.chat_service_sid)}/Users/{quote(target.user_ref, safe='')}"
+        )
+        try:
+            body = await self.client.get_json(path)
+        except UserGone:
+            log.info("relist_dropped", reason="no such identity")
+            self.metrics.inc("convsync_relists_total", outcome="unknown_user")
+            await self.db.call(self.queue.drop, target)
+            return None
+        except UserSyncError as error:
+            message = redact(str(error))
+            log.warning("relist_postponed", error=message)
+            await self.db.call(self.queue.postpone, target, FAILED_RETRY_SECONDS, message)
+            return None
+        parsed = parse_users_page([body], target.chat_service_sid)
+        if not parsed.rows:
+            await self.db.call(self.queue.drop, target)
+            return None
+        row = parsed.rows[0]
+        await self.db.call(self.db.store.upsert_users, [row])
+        return row.user_sid
