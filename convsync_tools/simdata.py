@@ -1037,8 +1037,9 @@ class Dataset:
     def update_conversation(self, service_sid: str, conversation_sid: str, **fields: Any) -> None:
         """Change conversation-level fields (seen by every member); bumps ``date_updated``
         unless given. Fields: friendly_name, unique_name, attributes, conversation_state,
-        timers, created_by, date_created, date_updated. ``onConversationUpdated`` when a field
-        other than the state is given, ``onConversationStateUpdated`` when the state changes."""
+        timers, created_by, date_created, date_updated. ``onConversationStateUpdated`` when the
+        state changes, ``onConversationUpdated`` for any other change (a state set to the one
+        it had still moves ``date_updated``)."""
         unknown = set(fields) - CONVERSATION_FIELDS
         if unknown:
             raise ValueError(f"not conversation fields: {sorted(unknown)}")
@@ -1055,9 +1056,9 @@ class Dataset:
                 override["date_updated"] = self._now(current["date_updated"])
             self.version += 1
             after = self._current_conversation(s, c)
-            if set(fields) - {"conversation_state"}:
-                self._emit("onConversationUpdated", s, c, **self._conversation_fields(after))
             before_state, after_state = current["conversation_state"], after["conversation_state"]
+            if set(fields) - {"conversation_state"} or before_state == after_state:
+                self._emit("onConversationUpdated", s, c, **self._conversation_fields(after))
             if before_state != after_state:
                 self._emit(
                     "onConversationStateUpdated",

@@ -22,7 +22,12 @@ from apscheduler.triggers.interval import IntervalTrigger
 
 from worker.client import TwilioClient
 from worker.config import Settings
-from worker.database import CONNECTION_ERRORS, LOGIN_REFUSED_ERRORS, database_read_only
+from worker.database import (
+    CONNECTION_ERRORS,
+    LOGIN_REFUSED_ERRORS,
+    RetryingStore,
+    database_read_only,
+)
 from worker.errors import ConfigError, ConvsyncError, DatabaseUnavailable, FatalError
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
@@ -38,6 +43,7 @@ log = structlog.get_logger(__name__)
 DEFAULT_INTERVAL = 3600.0
 DATABASE_POLL_SECONDS = 1.0  # after a pass lost to the database: how often to ask if it is back
 RELISTER_RESTART_SECONDS = 5.0  # after the re-lister stopped on an error
+WEBHOOK_DB_WAIT_SECONDS = 3.0  # then 503: Twilio retries (it waits 15 s for an answer)
 EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -92,8 +98,11 @@ class Daemon:
         self._relister_task: asyncio.Task[None] | None = None
 
     async def _record_webhook(self, event: Event | None, key: str) -> Recorded:
+        """Record a webhook, waiting out a database that is briefly away (a read-only answer
+        drops the pooled sessions, as in a pass) for at most ``WEBHOOK_DB_WAIT_SECONDS``."""
         queue = TargetQueue(self.store.pool)
-        return await queue.record(event, key, self.settings.webhook_coalesce_seconds)
+        db = RetryingStore(self.store, WEBHOOK_DB_WAIT_SECONDS, metrics)
+        return await db.call(queue.record, event, key, self.settings.webhook_coalesce_seconds)
 
     def start_relister(self) -> None:
         """Serve webhooks' targeted re-lists beside the schedule (CONVSYNC_WEBHOOKS)."""

@@ -29,6 +29,7 @@ import structlog
 from aiohttp import web
 
 from worker.database import CONNECTION_ERRORS
+from worker.errors import DatabaseUnavailable
 from worker.metrics import Metrics
 from worker.sids import is_sid
 
@@ -45,7 +46,11 @@ CONVERSATION_EVENTS = frozenset({"onConversationUpdated", "onConversationStateUp
 # Every current member's row changes (unread counts; the memberships themselves).
 MEMBERS_EVENTS = frozenset({"onMessageAdded", "onConversationRemoved"})
 HANDLED_EVENTS = PARTICIPANT_EVENTS | CONVERSATION_EVENTS | MEMBERS_EVENTS
-RECORD_FAILURES: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, TimeoutError)
+RECORD_FAILURES: tuple[type[BaseException], ...] = (
+    *CONNECTION_ERRORS,
+    TimeoutError,
+    DatabaseUnavailable,
+)
 
 
 def twilio_signature(auth_token: str, url: str, params: Sequence[tuple[str, str]]) -> str:

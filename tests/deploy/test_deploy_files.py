@@ -642,3 +642,15 @@ def test_cli_parser_is_argparse() -> None:
     # cli_accepts relies on argparse exiting on unknown commands.
     assert isinstance(build_parser(), argparse.ArgumentParser)
     assert not cli_accepts(["no-such-command"])
+
+
+def test_the_webhook_ingress_exposes_the_webhook_path_alone() -> None:
+    ingress = load_yaml(K8S / "ingress-webhooks.yaml")
+    paths = [p for rule in ingress["spec"]["rules"] for p in rule["http"]["paths"]]
+    assert [(p["path"], p["pathType"]) for p in paths] == [("/webhooks/twilio", "Exact")]
+    service = load_yaml(K8S / "service.yaml")
+    backend = paths[0]["backend"]["service"]
+    assert backend["name"] == service["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in service["spec"]["ports"]}
+    listed = set(load_yaml(K8S / "kustomization.yaml")["resources"])
+    assert "ingress-webhooks.yaml" not in listed, "exposing webhooks is the operator's choice"

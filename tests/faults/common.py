@@ -15,9 +15,11 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 
+from convsync_tools.pgembed import quote_ident
 from convsync_tools.simulator import SimulatorServer
 from tests.harness import REPO, VIEW_COLUMNS, _base_env, expected_row, view_rows
 
@@ -215,3 +217,34 @@ def run_measured(args: list[str], env: Mapping[str, str], timeout: float = 90) -
         return Measured(
             measured["code"], out.read(), err.read(), seconds, measured["maxrss_kb"] / 1024
         )
+
+
+class Failover:
+    """Turns one database read-only (sessions terminated) and writable again."""
+
+    def __init__(self, admin: asyncpg.Connection, db_url: str) -> None:
+        self.admin = admin
+        self.name = urlsplit(db_url).path.lstrip("/")
+        self.began = self.ended = 0.0
+
+    async def demote(self) -> int:
+        await self.admin.execute(
+            f"ALTER DATABASE {quote_ident(self.name)} SET default_transaction_read_only = on"
+        )
+        self.began = time.monotonic()
+        terminated: int = await self.admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = $1 AND pid <> pg_backend_pid()",
+            self.name,
+        )
+        return terminated
+
+    async def promote(self) -> None:
+        await self.admin.execute(
+            f"ALTER DATABASE {quote_ident(self.name)} RESET default_transaction_read_only"
+        )
+        self.ended = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return self.ended - self.began

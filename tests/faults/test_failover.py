@@ -14,26 +14,22 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import aiohttp
 import asyncpg
 import pytest
 
-from convsync_tools.pgembed import quote_ident
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
-from tests.conftest import PgServer
-from tests.faults.common import COMMITTED_PAGES, check_cursors, mirror, record
+from tests.faults.common import COMMITTED_PAGES, Failover, check_cursors, mirror, record
 from tests.harness import REPO, _base_env, scalar, worker_env
 
 PAGE = 10
@@ -60,52 +56,6 @@ def server() -> Iterator[SimulatorServer]:
     sim.configure(latency_ms=3, jitter_ms=3)
     with SimulatorServer(sim) as s:
         yield s
-
-
-@pytest.fixture
-async def admin(pg_server: PgServer) -> AsyncIterator[asyncpg.Connection]:
-    """A superuser session on another database of the server (it outlives the failover)."""
-    conn = await asyncpg.connect(pg_server.url)
-    try:
-        if not await conn.fetchval("SELECT rolsuper FROM pg_roles WHERE rolname = current_user"):
-            message = "a read-only failover needs a superuser"
-            if os.environ.get("CI") == "true":
-                pytest.fail(f"{message} (CI: never skipped)")
-            pytest.skip(message)
-        yield conn
-    finally:
-        await conn.close()
-
-
-class Failover:
-    """Turns one database read-only (sessions terminated) and writable again."""
-
-    def __init__(self, admin: asyncpg.Connection, db_url: str) -> None:
-        self.admin = admin
-        self.name = urlsplit(db_url).path.lstrip("/")
-        self.began = self.ended = 0.0
-
-    async def demote(self) -> int:
-        await self.admin.execute(
-            f"ALTER DATABASE {quote_ident(self.name)} SET default_transaction_read_only = on"
-        )
-        self.began = time.monotonic()
-        terminated: int = await self.admin.fetchval(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE datname = $1 AND pid <> pg_backend_pid()",
-            self.name,
-        )
-        return terminated
-
-    async def promote(self) -> None:
-        await self.admin.execute(
-            f"ALTER DATABASE {quote_ident(self.name)} RESET default_transaction_read_only"
-        )
-        self.ended = time.monotonic()
-
-    @property
-    def seconds(self) -> float:
-        return self.ended - self.began
 
 
 class Child:

@@ -4,11 +4,7 @@ lease takeover, SIGTERM within the grace, probes and metrics."""
 from __future__ import annotations
 
 import asyncio
-import json
 import signal
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,8 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import (
-    REPO,
-    _base_env,
+    Replica,
     assert_mirrors,
     convsync,
     fetch,
@@ -32,44 +27,6 @@ from tests.harness import (
 )
 
 CONCURRENCY = 8
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-class Replica:
-    """A `convsync run` child process with its logs in a file (a pipe could fill and block)."""
-
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
-        self.log_path = log_path
-        self._log = log_path.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "worker", "run"],
-            env={**_base_env(), **env, "CONVSYNC_HTTP_PORT": str(self.port)},
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-            cwd=REPO,
-        )
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def events(self) -> list[dict[str, Any]]:
-        lines = self.log_path.read_text().splitlines()
-        return [json.loads(line) for line in lines if line.startswith("{")]
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        code = self.process.wait(timeout=timeout)
-        self._log.close()
-        return code
 
 
 @pytest.fixture

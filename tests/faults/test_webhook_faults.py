@@ -1,0 +1,128 @@
+"""Webhooks under faults, for real: SIGKILL between a webhook's 200 and its re-list, and a
+database that turns read-only (a failover) while webhooks arrive."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from convsync_tools.simdata import Dataset
+from convsync_tools.simulator import Simulator, SimulatorServer
+from tests.faults.common import Failover, record
+from tests.harness import Replica, assert_mirrors, convsync, fetch, scalar, until
+from tests.integration.test_webhooks import (
+    clear_of_the_hour,
+    first_pass_done,
+    mirrors,
+    post_form,
+    targets_left,
+    webhook_env,
+)
+from worker.webhooks import PATH, twilio_signature
+
+
+@pytest.fixture
+def server() -> Iterator[SimulatorServer]:
+    sim = Simulator(Dataset.generate(seed=17, services=1, users_per_service=80))
+    with SimulatorServer(sim) as s:
+        yield s
+
+
+async def _none_left(db_url: str) -> bool:
+    return await targets_left(db_url) == 0
+
+
+async def test_sigkill_after_the_200_loses_no_relist(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    await clear_of_the_hour()
+    # A long coalescing window: the target is recorded (200), its re-list not begun yet.
+    env = webhook_env(server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="600")
+    replica = Replica(env, tmp_path / "first.log")
+    await first_pass_done(db_url)
+    server.sim.configure(webhook_url=f"{replica.url}{PATH}")
+    data = server.sim.dataset
+    service = data.service_sids()[0]
+    user = next(u for u in data.user_sids(service) if data.membership_count(service, u))
+    conversation = data.memberships(service, user)[0]["conversation_sid"]
+    data.remove_membership(service, user, conversation)
+    assert await asyncio.to_thread(server.sim.webhooks_idle, 10)
+    assert server.sim.webhook_stats().delivered == 1
+    assert await targets_left(db_url) == 1
+    replica.stop(signal.SIGKILL)
+    assert not await mirrors(server, db_url), "the removal is not in the mirror yet"
+    status = convsync(["status", "--json"], webhook_env(server, db_url))
+    assert status.returncode == 0, status.stderr[-2000:]
+    assert json.loads(status.stdout)["relists"]["pending"] == 1, "status shows it pending"
+
+    # The next start serves it: due at once now (the window is the running process's policy).
+    await fetch(db_url, "UPDATE relist_targets SET due_at = now()")
+    again = Replica(webhook_env(server, db_url), tmp_path / "second.log")
+    try:
+        await until(lambda: _none_left(db_url), timeout=30, what="the re-list after restart")
+        await assert_mirrors(server, db_url)
+        removed_at = await scalar(
+            db_url,
+            "SELECT removed_at FROM memberships WHERE user_sid = $1 AND conversation_sid = $2",
+            user,
+            conversation,
+        )
+        assert isinstance(removed_at, datetime)
+        assert removed_at <= datetime.now(UTC)
+        assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1, "no new pass"
+    finally:
+        assert again.stop() == 0
+
+
+async def test_webhooks_while_the_database_is_read_only_get_503_and_lose_nothing(
+    server: SimulatorServer, db_url: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    await clear_of_the_hour()
+    replica = Replica(
+        webhook_env(server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="0"), tmp_path / "run.log"
+    )
+    try:
+        await first_pass_done(db_url)
+        url = f"{replica.url}{PATH}"
+        data = server.sim.dataset
+        service = data.service_sids()[0]
+        user = next(u for u in data.user_sids(service) if data.membership_count(service, u))
+        conversation = data.memberships(service, user)[0]["conversation_sid"]
+        identity = next(u["identity"] for u in data.expected_users(service) if u["sid"] == user)
+        data.set_unread(service, user, conversation, 21, 2)  # upstream changed (no webhook URL)
+        params = [
+            ("AccountSid", server.sim.config.account_sid),
+            ("EventType", "onParticipantUpdated"),
+            ("ChatServiceSid", service),
+            ("ConversationSid", conversation),
+            ("Identity", str(identity)),
+        ]
+        headers = {
+            "X-Twilio-Signature": twilio_signature(server.sim.config.auth_token, url, params),
+            "I-Twilio-Idempotency-Token": "while-read-only",
+        }
+        failover = Failover(admin, db_url)
+        await failover.demote()
+        try:
+            refused = 0
+            for _ in range(3):  # Twilio's retries, all while the database refuses writes
+                status, body = await post_form(url, params, headers)
+                assert status == 503, body
+                refused += 1
+        finally:
+            await failover.promote()
+        assert await scalar(db_url, "SELECT count(*) FROM webhook_events") == 0
+        status, body = await post_form(url, params, headers)  # the retry after the failover
+        assert status == 200, body
+        assert body["status"] == "accepted", body
+        await until(lambda: mirrors(server, db_url), timeout=30, what="the re-list")
+        record(webhook_503_while_read_only=refused)
+    finally:
+        assert replica.stop() == 0
