@@ -16,7 +16,7 @@ import pytest
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import Failover, record
-from tests.harness import Replica, assert_mirrors, convsync, fetch, scalar, until
+from tests.harness import Replica, assert_mirrors, convsync, scalar, until
 from tests.integration.test_webhooks import (
     clear_of_the_hour,
     first_pass_done,
@@ -43,8 +43,8 @@ async def test_sigkill_after_the_200_loses_no_relist(
     server: SimulatorServer, db_url: str, tmp_path: Path
 ) -> None:
     await clear_of_the_hour()
-    # A long coalescing window: the target is recorded (200), its re-list not begun yet.
-    env = webhook_env(server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="600")
+    # A coalescing window of 3 s: killed right after the 200, the re-list has not begun.
+    env = webhook_env(server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="3")
     replica = Replica(env, tmp_path / "first.log")
     await first_pass_done(db_url)
     server.sim.configure(webhook_url=f"{replica.url}{PATH}")
@@ -62,9 +62,8 @@ async def test_sigkill_after_the_200_loses_no_relist(
     assert status.returncode == 0, status.stderr[-2000:]
     assert json.loads(status.stdout)["relists"]["pending"] == 1, "status shows it pending"
 
-    # The next start serves it: due at once now (the window is the running process's policy).
-    await fetch(db_url, "UPDATE relist_targets SET due_at = now()")
-    again = Replica(webhook_env(server, db_url), tmp_path / "second.log")
+    # The next start serves it (its first pass was this tick's: no new pass either).
+    again = Replica(env, tmp_path / "second.log")
     try:
         await until(lambda: _none_left(db_url), timeout=30, what="the re-list after restart")
         await assert_mirrors(server, db_url)

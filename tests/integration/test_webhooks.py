@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -309,3 +311,67 @@ def test_webhooks_without_a_key_are_a_configuration_error(
     result = convsync(["run"], env, timeout=30)
     assert result.returncode == 2, result.stderr[-2000:]
     assert "CONVSYNC_WEBHOOK_AUTH_TOKEN" in failure(result.stderr)["error"]
+
+
+def overlapping_listings(server: SimulatorServer) -> list[str]:
+    """Users whose conversations were requested twice at once: a walker has one request in
+    flight per listing, so an overlap means two walkers listed one user at the same time."""
+    by_user: dict[str, list[tuple[float, float]]] = {}
+    for served in server.sim.served():
+        path = served.key[0]
+        if path.endswith("/Conversations"):
+            by_user.setdefault(path, []).append((served.arrived, served.answered))
+    overlapping = []
+    for path, spans in by_user.items():
+        spans.sort()
+        if any(later[0] < earlier[1] for earlier, later in itertools.pairwise(spans)):
+            overlapping.append(path)
+    return overlapping
+
+
+async def test_relists_during_a_pass_and_across_replicas_never_list_a_user_twice_at_once(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    await clear_of_the_hour()
+    server.sim.configure(latency_ms=100, jitter_ms=20)
+    env = webhook_env(
+        server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="0", CONVSYNC_CONCURRENCY="4"
+    )
+    first = Replica(env, tmp_path / "first.log")
+    second = Replica(env, tmp_path / "second.log")
+    try:
+        # Webhooks go to both replicas in turn (behind one URL, as a load balancer would).
+        urls = [f"{first.url}{PATH}", f"{second.url}{PATH}"]
+
+        async def pass_under_way() -> bool:
+            done = await scalar(db_url, "SELECT count(*) FROM sync_cursors WHERE state = 'done'")
+            return bool(done and done >= USERS // 4)
+
+        await until(pass_under_way, timeout=60, what="a quarter of the pass")
+        data = server.sim.dataset
+        service = data.service_sids()[0]
+        rng = random.Random(9)
+        members = [u for u in data.user_sids(service) if data.membership_count(service, u)]
+        for i, user in enumerate(rng.sample(members, 40)):  # listed already, or not yet
+            server.sim.configure(webhook_url=urls[i % 2])
+            conversation = rng.choice(data.memberships(service, user))["conversation_sid"]
+            data.set_unread(service, user, conversation, 50 + i, 1)
+            assert await asyncio.to_thread(server.sim.webhooks_idle, 10)
+        await first_pass_done(db_url)
+        await until(lambda: _none_left(db_url), timeout=60, what="every re-list")
+        await assert_mirrors(server, db_url)
+        assert await scalar(db_url, "SELECT status FROM sync_runs") == "succeeded"
+        assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1
+        assert overlapping_listings(server) == []
+        relisted = [
+            e
+            for replica in (first, second)
+            for e in replica.events()
+            if e.get("event") == "relist_done"
+        ]
+        finished = await scalar(db_url, "SELECT finished_at FROM sync_runs")
+        during = [e for e in relisted if datetime.fromisoformat(e["timestamp"]) < finished]
+        assert during, "re-lists ran while the pass did"
+    finally:
+        assert first.stop() == 0
+        assert second.stop() == 0
