@@ -48,3 +48,11 @@ COMMENT ON COLUMN relist_targets.claimed_by IS 'The claim token of the worker re
 COMMENT ON COLUMN relist_targets.lease_until IS 'Until when the claim holds unrenewed (a dead worker''s expires).';
 COMMENT ON COLUMN relist_targets.attempts IS 'Times it was claimed.';
 COMMENT ON COLUMN relist_targets.last_error IS 'Why the last attempt could not list the user (redacted), if it could not.';
+
+DO $$
+BEGIN
+    IF EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'convsync_reader') THEN
+        GRANT SELECT ON webhook_events, relist_targets TO convsync_reader;
+    END IF;
+END
+$$;
