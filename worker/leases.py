@@ -9,7 +9,6 @@ namespace, are freed at once by ``release_dead_local_claims``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 
 import structlog
@@ -46,7 +45,9 @@ async def release_dead_local_claims(db: RetryingStore, owner: str) -> None:
         return
     for other in await db.call(db.store.claim_owners):
         theirs = parse_owner(other)
-        if theirs is None or other == owner or theirs[:2] != mine[:2]:
+        if other.split("~", 1)[0] == owner:
+            continue  # this process's own (its re-lister's claims are "<owner>~relist")
+        if theirs is None or theirs[:2] != mine[:2]:
             continue  # not provably in our pid namespace: its lease will tell
         if theirs[2] == mine[2] or not pid_alive(theirs[2]):
             log.info("dead_claims_released", owner=other)
@@ -68,8 +69,13 @@ class HeldClaims:
         self.tokens.discard(token)
 
     async def renew_forever(self) -> None:
-        """Renew the held leases until cancelled; a database away for a while only delays it."""
+        """Renew the held leases until cancelled; a database away for a while, or a failed
+        renewal, only delays it (the next one comes a third of a lease later)."""
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            try:
                 await self.db.store.renew_leases(sorted(self.tokens), self.lease_seconds)
+            except CONNECTION_ERRORS:
+                pass
+            except Exception as error:
+                log.warning("leases_not_renewed", error_kind=type(error).__name__)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from urllib.parse import quote
 
 import structlog
@@ -29,7 +30,7 @@ from worker import client as api
 from worker.client import TwilioClient
 from worker.config import Settings
 from worker.database import CONNECTION_ERRORS, RetryingStore
-from worker.errors import FatalError, UserGone, UserSyncError
+from worker.errors import DatabaseUnavailable, FatalError, UserGone, UserSyncError
 from worker.leases import HeldClaims
 from worker.listing import walk
 from worker.logs import redact
@@ -44,7 +45,10 @@ from worker.writer import PageWriter
 
 log = structlog.get_logger(__name__)
 POLL_SECONDS = 1.0
-FAILED_RETRY_SECONDS = 30.0  # a target whose re-list could not even start is tried again
+FAILED_RETRY_SECONDS = 30.0  # a target whose re-list failed is tried again after this
+MAX_ATTEMPTS = 5  # then it is left to the next pass (the safety net)
+PRUNE_SECONDS = 3600.0  # how often old idempotency keys are forgotten
+RELIST_OWNER_SUFFIX = "~relist"  # re-list claims apart from the pass's (released apart)
 
 
 class Relister:
@@ -66,9 +70,17 @@ class Relister:
         self.queue = TargetQueue(store.pool)
         self.lease = settings.lease_seconds
         self.held = HeldClaims(self.db, self.lease)
-        self.writer = PageWriter(self.db, self.lease, max_pages=settings.batch_pages)
+        # No conversation version cache: a re-list is asked for because something changed.
+        self.writer = PageWriter(
+            self.db, self.lease, max_pages=settings.batch_pages, known_conversations=0
+        )
         self.listings = ListingContext(self.db, self.writer, metrics, settings.page_size)
         self.wake = asyncio.Event()  # set when a webhook was recorded by this process
+        self.owner = settings.worker_id + RELIST_OWNER_SUFFIX
+        # Set by a re-list that met an error that must stop the re-lister (a fatal one, the
+        # database away past its wait); ``run`` raises it.
+        self.failure: BaseException | None = None
+        self._failed = asyncio.Event()
 
     async def run(self) -> None:
         """Claim and serve due targets until stopped; in-flight re-lists get the grace."""
@@ -79,10 +91,13 @@ class Relister:
             asyncio.ensure_future(self.writer.run()),
             asyncio.ensure_future(self.shutdown.cancel_after_grace(serving)),
         ]
+        pruned_at = -PRUNE_SECONDS
         try:
-            with contextlib.suppress(*CONNECTION_ERRORS):
-                await self.queue.prune_events()
-            while not stop.is_set():
+            while not stop.is_set() and self.failure is None:
+                if time.monotonic() - pruned_at >= PRUNE_SECONDS:
+                    with contextlib.suppress(*CONNECTION_ERRORS):
+                        await self.queue.prune_events()
+                    pruned_at = time.monotonic()
                 free = self.settings.relist_concurrency - len(serving)
                 if free <= 0:  # every slot busy: wait for one
                     await asyncio.wait(set(serving), return_when=asyncio.FIRST_COMPLETED)
@@ -100,9 +115,13 @@ class Relister:
             for task in (*serving, *helpers):
                 task.cancel()
             await asyncio.gather(*serving, *helpers, return_exceptions=True)
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.db.store.release_all(self.owner)
+        if self.failure is not None:
+            raise self.failure
 
     async def _claim(self, limit: int) -> list[Target]:
-        token = new_claim_token(self.settings.worker_id)
+        token = new_claim_token(self.owner)
         tries = 0
 
         async def attempt() -> list[Target]:
@@ -117,12 +136,13 @@ class Relister:
 
     async def _wait_for_work(self) -> None:
         """Until a webhook is recorded here, a target is due, ``POLL_SECONDS`` or stop."""
+        self.wake.clear()
         due_in = await self.db.call(self.queue.next_due_in)
         wait = POLL_SECONDS if due_in is None else min(POLL_SECONDS, due_in)
         if wait <= 0:
             return
-        self.wake.clear()
-        waiters = [asyncio.ensure_future(e.wait()) for e in (self.wake, self.shutdown.stop)]
+        events = (self.wake, self.shutdown.stop, self._failed)
+        waiters = [asyncio.ensure_future(e.wait()) for e in events]
         try:
             await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -133,10 +153,15 @@ class Relister:
         try:
             with structlog.contextvars.bound_contextvars(service_sid=target.chat_service_sid):
                 await self.serve(target)
-        except FatalError:
-            log.error("relist_fatal")
-            self.shutdown.stop.set()
-            raise
+        except (FatalError, DatabaseUnavailable) as error:
+            # The re-lister stops (``run`` raises it): the daemon stops fatally, or starts it
+            # again once the database is back. The target's lease expires meanwhile.
+            self.failure = self.failure or error
+            self._failed.set()
+        except Exception:
+            log.exception("relist_crashed")
+            with contextlib.suppress(*CONNECTION_ERRORS):
+                await self.queue.postpone(target, FAILED_RETRY_SECONDS, "internal error")
         finally:
             self.held.discard(target.token)
 
@@ -154,11 +179,15 @@ class Relister:
                 return
             listing = ConversationsListing(self.listings, claim)
             await walk(listing, self.client.get_page, self.settings.max_pages, self.shutdown.stop)
-            if listing.outcome == "released":
+            self.metrics.inc("convsync_relists_total", outcome=listing.outcome)
+            if listing.outcome == "released":  # stopped or taken over: again, at once
                 await self.db.call(self.queue.postpone, target, 0.0)
                 return
+            if listing.outcome == "failed" and target.attempts < MAX_ATTEMPTS:
+                log.warning("relist_postponed", attempts=target.attempts)
+                await self.db.call(self.queue.postpone, target, FAILED_RETRY_SECONDS)
+                return
             delay = await self.db.call(self.queue.served, target)
-            self.metrics.inc("convsync_relists_total", outcome=listing.outcome)
             if delay is not None:
                 self.metrics.observe("convsync_relist_delay_seconds", delay)
             log.info(
@@ -191,6 +220,8 @@ class Relister:
             return None
         parsed = parse_users_page([body], target.chat_service_sid)
         if not parsed.rows:
+            log.warning("relist_dropped", reason="the user's record cannot be stored")
+            self.metrics.inc("convsync_relists_total", outcome="unknown_user")
             await self.db.call(self.queue.drop, target)
             return None
         row = parsed.rows[0]

@@ -4,9 +4,10 @@ A webhook's event is recorded in one transaction with its idempotency key: the u
 changed become ``relist_targets`` rows (an identity through ``users``; a conversation through
 its current members in ``memberships``), due after the coalescing window. Re-lists claim due
 targets with a lease, like a pass's users (``FOR UPDATE SKIP LOCKED``), so replicas never list
-one user twice at once. A re-list then claims the user's cursor from page one, unless a listing
-of that user is under way (a pass's, or another re-list's): the target waits a second and is
-tried again, so a listing in progress is never reset under its walker.
+one user twice at once. A re-list then claims the user's cursor from page one, unless another
+walker holds it (a pass's, or another re-list's) or the running pass has the user still to do:
+the target waits a second and is tried again, so a listing in progress is never reset under its
+walker, and the pass's own users are the pass's to list.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ queued AS (
     INSERT INTO relist_targets AS t (chat_service_sid, user_ref, due_at)
     SELECT service, user_ref, now() + make_interval(secs => $7) FROM wanted
     WHERE user_ref IS NOT NULL
+    ORDER BY service, user_ref  -- one lock order for concurrent events: no deadlock
     ON CONFLICT (chat_service_sid, user_ref) DO UPDATE SET
         requests = t.requests + 1,
         generation = t.generation + 1,
@@ -74,6 +76,7 @@ class Target:
     user_ref: str
     token: str
     requested_at: datetime
+    attempts: int  # times claimed, this one included
 
 
 class TargetQueue:
@@ -106,21 +109,28 @@ class TargetQueue:
             """WITH due AS (
                    SELECT chat_service_sid, user_ref FROM relist_targets
                    WHERE due_at <= now() AND (claimed_by IS NULL OR lease_until < now()
-                                              OR ($4 AND claimed_by LIKE $1 || '.%'))
+                                              OR ($4 AND starts_with(claimed_by, $1 || '.')))
                    ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED)
                UPDATE relist_targets t SET claimed_by = $1 || '.' || md5(t.user_ref),
                       lease_until = now() + make_interval(secs => $2),
                       claimed_generation = t.generation, attempts = t.attempts + 1
                FROM due d
                WHERE t.chat_service_sid = d.chat_service_sid AND t.user_ref = d.user_ref
-               RETURNING t.chat_service_sid, t.user_ref, t.claimed_by, t.requested_at""",
+               RETURNING t.chat_service_sid, t.user_ref, t.claimed_by, t.requested_at,
+                         t.attempts""",
             token,
             lease_seconds,
             limit,
             recover,
         )
         return [
-            Target(r["chat_service_sid"], r["user_ref"], r["claimed_by"], r["requested_at"])
+            Target(
+                r["chat_service_sid"],
+                r["user_ref"],
+                r["claimed_by"],
+                r["requested_at"],
+                r["attempts"],
+            )
             for r in rows
         ]
 
@@ -135,8 +145,10 @@ class TargetQueue:
     async def claim_cursor(
         self, target: Target, user_sid: str, lease_seconds: float
     ) -> UserClaim | None:
-        """Claim the user's cursor for a listing from page one; None while a listing of the
-        user is under way (or the mirror has no pass yet to file it under)."""
+        """Claim the user's cursor for a listing from page one; None while another walker
+        holds it (a pass's, or another re-list's), while the running pass has the user still
+        to do (the pass lists it, then the re-list runs), or before any pass to file it under.
+        A listing nobody walks any more (its claim released, its pass over) starts again."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute(
                 """INSERT INTO sync_cursors (chat_service_sid, user_sid, run_id, state)
@@ -152,8 +164,10 @@ class TargetQueue:
                           next_page_path = NULL, listing_pages = 0, seen_conversations = '{}',
                           listing_started_at = NULL
                    WHERE c.chat_service_sid = $1 AND c.user_sid = $2
-                     AND (c.claimed_by IS NULL OR c.lease_until < now())
-                     AND NOT (c.state = 'pending' AND c.listing_pages > 0)
+                     AND (c.claimed_by IS NULL OR c.lease_until < now() OR c.claimed_by = $3)
+                     AND NOT (c.state = 'pending' AND EXISTS (
+                         SELECT 1 FROM sync_runs r
+                         WHERE r.run_id = c.run_id AND r.status = 'running'))
                    RETURNING c.run_id""",
                 target.chat_service_sid,
                 user_sid,
@@ -204,14 +218,25 @@ class TargetQueue:
         )
 
     async def drop(self, target: Target) -> None:
-        """Forget a target that cannot be served (an identity Twilio does not know)."""
-        await self.pool.execute(
-            """DELETE FROM relist_targets
-               WHERE chat_service_sid = $1 AND user_ref = $2 AND claimed_by = $3""",
-            target.chat_service_sid,
-            target.user_ref,
-            target.token,
-        )
+        """Forget a target that cannot be served (an identity Twilio does not know), unless
+        a newer request came meanwhile (then it waits for another try)."""
+        async with self.pool.acquire() as conn, conn.transaction():
+            status = await conn.execute(
+                """DELETE FROM relist_targets
+                   WHERE chat_service_sid = $1 AND user_ref = $2 AND claimed_by = $3
+                     AND generation = claimed_generation""",
+                target.chat_service_sid,
+                target.user_ref,
+                target.token,
+            )
+            if status.endswith(" 0"):
+                await conn.execute(
+                    """UPDATE relist_targets SET claimed_by = NULL, lease_until = NULL
+                       WHERE chat_service_sid = $1 AND user_ref = $2 AND claimed_by = $3""",
+                    target.chat_service_sid,
+                    target.user_ref,
+                    target.token,
+                )
 
     async def prune_events(self) -> int:
         """Forget idempotency keys older than ``WEBHOOK_EVENTS_KEPT_SECONDS``."""

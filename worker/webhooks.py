@@ -3,7 +3,8 @@
 ``POST /webhooks/twilio`` (``convsync run`` with CONVSYNC_WEBHOOKS=true) takes the
 form-encoded events Twilio posts after a change. Each request, in this order:
 
-1. its body is read up to ``MAX_BODY_BYTES`` (a larger one is 413, unread past the cap);
+1. its body is read up to ``MAX_BODY_BYTES`` within ``BODY_TIMEOUT_SECONDS`` (a larger one is
+   413, unread past the cap; a slower one 408);
 2. its ``X-Twilio-Signature`` is checked (Twilio's scheme: base64 HMAC-SHA1, keyed by the
    account's auth token, of the URL Twilio called followed by every POST parameter sorted by
    name, name then value), in constant time: a wrong or missing one is 403 and changes nothing;
@@ -23,8 +24,9 @@ import hashlib
 import hmac
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
-from urllib.parse import parse_qsl
+from urllib.parse import parse_qsl, urlsplit, urlunsplit
 
+import asyncpg
 import structlog
 from aiohttp import web
 
@@ -36,6 +38,7 @@ from worker.sids import is_sid
 log = structlog.get_logger(__name__)
 PATH = "/webhooks/twilio"
 MAX_BODY_BYTES = 64 * 1024  # Twilio's events are a few kB; read no further than this
+BODY_TIMEOUT_SECONDS = 10.0  # for the whole body (the sender is not authenticated yet)
 RECORD_TIMEOUT_SECONDS = 5.0  # past this, 503: Twilio retries
 # The events that change rows of the mirror, and whom they concern (see ``Event.members``).
 PARTICIPANT_EVENTS = frozenset(
@@ -46,10 +49,12 @@ CONVERSATION_EVENTS = frozenset({"onConversationUpdated", "onConversationStateUp
 # Every current member's row changes (unread counts; the memberships themselves).
 MEMBERS_EVENTS = frozenset({"onMessageAdded", "onConversationRemoved"})
 HANDLED_EVENTS = PARTICIPANT_EVENTS | CONVERSATION_EVENTS | MEMBERS_EVENTS
+# Anything that keeps the database from recording a webhook: 503, and Twilio retries.
 RECORD_FAILURES: tuple[type[BaseException], ...] = (
     *CONNECTION_ERRORS,
     TimeoutError,
     DatabaseUnavailable,
+    asyncpg.PostgresError,
 )
 
 
@@ -65,14 +70,37 @@ def twilio_signature(auth_token: str, url: str, params: Sequence[tuple[str, str]
     return base64.b64encode(digest).decode("ascii")
 
 
+def url_forms(url: str) -> list[str]:
+    """The URL as given, and with its default port written out or left out: Twilio signs
+    the URL as configured, which may or may not name the port (as twilio-python checks)."""
+    parts = urlsplit(url)
+    default = {"http": 80, "https": 443}.get(parts.scheme)
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    if parts.username is not None or default is None:
+        return [url]
+    if parts.port is None:
+        other = parts._replace(netloc=f"{host}:{default}")
+    elif parts.port == default:
+        other = parts._replace(netloc=host)
+    else:
+        return [url]
+    return [url, urlunsplit(other)]
+
+
 def signature_valid(
     auth_token: str, url: str, params: Sequence[tuple[str, str]], signature: str | None
 ) -> bool:
     """True when ``signature`` is Twilio's for this request (compared in constant time)."""
     if not signature:
         return False
-    expected = twilio_signature(auth_token, url, params)
-    return hmac.compare_digest(expected.encode(), signature.encode("utf-8", "replace"))
+    given = signature.encode("utf-8", "replace")
+    matches = [
+        hmac.compare_digest(twilio_signature(auth_token, form, params).encode(), given)
+        for form in url_forms(url)
+    ]
+    return any(matches)
 
 
 @dataclass(frozen=True)
@@ -150,8 +178,11 @@ class WebhookReceiver:
         declared = request.content_length
         if declared is not None and declared > MAX_BODY_BYTES:
             return self._refuse("other", 413, "body too large")
-        body = await request.content.read(MAX_BODY_BYTES + 1)
-        if len(body) > MAX_BODY_BYTES:
+        try:
+            body = await _read_capped(request, MAX_BODY_BYTES)
+        except TimeoutError:
+            return self._refuse("other", 408, "body not received in time")
+        if body is None:
             return self._refuse("other", 413, "body too large")
         try:
             params = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
@@ -188,11 +219,26 @@ class WebhookReceiver:
             targets_new=done.new,
             targets_coalesced=done.coalesced,
         )
-        if done.new or done.coalesced:
+        if done.new:  # a coalesced request keeps its target's due time: nothing to wake
             self._on_recorded()
         return web.json_response({"status": outcome})
 
     def _refuse(self, label: str, status: int, reason: str) -> web.Response:
+        """Answer ``status``, counted refused; nothing is recorded."""
         self._metrics.inc("convsync_webhooks_total", event_type=label, outcome="refused")
         log.warning("webhook_refused", event_type=label, status=status, reason=reason)
         return web.json_response({"status": "refused", "reason": reason}, status=status)
+
+
+async def _read_capped(request: web.Request, cap: int) -> bytes | None:
+    """The whole body, or None past ``cap`` bytes (read no further); TimeoutError when it
+    takes longer than ``BODY_TIMEOUT_SECONDS``."""
+    chunks: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(BODY_TIMEOUT_SECONDS):
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > cap:
+                return None
+            chunks.append(chunk)
+    return b"".join(chunks)

@@ -35,7 +35,13 @@ class PageWriter:
     batches should be in flight at once (each holds one pooled connection while it writes)."""
 
     def __init__(
-        self, db: RetryingStore, lease_seconds: float, *, max_pages: int = 64, max_wait: float = 0.0
+        self,
+        db: RetryingStore,
+        lease_seconds: float,
+        *,
+        max_pages: int = 64,
+        max_wait: float = 0.0,
+        known_conversations: int = KNOWN_CONVERSATIONS,
     ) -> None:
         self._db = db
         self._lease = lease_seconds
@@ -46,6 +52,7 @@ class PageWriter:
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
         self._known: OrderedDict[str, datetime] = OrderedDict()  # SID -> date_updated written
+        self._known_max = known_conversations  # 0: remember none
         self.batches = 0
         self.pages = 0
 
@@ -58,19 +65,20 @@ class PageWriter:
         return await done
 
     async def run(self) -> None:
-        """Write batches until cancelled."""
+        """Write batches until cancelled. A batch that fails (the database away past its wait,
+        a statement cancelled) fails its pages' writers, and the next batch is written."""
         while True:
             batch = await self._next_batch()
             try:
                 await self._commit(batch)
-            except BaseException as error:
+            except asyncio.CancelledError:
+                for _, done in batch:
+                    done.cancel()
+                raise
+            except Exception as error:
                 for _, done in batch:
                     if not done.done():
-                        if isinstance(error, asyncio.CancelledError):
-                            done.cancel()
-                        else:
-                            done.set_exception(error)
-                raise
+                        done.set_exception(error)
 
     async def _next_batch(self) -> list[tuple[PageWrite, asyncio.Future[PageOutcome]]]:
         """The waiting pages, at most ``max_pages`` and one per claim (a second page of a
@@ -149,5 +157,5 @@ class PageWriter:
                 continue
             known[sid] = updated
             known.move_to_end(sid)
-        while len(known) > KNOWN_CONVERSATIONS:
+        while len(known) > self._known_max:
             known.popitem(last=False)

@@ -12,10 +12,10 @@ from typing import Any
 import asyncpg
 import pytest
 
-from tests.harness import scalar
+from tests.harness import scalar, until
 from worker.client import _ENVELOPES
 from worker.database import RetryingStore
-from worker.errors import LeaseLost
+from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
 from worker.model import decode_conversations_page
 from worker.store import PageWrite, Store, UserClaim
@@ -142,3 +142,41 @@ async def test_a_conversation_is_written_once_per_version(store: Store, db_url: 
         runner.cancel()
     assert await scalar(db_url, "SELECT friendly_name FROM conversations") == "newer"
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 3
+
+
+async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goes_on(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    writer = writer_for(store)  # waits 0 s for the database: one failure is final
+    runner = asyncio.create_task(writer.run())
+    try:
+        first = page_of(claims[USERS[0]], item(USERS[0], "CH" + "d" * 32))
+        # The database drops the writer's session mid-statement (a restart, a failover):
+        # the statement waits on a lock, and its backend is terminated meanwhile.
+        admin = await asyncpg.connect(db_url)
+        try:
+            await admin.execute("BEGIN; LOCK TABLE sync_cursors IN ACCESS EXCLUSIVE MODE")
+            writing = asyncio.ensure_future(writer.write(first))
+
+            async def waiting_backends() -> list[int]:
+                rows = await admin.fetch(
+                    """SELECT pid FROM pg_stat_activity
+                       WHERE datname = current_database() AND wait_event_type = 'Lock'"""
+                )
+                return [r["pid"] for r in rows]
+
+            blocked = await until(waiting_backends, timeout=10, what="the write to block")
+            await admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM unnest($1::int[]) pid", blocked
+            )
+            with pytest.raises(DatabaseUnavailable):
+                await writing
+        finally:
+            await admin.close()
+        # The writer survived the lost batch: the same page, written again, commits.
+        outcome = await asyncio.wait_for(writer.write(first), 10)
+    finally:
+        runner.cancel()
+    assert outcome.inserted == 1
+    assert not runner.done() or runner.cancelled()

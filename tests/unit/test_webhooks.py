@@ -76,3 +76,13 @@ def test_other_or_malformed_events_change_nothing() -> None:
     assert parse_event({**base, "EventType": "onParticipantAdded", "ChatServiceSid": ""}) is None
     bad_sid = {**base, "EventType": "onMessageAdded", "ConversationSid": CONVERSATION + "\n"}
     assert parse_event(bad_sid) is None
+
+
+def test_a_url_signed_with_or_without_its_default_port_is_the_same_url() -> None:
+    signed = twilio_signature("12345", "https://mycompany.com:443/hook?x=1", DOCS_PARAMS)
+    assert signature_valid("12345", "https://mycompany.com/hook?x=1", DOCS_PARAMS, signed)
+    plain = twilio_signature("12345", "http://h.example/hook", DOCS_PARAMS)
+    assert signature_valid("12345", "http://h.example:80/hook", DOCS_PARAMS, plain)
+    # Another port is another URL.
+    other = twilio_signature("12345", "https://mycompany.com:8443/hook", DOCS_PARAMS)
+    assert not signature_valid("12345", "https://mycompany.com/hook", DOCS_PARAMS, other)
