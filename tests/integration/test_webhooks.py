@@ -25,6 +25,7 @@ from tests.harness import (
     assert_mirrors,
     convsync,
     failure,
+    fetch,
     scalar,
     until,
     worker_env,
@@ -375,3 +376,56 @@ async def test_relists_during_a_pass_and_across_replicas_never_list_a_user_twice
     finally:
         assert first.stop() == 0
         assert second.stop() == 0
+
+
+async def test_a_burst_on_a_busy_conversation_stays_within_the_limit_and_the_pass_goes_on(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    await clear_of_the_hour()
+    server.sim.configure(latency_ms=80, jitter_ms=20)
+    limit = 6
+    env = webhook_env(
+        server,
+        db_url,
+        CONVSYNC_WEBHOOK_COALESCE_SECONDS="0",
+        CONVSYNC_CONCURRENCY=str(limit),
+        CONVSYNC_RELIST_CONCURRENCY="4",
+    )
+    replica = Replica(env, tmp_path / "run.log")
+    try:
+
+        async def pass_under_way() -> bool:
+            done = await scalar(db_url, "SELECT count(*) FROM sync_cursors WHERE state = 'done'")
+            return bool(done and done >= USERS // 3)
+
+        await until(pass_under_way, timeout=90, what="a third of the pass")
+        server.sim.reset_stats()
+        data = server.sim.dataset
+        service = data.service_sids()[0]
+        listed = {
+            r["user_sid"]
+            for r in await fetch(db_url, "SELECT user_sid FROM sync_cursors WHERE state = 'done'")
+        }
+        candidates = {
+            m["conversation_sid"] for u in sorted(listed)[:40] for m in data.memberships(service, u)
+        }
+        busiest = max(sorted(candidates), key=lambda c: len(data.conversation_members(service, c)))
+        members = data.conversation_members(service, busiest)
+        assert len(members) >= 5
+        server.sim.configure(webhook_url=f"{replica.url}{PATH}")
+        for _ in range(30):  # a lively conversation: 30 messages, each naming every member
+            data.add_message(service, members[0], busiest)
+        assert await asyncio.to_thread(server.sim.webhooks_idle, 20)
+        await first_pass_done(db_url)
+        await until(lambda: _none_left(db_url), timeout=60, what="every re-list")
+        await assert_mirrors(server, db_url)
+        stats = server.sim.stats()
+        assert stats.max_in_flight <= limit, "re-lists and the pass share one limit"
+        assert stats.by_status[429] == 0
+        assert overlapping_listings(server) == []
+        relists = [e for e in replica.events() if e.get("event") == "relist_done"]
+        # Coalesced: far fewer re-lists than webhooks times members.
+        assert len(relists) < 30 * len(members) / 3, (len(relists), len(members))
+    finally:
+        assert replica.stop() == 0
+    record(burst_webhooks=30, burst_members=len(members), burst_relists=len(relists))
