@@ -13,7 +13,7 @@ import socket
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote_plus, urlsplit
+from urllib.parse import SplitResult, parse_qsl, unquote_plus, urlsplit
 
 from worker.errors import ConfigError
 from worker.sids import SID_PATTERNS
@@ -387,8 +387,8 @@ def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
     return url
 
 
-def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> str:
-    """An http(s) origin (and optional path prefix), without credentials, query or fragment."""
+def _http_url(url: str, name: str) -> SplitResult:
+    """``url`` split, when it is an http(s) URL with a host (else a ConfigError naming it)."""
     try:
         parts = urlsplit(url)
         _ = parts.port
@@ -396,6 +396,12 @@ def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> 
         raise ConfigError(f"{name} is not a valid URL") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{name} must be an http(s) URL")
+    return parts
+
+
+def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> str:
+    """An http(s) origin (and optional path prefix), without credentials, query or fragment."""
+    parts = _http_url(url, name)
     if "@" in parts.netloc:
         raise ConfigError(
             f"{name} must not hold credentials: set TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET"
@@ -407,12 +413,7 @@ def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> 
 
 def validate_webhook_url(url: str, name: str = "CONVSYNC_WEBHOOK_URL") -> str:
     """The full http(s) URL Twilio calls (a query is part of what it signs; no fragment)."""
-    try:
-        parts = urlsplit(url)
-        _ = parts.port
-    except ValueError:
-        raise ConfigError(f"{name} is not a valid URL") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname or parts.fragment:
+    if _http_url(url, name).fragment:
         raise ConfigError(f"{name} must be an http(s) URL without a fragment")
     return url
 

@@ -18,6 +18,7 @@ from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import Failover, record
 from tests.harness import Replica, assert_mirrors, convsync, scalar, until
 from tests.integration.test_webhooks import (
+    a_membership,
     clear_of_the_hour,
     first_pass_done,
     mirrors,
@@ -49,9 +50,7 @@ async def test_sigkill_after_the_200_loses_no_relist(
     await first_pass_done(db_url)
     server.sim.configure(webhook_url=f"{replica.url}{PATH}")
     data = server.sim.dataset
-    service = data.service_sids()[0]
-    user = next(u for u in data.user_sids(service) if data.membership_count(service, u))
-    conversation = data.memberships(service, user)[0]["conversation_sid"]
+    service, user, conversation = a_membership(server)
     data.remove_membership(service, user, conversation)
     assert await asyncio.to_thread(server.sim.webhooks_idle, 10)
     assert server.sim.webhook_stats().delivered == 1
@@ -91,9 +90,7 @@ async def test_webhooks_while_the_database_is_read_only_get_503_and_lose_nothing
         await first_pass_done(db_url)
         url = f"{replica.url}{PATH}"
         data = server.sim.dataset
-        service = data.service_sids()[0]
-        user = next(u for u in data.user_sids(service) if data.membership_count(service, u))
-        conversation = data.memberships(service, user)[0]["conversation_sid"]
+        service, user, conversation = a_membership(server)
         identity = next(u["identity"] for u in data.expected_users(service) if u["sid"] == user)
         data.set_unread(service, user, conversation, 21, 2)  # upstream changed (no webhook URL)
         params = [

@@ -61,6 +61,14 @@ def webhook_env(server: SimulatorServer, db_url: str, **overrides: str) -> dict[
     return worker_env(server, db_url, **{**settings, **overrides})
 
 
+def a_membership(server: SimulatorServer) -> tuple[str, str, str]:
+    """(service, user, conversation) of the first user with a conversation."""
+    data = server.sim.dataset
+    service = data.service_sids()[0]
+    user = next(u for u in data.user_sids(service) if data.membership_count(service, u))
+    return service, user, data.memberships(service, user)[0]["conversation_sid"]
+
+
 async def first_pass_done(db_url: str) -> None:
     async def succeeded() -> bool:
         status = await scalar(db_url, "SELECT status FROM sync_runs ORDER BY run_id LIMIT 1")
@@ -243,9 +251,7 @@ async def test_a_forged_or_replayed_webhook_changes_nothing(
         url = f"{replica.url}{PATH}"
         server.sim.configure(webhook_url=url)
         data = server.sim.dataset
-        service = data.service_sids()[0]
-        user = next(u for u in data.user_sids(service) if data.membership_count(service, u))
-        conversation = data.memberships(service, user)[0]["conversation_sid"]
+        service, user, conversation = a_membership(server)
         server.sim.configure(webhook_filters=["onParticipantUpdated"])
         server.sim.reset_stats()
         data.set_unread(service, user, conversation, 17, 3)
