@@ -68,7 +68,7 @@ import typing
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, get_args
+from typing import Any, TypeVar, get_args
 from urllib.parse import unquote
 
 from aiohttp import web
@@ -269,6 +269,17 @@ class Stats:
         }
 
 
+def _take_targeted(entries: list[Targeted], target: str) -> Targeted | None:
+    """The first entry whose needle is in ``target``, one use of it spent (gone at its last)."""
+    for index, entry in enumerate(entries):
+        if entry.needle in target:
+            entry.remaining -= 1
+            if entry.remaining <= 0:
+                del entries[index]
+            return entry
+    return None
+
+
 @dataclass(frozen=True)
 class Served:
     """One API request as the simulator saw it: when it arrived and when its answer left
@@ -292,6 +303,9 @@ class _Corruption:
     needle: str
     mutate: Callable[[dict[str, Any]], Any]
     remaining: int
+
+
+Targeted = TypeVar("Targeted", _Targeted, _Corruption)  # a fault or a corruption, by needle
 
 
 @dataclass(frozen=True)
@@ -405,19 +419,13 @@ class Simulator:
 
     def _corrupt(self, target: str, body: dict[str, Any]) -> _Reply:
         """A 200 reply of ``body``, or of what a pending corruption for ``target`` makes of it."""
-        mutate: Callable[[dict[str, Any]], Any] | None = None
         with self._lock:
-            for index, corruption in enumerate(self._corruptions):
-                if corruption.needle in target:
-                    corruption.remaining -= 1
-                    if corruption.remaining <= 0:
-                        del self._corruptions[index]
-                    mutate = corruption.mutate
-                    self._faults["corrupt"] += 1
-                    break
-        if mutate is None:
+            corruption = _take_targeted(self._corruptions, target)
+            if corruption is not None:
+                self._faults["corrupt"] += 1
+        if corruption is None:
             return _json(200, body)
-        served = mutate(body)
+        served = corruption.mutate(body)
         if isinstance(served, bytes):
             return _Reply(200, served, {})
         try:
@@ -650,12 +658,9 @@ class Simulator:
 
     def _pick_fault(self, target: str, config: SimulatorConfig) -> int | str | None:
         with self._lock:
-            for index, targeted in enumerate(self._targeted):
-                if targeted.needle in target:
-                    targeted.remaining -= 1
-                    if targeted.remaining <= 0:
-                        del self._targeted[index]
-                    return targeted.fault
+            targeted = _take_targeted(self._targeted, target)
+        if targeted is not None:
+            return targeted.fault
         if not (config.rate_429 or config.rate_500 or config.rate_503 or config.drop_rate
                 or config.truncate_rate or config.slow_rate):  # fmt: skip
             return None

@@ -85,7 +85,9 @@ class Daemon:
         self._started = time.time()
         self.relister: Relister | None = None
         self.receiver: WebhookReceiver | None = None
+        self._webhook_db = RetryingStore(store, WEBHOOK_DB_WAIT_SECONDS, metrics)
         if settings.webhooks:
+            self._targets = TargetQueue(store.pool)
             self.relister = Relister(settings, store, client, shutdown, metrics)
             self.receiver = WebhookReceiver(
                 settings.require_webhook_key(),
@@ -100,9 +102,9 @@ class Daemon:
     async def _record_webhook(self, event: Event | None, key: str) -> Recorded:
         """Record a webhook, waiting out a database that is briefly away (a read-only answer
         drops the pooled sessions, as in a pass) for at most ``WEBHOOK_DB_WAIT_SECONDS``."""
-        queue = TargetQueue(self.store.pool)
-        db = RetryingStore(self.store, WEBHOOK_DB_WAIT_SECONDS, metrics)
-        return await db.call(queue.record, event, key, self.settings.webhook_coalesce_seconds)
+        return await self._webhook_db.call(
+            self._targets.record, event, key, self.settings.webhook_coalesce_seconds
+        )
 
     def start_relister(self) -> None:
         """Serve webhooks' targeted re-lists beside the schedule (CONVSYNC_WEBHOOKS)."""
