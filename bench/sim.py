@@ -187,7 +187,7 @@ class SimProcess:
 
     def stats(self) -> dict[str, Any]:
         """``GET /_sim/stats``, without the per-page lists (they grow with the dataset)."""
-        stats = self._control("stats")
+        stats = self._control("stats?pages=false")
         stats.pop("pages", None)
         stats.pop("pages_ok", None)
         return stats
