@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Annotated, Any, Generic, Literal, TypeVar
@@ -488,23 +489,34 @@ _ANY = msgspec.json.Decoder()
 _NUL_ESCAPE = b"\\u0000"
 
 
+_ENCODER = msgspec.json.Encoder()
+
+
 @dataclass(frozen=True, slots=True)
 class ConversationsPage:
-    """A user's conversations page ready for the database.
+    """A user's conversations page ready for the database, in the lean form it is sent in.
 
-    ``payload`` is a JSON object whose ``conversations`` array holds the storable items (the
-    page's own body on the hot path); ``sids`` their conversation SIDs, one per item.
+    ``members`` is a JSON array with one object per storable item, its membership fields
+    (``_member``); ``sids`` their conversation SIDs, in the same order. The conversation fields
+    of item ``i`` are encoded only when a batch writes that conversation
+    (``conversation_json``): most pages list conversations already stored, and every byte sent
+    is a byte PostgreSQL parses.
     """
 
-    payload: bytes
+    members: bytes
     sids: list[str]
     rejected: list[Rejected]
     updated: list[datetime | None] = field(default_factory=list)  # date_updated, per SID
+    sources: Sequence[_UserConversation | ConversationRow] = ()  # conversation fields, per SID
 
     @property
     def seen_sids(self) -> list[str]:
         """What this page proves the user still has (see ``ParsedConversationsPage``)."""
         return seen_sids(self.sids, self.rejected)
+
+    def conversation_json(self, index: int) -> bytes:
+        """The conversation fields of item ``index``, as a JSON object (``_conversation``)."""
+        return _ENCODER.encode(_conversation(self.sources[index]))
 
 
 def decode_conversations_page(
@@ -519,20 +531,57 @@ def decode_conversations_page(
         if decoded is not None and len(decoded) == len(items):
             sids = _fast_sids(decoded, service_sid, user_sid)
             if sids is not None:
-                return ConversationsPage(body, sids, [], [i.date_updated for i in decoded])
+                members = _ENCODER.encode([_member(i) for i in decoded])
+                return ConversationsPage(
+                    members, sids, [], [i.date_updated for i in decoded], decoded
+                )
     parsed = parse_conversations_page(items, service_sid, user_sid)
     conversations = {c.conversation_sid: c for c in parsed.conversations}
-    payload = {
-        "conversations": [
-            _api_item(conversations[m.conversation_sid], m) for m in parsed.memberships
-        ]
-    }
+    sources = [conversations[m.conversation_sid] for m in parsed.memberships]
     return ConversationsPage(
-        msgspec.json.encode(payload),
+        _ENCODER.encode([_member(m) for m in parsed.memberships]),
         [m.conversation_sid for m in parsed.memberships],
         parsed.rejected,
-        [conversations[m.conversation_sid].date_updated for m in parsed.memberships],
+        [c.date_updated for c in sources],
+        sources,
     )
+
+
+def _member(item: _UserConversation | MembershipRow) -> dict[str, Any]:
+    """The membership fields of an item (decoded on the hot path, or parsed), as the page
+    statement reads them (``jsonb_to_recordset``: worker/store.py)."""
+    links = item.links
+    return {
+        "conversation_sid": item.conversation_sid,
+        "participant_sid": item.participant_sid,
+        "notification_level": item.notification_level,
+        "unread_messages_count": item.unread_messages_count,
+        "last_read_message_index": item.last_read_message_index,
+        "url": item.url,
+        "links": msgspec.Raw(links.encode()) if isinstance(links, str) else links,
+    }
+
+
+def _conversation(item: _UserConversation | ConversationRow) -> dict[str, Any]:
+    """The conversation fields of an item, as the page statement reads them."""
+    if isinstance(item, ConversationRow):
+        inactive, closed = item.date_inactive, item.date_closed
+    else:
+        timers = item.timers
+        inactive, closed = (timers.date_inactive, timers.date_closed) if timers else (None, None)
+    return {
+        "conversation_sid": item.conversation_sid,
+        "account_sid": item.account_sid,
+        "friendly_name": item.friendly_name,
+        "unique_name": item.unique_name,
+        "attributes": item.attributes,
+        "conversation_state": item.conversation_state,
+        "created_by": item.created_by,
+        "date_created": item.date_created,
+        "date_updated": item.date_updated,
+        "date_inactive": inactive,
+        "date_closed": closed,
+    }
 
 
 def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) -> list[str] | None:
@@ -571,32 +620,3 @@ def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) 
 
 
 _EDGE_YEARS = frozenset({1, 9999})
-
-
-def _api_item(conversation: ConversationRow, membership: MembershipRow) -> dict[str, Any]:
-    """A parsed item back in the API's shape (dates normalised), for the database to read."""
-
-    def date(value: datetime | None) -> str | None:
-        return None if value is None else value.isoformat()
-
-    return {
-        "conversation_sid": conversation.conversation_sid,
-        "account_sid": conversation.account_sid,
-        "friendly_name": conversation.friendly_name,
-        "unique_name": conversation.unique_name,
-        "attributes": conversation.attributes,
-        "conversation_state": conversation.conversation_state,
-        "created_by": conversation.created_by,
-        "date_created": date(conversation.date_created),
-        "date_updated": date(conversation.date_updated),
-        "timers": {
-            "date_inactive": date(conversation.date_inactive),
-            "date_closed": date(conversation.date_closed),
-        },
-        "participant_sid": membership.participant_sid,
-        "notification_level": membership.notification_level,
-        "unread_messages_count": membership.unread_messages_count,
-        "last_read_message_index": membership.last_read_message_index,
-        "url": membership.url,
-        "links": None if membership.links is None else msgspec.Raw(membership.links.encode()),
-    }

@@ -119,8 +119,8 @@ def _jsonb_in(data: bytes) -> str:
 
 
 async def _init_connection(conn: asyncpg.Connection) -> None:
-    # jsonb travels as JSON text, never decoded here: a page's body goes to PostgreSQL as the
-    # bytes Twilio sent; attributes are JSON text already.
+    # jsonb travels as JSON text, never decoded here: a page batch goes to PostgreSQL as one
+    # JSON document the model encoded; attributes are JSON text already.
     await conn.set_type_codec(
         "jsonb", encoder=_jsonb_out, decoder=_jsonb_in, schema="pg_catalog", format="binary"
     )
@@ -670,7 +670,7 @@ class Store:
         self,
         writes: Sequence[PageWrite],
         lease_seconds: float,
-        conversations: Sequence[Sequence[str]] | None = None,
+        conversations: Sequence[Sequence[int]] | None = None,
     ) -> list[PageOutcome | None]:
         """Write a batch of pages (of distinct users) and advance their cursors in one
         transaction; per page, its outcome, or None when its claim no longer holds the cursor
@@ -679,11 +679,11 @@ class Store:
         ``pages_written`` is the count of pages of the listing already written. On a listing's
         last page, memberships not seen in the whole listing are removed. If PostgreSQL refuses
         a value, nothing of the batch is written and the error is raised. ``conversations``:
-        per page, the conversations to upsert (default: all of the page's); a conversation
-        left out must already be stored at least as new as the page has it.
+        per page, the items (indices into its ``sids``) whose conversation to upsert (default:
+        all); a conversation left out must already be stored at least as new as the page has it.
         """
         if conversations is None:
-            conversations = [w.page.sids for w in writes]
+            conversations = [range(len(w.page.sids)) for w in writes]
         batch = [
             _BatchPage(
                 number,
@@ -693,14 +693,14 @@ class Store:
                 w.pages_written,
                 w.next_page_path,
                 w.claim.run_id,
-                msgspec.Raw(w.page.payload),
+                msgspec.Raw(w.page.members),
+                [msgspec.Raw(w.page.conversation_json(i)) for i in indices],
                 ",".join(w.page.seen_sids),
                 [_RejectedItem(r.item, r.reason) for r in w.page.rejected] or None,
                 w.source_path,
                 len(w.page.sids),
-                ",".join(sids),
             )
-            for number, (w, sids) in enumerate(zip(writes, conversations, strict=True), 1)
+            for number, (w, indices) in enumerate(zip(writes, conversations, strict=True), 1)
         ]
         try:
             document = msgspec.json.encode(batch)
@@ -897,12 +897,12 @@ class _BatchPage(msgspec.Struct, gc=False):
     expected: int
     next_path: str | None
     run_id: int
-    body: msgspec.Raw  # the page's JSON object (its items under "conversations")
+    members: msgspec.Raw  # the page's membership fields (ConversationsPage.members)
+    conversations: list[msgspec.Raw]  # the conversations it writes (conversation_json)
     seen: str
     rejected: list[_RejectedItem] | None
     source: str
     items: int
-    conversations: str
 
 
 _PAGES_SQL = """
@@ -911,8 +911,8 @@ WITH page AS (
     -- send, where an array per field cost the worker three times as much CPU.
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS p(
         ord int, service text, user_sid text, token text, expected int, next_path text,
-        run_id bigint, body jsonb, seen text, rejected jsonb, source text, items int,
-        conversations text)
+        run_id bigint, members jsonb, conversations jsonb, seen text, rejected jsonb,
+        source text, items int)
 ),
 guard AS (
     -- One primary-key lookup per page, the claim checked after it: a join would let the
@@ -930,14 +930,19 @@ guard AS (
       AND c.state = 'pending'
 ),
 item AS (
-    SELECT g.service, g.user_sid, r.*,
-           r.conversation_sid = ANY (string_to_array(p.conversations, ',')) AS write_conversation
+    SELECT g.service, g.user_sid, r.*
     FROM guard g JOIN page p ON p.ord = g.ord
-    CROSS JOIN LATERAL jsonb_to_recordset(p.body -> 'conversations') AS r(
+    CROSS JOIN LATERAL jsonb_to_recordset(p.members) AS r(
+        conversation_sid text, participant_sid text, notification_level text,
+        unread_messages_count bigint, last_read_message_index bigint, url text, links jsonb)
+),
+conversation AS (
+    SELECT g.service, r.*
+    FROM guard g JOIN page p ON p.ord = g.ord
+    CROSS JOIN LATERAL jsonb_to_recordset(p.conversations) AS r(
         conversation_sid text, account_sid text, friendly_name text, unique_name text,
         attributes text, conversation_state text, created_by text, date_created timestamptz,
-        date_updated timestamptz, timers jsonb, participant_sid text, notification_level text,
-        unread_messages_count bigint, last_read_message_index bigint, url text, links jsonb)
+        date_updated timestamptz, date_inactive timestamptz, date_closed timestamptz)
 ),
 conversations_upserted AS (
     INSERT INTO conversations AS c (chat_service_sid, conversation_sid, account_sid,
@@ -946,10 +951,8 @@ conversations_upserted AS (
     SELECT DISTINCT ON (i.service, i.conversation_sid)
            i.service, i.conversation_sid, i.account_sid, i.friendly_name, i.unique_name,
            i.attributes::jsonb, i.conversation_state, i.created_by, i.date_created,
-           i.date_updated, (i.timers ->> 'date_inactive')::timestamptz,
-           (i.timers ->> 'date_closed')::timestamptz
-    FROM item i
-    WHERE i.write_conversation
+           i.date_updated, i.date_inactive, i.date_closed
+    FROM conversation i
     ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST
     ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
       account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,

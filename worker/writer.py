@@ -109,11 +109,11 @@ class PageWriter:
             return
         writes = [write for write, _ in batch]
         known = self._known
-        conversations = [
+        conversations = [  # per page, the items whose conversation is written
             [
-                sid
-                for sid, updated in zip(w.page.sids, w.page.updated, strict=True)
-                if updated is None or known.get(sid) != updated
+                index
+                for index, updated in enumerate(w.page.updated)
+                if updated is None or known.get(w.page.sids[index]) != updated
             ]
             for w in writes
         ]

@@ -46,7 +46,7 @@ async def test_a_stale_claim_of_the_same_worker_can_neither_write_nor_fail_the_u
     assert fresh is not None
     assert fresh.token != stale.token
 
-    page = ConversationsPage(b'{"conversations": []}', [], [])
+    page = ConversationsPage(b"[]", [], [])
     with pytest.raises(LeaseLost):
         await store.save_conversations_page(stale, 60, 0, "/p1", page, "/p2")
     await store.mark_user_failed(stale, "should not land")

@@ -5,6 +5,7 @@ once per version."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -90,16 +91,18 @@ async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     claims = await claim_everyone(store)
     writer = writer_for(store)
     good = [page_of(claims[u], item(u, "CH" + u[2:])) for u in USERS[:10]]
-    # A value PostgreSQL refuses (February 30th), put in a validated page's payload by hand:
+    # A value PostgreSQL refuses (a count beyond bigint), put in a validated page by hand:
     # whatever the parser let through, the database's refusal costs that page only.
     refused = page_of(claims[USERS[10]], item(USERS[10], "CH" + "e" * 32))
-    payload = refused.page.payload.replace(b"2024-01-02T03:04:05Z", b"2024-02-30T03:04:05Z")
-    assert payload != refused.page.payload
+    members = refused.page.members.replace(
+        b'"unread_messages_count":1', b'"unread_messages_count":99999999999999999999'
+    )
+    assert members != refused.page.members
     refused = PageWrite(
         refused.claim,
         0,
         "/page",
-        type(refused.page)(payload, refused.page.sids, [], refused.page.updated),
+        dataclasses.replace(refused.page, members=members),
         None,
     )
     stale_claim = claims[USERS[11]]
