@@ -909,10 +909,11 @@ _PAGES_SQL = """
 WITH page AS (
     -- The batch is one JSON document (an array of _BatchPage): one parameter to encode and
     -- send, where an array per field cost the worker three times as much CPU.
+    -- The large fields (members, conversations) are read where they are used, by position
+    -- ($1 -> ord - 1: direct in a jsonb array), not carried through every join of the page.
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS p(
         ord int, service text, user_sid text, token text, expected int, next_path text,
-        run_id bigint, members jsonb, conversations jsonb, seen text, rejected jsonb,
-        source text, items int)
+        run_id bigint, seen text, rejected jsonb, source text, items int)
 ),
 guard AS (
     -- One primary-key lookup per page, the claim checked after it: a join would let the
@@ -931,15 +932,15 @@ guard AS (
 ),
 item AS (
     SELECT g.service, g.user_sid, r.*
-    FROM guard g JOIN page p ON p.ord = g.ord
-    CROSS JOIN LATERAL jsonb_to_recordset(p.members) AS r(
+    FROM guard g
+    CROSS JOIN LATERAL jsonb_to_recordset($1::jsonb -> (g.ord - 1) -> 'members') AS r(
         conversation_sid text, participant_sid text, notification_level text,
         unread_messages_count bigint, last_read_message_index bigint, url text, links jsonb)
 ),
 conversation AS (
     SELECT g.service, r.*
-    FROM guard g JOIN page p ON p.ord = g.ord
-    CROSS JOIN LATERAL jsonb_to_recordset(p.conversations) AS r(
+    FROM guard g
+    CROSS JOIN LATERAL jsonb_to_recordset($1::jsonb -> (g.ord - 1) -> 'conversations') AS r(
         conversation_sid text, account_sid text, friendly_name text, unique_name text,
         attributes text, conversation_state text, created_by text, date_created timestamptz,
         date_updated timestamptz, date_inactive timestamptz, date_closed timestamptz)
