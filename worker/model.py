@@ -431,10 +431,11 @@ def parse_conversations_page(
 # --- the hot path: a conversations page decoded and validated in C --------------------------
 #
 # ``decode_conversations_page`` checks a page with msgspec (types, SID patterns, enums, ranges)
-# and, when every item passes, hands the page's own bytes to the database, which reads the rows
-# out of them: no per-field Python, no re-encoding. Whatever msgspec cannot vouch for (a bad
-# item, a duplicate, a value only the rules above know how to judge) sends the page through
-# ``parse_conversations_page``, so quarantine reasons and kept rows are the same either way.
+# and, when every item passes, encodes what the database needs (membership fields for every
+# item; conversation fields on demand) with msgspec again: no per-field checks in Python.
+# Whatever msgspec cannot vouch for (a bad item, a duplicate, a value only the rules above know
+# how to judge) sends the page through ``parse_conversations_page``, so quarantine reasons and
+# kept rows are the same either way.
 
 
 def _runs_of(prefix: str) -> re.Pattern[str]:

@@ -849,14 +849,6 @@ def _columns(rows: Sequence[Any], width: int) -> list[list[Any]]:
     return [[getattr(r, name) for r in rows] for name in names]
 
 
-# A batch of pages of many users' listings, in one statement (one transaction, one commit):
-# guard each page's cursor (its claim, its page number: a stale page matches nothing and writes
-# nothing), read the rows out of each page's JSON, upsert the batch's conversations once each
-# (newest date_updated wins; sorted, so writers lock shared rows in one order; only those the
-# writer did not already write at that date_updated this pass), upsert the
-# memberships, quarantine the rejected items, mark removed what a complete listing did not list
-# (unless an item could not be identified), and advance every cursor with its page's counts.
-# Per page, the removal and the upsert touch disjoint rows (the listing's own SIDs are listed).
 _USERS_UPSERT_SQL = """
 INSERT INTO users AS u (chat_service_sid, user_sid, account_sid, role_sid,
        identity, friendly_name, attributes, is_online, is_notifiable,
@@ -905,6 +897,14 @@ class _BatchPage(msgspec.Struct, gc=False):
     items: int
 
 
+# A batch of pages of many users' listings, in one statement (one transaction, one commit):
+# guard each page's cursor (its claim, its page number: a stale page matches nothing and writes
+# nothing), read the rows out of the batch's JSON document, upsert its conversations once each
+# (newest date_updated wins; sorted, so writers lock shared rows in one order; only those the
+# writer did not already write at that date_updated this pass), upsert the
+# memberships, quarantine the rejected items, mark removed what a complete listing did not list
+# (unless an item could not be identified), and advance every cursor with its page's counts.
+# Per page, the removal and the upsert touch disjoint rows (the listing's own SIDs are listed).
 _PAGES_SQL = """
 WITH page AS (
     -- The batch is one JSON document (an array of _BatchPage): one parameter to encode and
