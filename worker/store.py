@@ -1001,12 +1001,26 @@ quarantined AS (
     CROSS JOIN LATERAL jsonb_to_recordset(p.rejected) AS q(item text, reason text)
     RETURNING chat_service_sid AS service, user_sid
 ),
+gone AS (
+    -- A complete listing's user: its live memberships minus every SID the listing named, as a
+    -- set difference (hashed or sorted: linear), not each membership looked up in the array
+    -- (quadratic in the user's conversations).
+    SELECT x.chat_service_sid, x.user_sid, x.conversation_sid
+    FROM guard g JOIN page p ON p.ord = g.ord
+    CROSS JOIN LATERAL (
+        SELECT m.chat_service_sid, m.user_sid, m.conversation_sid FROM memberships m
+        WHERE m.chat_service_sid = g.service AND m.user_sid = g.user_sid
+          AND m.removed_at IS NULL
+        EXCEPT
+        SELECT g.service, g.user_sid, unnest(g.listed)
+    ) x
+    WHERE p.next_path IS NULL AND NOT ($2::text = ANY (g.listed))
+),
 removed AS (
     UPDATE memberships m SET removed_at = now()
-    FROM guard g JOIN page p ON p.ord = g.ord
-    WHERE p.next_path IS NULL AND NOT ($2::text = ANY (g.listed))
-      AND m.chat_service_sid = g.service AND m.user_sid = g.user_sid AND m.removed_at IS NULL
-      AND NOT (m.conversation_sid = ANY (g.listed))
+    FROM gone
+    WHERE m.chat_service_sid = gone.chat_service_sid AND m.user_sid = gone.user_sid
+      AND m.conversation_sid = gone.conversation_sid AND m.removed_at IS NULL
     RETURNING m.chat_service_sid AS service, m.user_sid
 ),
 counts AS (
