@@ -1,5 +1,5 @@
 -- What the page statement costs PostgreSQL beyond its rows (measured with perf on the server's
--- processes during a first pass of 4,000 users: bench/README.md).
+-- processes during a first pass of 4,000 users of the benchmark's simulator).
 --
 -- 1. Conversations without a per-row foreign-key check. A conversation row is written only by
 --    the page statement (worker/store.py, _PAGES_SQL), for a user whose sync_cursors row exists,

@@ -507,8 +507,12 @@ class ConversationsPage:
     members: bytes
     sids: list[str]
     rejected: list[Rejected]
-    updated: list[datetime | None] = field(default_factory=list)  # date_updated, per SID
     sources: Sequence[_UserConversation | ConversationRow] = ()  # conversation fields, per SID
+
+    @property
+    def updated(self) -> list[datetime | None]:
+        """Each item's conversation ``date_updated`` (the writer's version cache reads it)."""
+        return [source.date_updated for source in self.sources]
 
     @property
     def seen_sids(self) -> list[str]:
@@ -533,9 +537,7 @@ def decode_conversations_page(
             sids = _fast_sids(decoded, service_sid, user_sid)
             if sids is not None:
                 members = _ENCODER.encode([_member(i) for i in decoded])
-                return ConversationsPage(
-                    members, sids, [], [i.date_updated for i in decoded], decoded
-                )
+                return ConversationsPage(members, sids, [], decoded)
     parsed = parse_conversations_page(items, service_sid, user_sid)
     conversations = {c.conversation_sid: c for c in parsed.conversations}
     sources = [conversations[m.conversation_sid] for m in parsed.memberships]
@@ -543,7 +545,6 @@ def decode_conversations_page(
         _ENCODER.encode([_member(m) for m in parsed.memberships]),
         [m.conversation_sid for m in parsed.memberships],
         parsed.rejected,
-        [c.date_updated for c in sources],
         sources,
     )
 

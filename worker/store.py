@@ -874,7 +874,7 @@ WHERE (u.account_sid, u.role_sid, u.identity, u.friendly_name, u.attributes,
 """
 
 
-class _RejectedItem(msgspec.Struct, array_like=False, gc=False):
+class _RejectedItem(msgspec.Struct, gc=False):
     item: str
     reason: str
 
