@@ -30,8 +30,7 @@ from worker.config import (
     parse_sids,
     secret_values,
 )
-from worker.daemon import close_store, run_daemon
-from worker.database import LOGIN_REFUSED_ERRORS
+from worker.database import LOGIN_REFUSED_ERRORS, close_store
 from worker.errors import ConfigError, ConvsyncError, DatabaseUnreachable, FatalError
 from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
@@ -153,6 +152,8 @@ async def _dispatch(
     if args.command == "status":
         return await status_command(settings, args.json, args.limit)
     if args.command == "run":
+        from worker.daemon import run_daemon  # the scheduler and HTTP server: for this command only
+
         with stops.graceful(settings.shutdown_grace) as shutdown:
             return await run_daemon(settings, shutdown)
     if args.command == "demo":

@@ -26,6 +26,7 @@ from worker.database import (
     CONNECTION_ERRORS,
     LOGIN_REFUSED_ERRORS,
     RetryingStore,
+    close_store,
     database_read_only,
 )
 from worker.errors import ConfigError, ConvsyncError, DatabaseUnavailable, FatalError
@@ -247,6 +248,7 @@ class Daemon:
     async def metrics(self, request: web.Request) -> web.Response:
         """prometheus_client's exposition: OpenMetrics when the scraper asks for it."""
         metrics.set("convsync_concurrency_limit", self.client.limiter.limit)
+        metrics.set("convsync_requests_in_flight", self.client.limiter.in_flight)
         body, content_type = metrics.render(request.headers.get("Accept"))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
@@ -265,19 +267,6 @@ async def run_daemon(settings: Settings, shutdown: Shutdown) -> int:
             return await _serve(daemon, trigger)
     finally:
         await close_store(store)
-
-
-async def close_store(store: Store, at_once: bool = False) -> None:
-    """Close the pool; a database that does not answer (or ``at_once``) gets its connections
-    cut instead of waited for."""
-    if not at_once:
-        try:
-            async with asyncio.timeout(RECORD_SECONDS):
-                await store.close()
-            return
-        except TimeoutError:
-            log.warning("database_close_timeout")
-    store.pool.terminate()
 
 
 async def _serve(daemon: Daemon, trigger: CronTrigger | IntervalTrigger) -> int:

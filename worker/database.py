@@ -8,17 +8,21 @@ for at most ``CONVSYNC_DB_WAIT_SECONDS``, then raises DatabaseUnavailable. An er
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import ParamSpec, TypeVar
 
 import asyncpg
+import structlog
 
 from worker.errors import ConfigError, DatabaseUnavailable
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.retry import Backoff, retrying
+from worker.shutdown import RECORD_SECONDS
 from worker.store import Store
 
+log = structlog.get_logger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
 
@@ -111,3 +115,16 @@ class RetryingStore:
             before_retry=reconnect,
             level="warning",
         )
+
+
+async def close_store(store: Store, at_once: bool = False) -> None:
+    """Close the pool; a database that does not answer (or ``at_once``) gets its connections
+    cut instead of waited for."""
+    if not at_once:
+        try:
+            async with asyncio.timeout(RECORD_SECONDS):
+                await store.close()
+            return
+        except TimeoutError:
+            log.warning("database_close_timeout")
+    store.pool.terminate()
