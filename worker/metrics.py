@@ -81,6 +81,8 @@ FAMILIES = (
            "Seconds from a user's oldest unserved webhook to its re-list committed.",
            buckets=RELIST_BUCKETS),
 )  # fmt: skip
+# Series shown at 0 from the start (they are only ever incremented by what they count).
+PRESET = {"convsync_rows_total": ("inserted", "updated", "unchanged", "removed", "quarantined")}
 # Setting the gauge of the last pass's duration records the pass in the histogram too.
 OBSERVED_WITH = {"convsync_pass_duration_seconds": "convsync_pass_seconds"}
 
@@ -100,6 +102,10 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._families: dict[str, Any] = {f.name: _family(f, self.registry) for f in FAMILIES}
         self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
+        for name, values in PRESET.items():
+            (label,) = self._families[name]._labelnames
+            for value in values:
+                self._child(name, {label: value})
         if process:
             ProcessCollector(registry=self.registry)
             PlatformCollector(registry=self.registry)

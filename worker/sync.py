@@ -432,7 +432,8 @@ class ConversationsListing(Listing):
         outcome = await self.sync.writer.write(write)
         metrics.inc("convsync_pages_total", kind="conversations")
         for name in ("inserted", "updated", "unchanged", "removed", "quarantined"):
-            metrics.inc("convsync_rows_total", getattr(outcome, name), outcome=name)
+            if rows := getattr(outcome, name):
+                metrics.inc("convsync_rows_total", rows, outcome=name)
         if outcome.removals_skipped:
             log.warning("removals_skipped", reason="an item without a readable SID")
 

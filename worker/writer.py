@@ -9,10 +9,12 @@ its own claim and page number. A stale page is answered ``LeaseLost`` alone; a p
 PostgreSQL refuses is isolated by halving the batch, so it never costs the other pages.
 
 A conversation is shared by its members, so most pages list conversations another user's page
-already brought. The writer remembers (for the last ``KNOWN_CONVERSATIONS`` it wrote) the
-``date_updated`` it committed for each, and leaves a page's conversation out of its statement
-when the page has that same version: the row is already stored at least as new (it only ever
-moves forward), and its upsert would cost a row lock and a comparison for nothing.
+already brought. The writer remembers the ``date_updated`` it committed for the conversations
+it wrote lately (between ``KNOWN_CONVERSATIONS`` / 2 and ``KNOWN_CONVERSATIONS`` of them, in two
+generations: the older one is dropped whole when the newer fills), and leaves a page's
+conversation out of its statement when the page has that same version: the row is already
+stored at least as new (it only ever moves forward), and its upsert would cost a row lock and a
+comparison for nothing.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections import OrderedDict
 from datetime import datetime
+from typing import cast
 
 from worker.database import VALUES_REFUSED_ERRORS, RetryingStore
 from worker.errors import LeaseLost
@@ -51,8 +53,10 @@ class PageWriter:
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
-        self._known: OrderedDict[str, datetime] = OrderedDict()  # SID -> date_updated written
-        self._known_max = known_conversations  # 0: remember none
+        # SID -> date_updated written: this generation, and the one before it
+        self._known: dict[str, datetime] = {}
+        self._older: dict[str, datetime] = {}
+        self._generation = known_conversations // 2  # 0: remember none
         self.batches = 0
         self.pages = 0
 
@@ -108,14 +112,14 @@ class PageWriter:
         if not batch:
             return
         writes = [write for write, _ in batch]
-        known = self._known
+        known, older = self._known, self._older
         conversations = [  # per page, the items whose conversation is written
             [
                 index
-                for index, updated in enumerate(w.page.updated)
-                if updated is None or known.get(w.page.sids[index]) != updated
+                for index, (sid, updated) in enumerate(zip(p.sids, p.updated, strict=True))
+                if updated is None or (known.get(sid) or older.get(sid)) != updated
             ]
-            for w in writes
+            for p in (w.page for w in writes)
         ]
         began = time.perf_counter()
         try:
@@ -150,12 +154,18 @@ class PageWriter:
 
     def _remember(self, write: PageWrite) -> None:
         """The page committed: its conversations are stored at least as new as it has them."""
-        known = self._known
-        for sid, updated in zip(write.page.sids, write.page.updated, strict=True):
-            if updated is None:
-                known.pop(sid, None)  # an undated version overwrites any: nothing to skip
-                continue
-            known[sid] = updated
-            known.move_to_end(sid)
-        while len(known) > self._known_max:
-            known.popitem(last=False)
+        if not self._generation:
+            return
+        updated = write.page.updated
+        if None in updated:  # an undated version overwrites any: nothing to skip for it
+            for sid, version in zip(write.page.sids, updated, strict=True):
+                if version is None:
+                    self._known.pop(sid, None)
+                    self._older.pop(sid, None)
+                else:
+                    self._known[sid] = version
+        else:
+            dated = cast(list[datetime], updated)  # no None, as just checked
+            self._known.update(zip(write.page.sids, dated, strict=True))
+        if len(self._known) >= self._generation:
+            self._older, self._known = self._known, {}
