@@ -103,7 +103,7 @@ class Metrics:
         self._families: dict[str, Any] = {f.name: _family(f, self.registry) for f in FAMILIES}
         self._children: dict[tuple[str, tuple[tuple[str, str], ...]], Any] = {}
         for name, values in PRESET.items():
-            (label,) = self._families[name]._labelnames
+            (label,) = next(f.labels for f in FAMILIES if f.name == name)
             for value in values:
                 self._child(name, {label: value})
         if process:

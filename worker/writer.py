@@ -3,7 +3,8 @@
 User loops hand their pages to one ``PageWriter`` and wait for their page's outcome before
 fetching the next one, so a listing still advances one committed page at a time. The writer's
 loops take whatever pages are waiting (up to ``max_pages``, after lingering at most
-``max_wait`` seconds for a batch to fill) and write them with one statement
+``max_wait`` seconds for a batch to fill; half of them when another writer is free, so that
+the two halves commit side by side) and write them with one statement
 (``Store.save_pages``): one round trip and one commit for the batch, each page still guarded by
 its own claim and page number. A stale page is answered ``LeaseLost`` alone; a page whose values
 PostgreSQL refuses is isolated by halving the batch, so it never costs the other pages.
@@ -53,6 +54,7 @@ class PageWriter:
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
+        self._idle = 0  # writers waiting for a page
         # SID -> date_updated written: this generation, and the one before it
         self._known: dict[str, datetime] = {}
         self._older: dict[str, datetime] = {}
@@ -87,14 +89,25 @@ class PageWriter:
     async def _next_batch(self) -> list[tuple[PageWrite, asyncio.Future[PageOutcome]]]:
         """The waiting pages, at most ``max_pages`` and one per claim (a second page of a
         user waits for the next batch, so that its first is committed before)."""
-        pending = self._carried or [await self._queue.get()]
+        pending = self._carried
         self._carried = []
+        if not pending:
+            self._idle += 1
+            try:
+                pending = [await self._queue.get()]
+            finally:
+                self._idle -= 1
         if self.max_wait > 0 and self._queue.qsize() + len(pending) < self.max_pages:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.max_wait)
-        while len(pending) < self.max_pages and not self._queue.empty():
+        limit = self.max_pages
+        if self._idle:  # another writer is free: it takes the other half, in parallel
+            limit = min(limit, (self._queue.qsize() + len(pending) + 1) // 2)
+        while len(pending) < limit and not self._queue.empty():
             pending.append(self._queue.get_nowait())
+        if self._idle and not self._queue.empty():
+            self._queue.put_nowait(self._queue.get_nowait())  # wakes the free writer
         batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         claims: set[str] = set()
         for entry in pending:

@@ -85,6 +85,25 @@ async def test_pages_of_many_users_commit_in_few_statements(store: Store, db_url
     assert await scalar(db_url, done) == len(USERS)
 
 
+async def test_a_burst_is_shared_between_the_writers_that_are_free(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    runners = [asyncio.create_task(writer.run()) for _ in range(2)]
+    await asyncio.sleep(0)  # both writers wait for a page
+    try:
+        writes = [page_of(c, item(u, "CH" + u[2:])) for u, c in claims.items()]
+        outcomes = await asyncio.gather(*(writer.write(w) for w in writes))
+    finally:
+        for runner in runners:
+            runner.cancel()
+    assert [o.inserted for o in outcomes] == [1] * len(USERS)
+    # One statement each, side by side, rather than one writer taking the whole burst.
+    assert (writer.batches, writer.pages) == (2, len(USERS))
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == len(USERS)
+
+
 async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     store: Store, db_url: str
 ) -> None:
@@ -145,6 +164,29 @@ async def test_a_conversation_is_written_once_per_version(store: Store, db_url: 
         runner.cancel()
     assert await scalar(db_url, "SELECT friendly_name FROM conversations") == "newer"
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 3
+
+
+async def test_the_version_cache_is_bounded_and_forgets_the_oldest_first(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    # Room for 4 versions: two generations of 2; the older is dropped when the newer fills.
+    writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, known_conversations=4)
+    runner = asyncio.create_task(writer.run())
+    conversations = [f"CH{i:032x}" for i in range(1, 5)]
+    try:
+        for user, conversation in zip(USERS, conversations, strict=False):
+            await writer.write(page_of(claims[user], item(user, conversation)))
+        await store.pool.execute("UPDATE conversations SET friendly_name = 'kept'")
+        oldest, newest = conversations[0], conversations[-1]
+        await writer.write(page_of(claims[USERS[4]], item(USERS[4], oldest)))
+        await writer.write(page_of(claims[USERS[5]], item(USERS[5], newest)))
+    finally:
+        runner.cancel()
+    rows = await store.pool.fetch("SELECT conversation_sid, friendly_name FROM conversations")
+    names = dict(rows)
+    assert names[oldest] == "own"  # forgotten: written again
+    assert names[newest] == "kept"  # remembered: left out of the statement
 
 
 async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goes_on(
