@@ -1,4 +1,5 @@
-"""Which database errors are passing, and how the runtime waits them out.
+"""Which database errors are passing, how the runtime waits them out, and how a busy caller
+keeps its connection.
 
 A database that goes away, turns read-only or is in recovery (a failover) is "not available
 yet": ``RetryingStore`` re-runs a store operation through ``worker.retry`` until it answers,
@@ -25,6 +26,9 @@ from worker.store import Store
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
 P = ParamSpec("P")
+
+# A pinned connection idle this long goes back to the pool (``PinnedConnection``).
+IDLE_CONNECTION_SECONDS = 5.0
 
 # A server that refuses writes: a demoted primary still in DNS, a standby in recovery. Pooled
 # connections keep the read-only default of the session they opened with: they are dropped.
@@ -115,6 +119,63 @@ class RetryingStore:
             before_retry=reconnect,
             level="warning",
         )
+
+
+class PinnedConnection:
+    """One pooled connection kept from call to call, for a caller that makes many in a row (a
+    page writer): handing a connection back is a task and a turn of the event loop, which every
+    page of the batch would wait for. Given back after any failure (a broken or expired
+    connection is replaced on the next call), after ``idle_seconds`` without a call, and by
+    ``release``. Not for concurrent calls: one per task."""
+
+    def __init__(self, pool: asyncpg.Pool, idle_seconds: float = IDLE_CONNECTION_SECONDS) -> None:
+        self._pool = pool
+        self._idle_seconds = idle_seconds
+        self._conn: asyncpg.Connection | None = None
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._releasing: set[asyncio.Task[None]] = set()
+
+    async def run(self, operation: Callable[[asyncpg.Connection], Awaitable[T]]) -> T:
+        """``operation(connection)`` on the kept connection (acquired first if none is)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        if self._conn is None:
+            self._conn = await self._pool.acquire()
+        try:
+            result = await operation(self._conn)
+        except BaseException:
+            await self.release()
+            raise
+        self._idle_timer = asyncio.get_running_loop().call_later(
+            self._idle_seconds, self._release_idle
+        )
+        return result
+
+    async def release(self) -> None:
+        """Give the connection back to the pool now (and wait for one given back idle)."""
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            await self._pool.release(conn)
+        if self._releasing:
+            await asyncio.gather(*self._releasing, return_exceptions=True)
+
+    def _release_idle(self) -> None:
+        self._idle_timer = None
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            task = asyncio.ensure_future(self._pool.release(conn))
+            self._releasing.add(task)
+            task.add_done_callback(self._released)
+
+    def _released(self, task: asyncio.Task[None]) -> None:
+        self._releasing.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            # asyncpg terminates a connection it could not reset: nothing is lost.
+            log.debug("idle_connection_release_failed", error=type(task.exception()).__name__)
 
 
 async def close_store(store: Store, at_once: bool = False) -> None:

@@ -671,6 +671,8 @@ class Store:
         writes: Sequence[PageWrite],
         lease_seconds: float,
         conversations: Sequence[Sequence[int]] | None = None,
+        *,
+        conn: asyncpg.Connection | None = None,
     ) -> list[PageOutcome | None]:
         """Write a batch of pages (of distinct users) and advance their cursors in one
         transaction; per page, its outcome, or None when its claim no longer holds the cursor
@@ -681,6 +683,7 @@ class Store:
         a value, nothing of the batch is written and the error is raised. ``conversations``:
         per page, the items (indices into its ``sids``) whose conversation to upsert (default:
         all); a conversation left out must already be stored at least as new as the page has it.
+        ``conn``: the connection to run on (default: one of the pool's).
         """
         if conversations is None:
             conversations = [range(len(w.page.sids)) for w in writes]
@@ -706,7 +709,8 @@ class Store:
             document = msgspec.json.encode(batch)
         except UnicodeEncodeError as error:  # a lone surrogate: text PostgreSQL cannot hold
             raise asyncpg.DataError(f"a page of the batch holds unstorable text: {error}") from None
-        rows = await self.pool.fetch(_PAGES_SQL, document, UNIDENTIFIED, lease_seconds)
+        runner = self.pool if conn is None else conn
+        rows = await runner.fetch(_PAGES_SQL, document, UNIDENTIFIED, lease_seconds)
         outcomes: list[PageOutcome | None] = [None] * len(writes)
         for row in rows:
             if not row["ok"]:

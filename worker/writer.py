@@ -6,7 +6,8 @@ loops take whatever pages are waiting (up to ``max_pages``, after lingering at m
 ``max_wait`` seconds for a batch to fill; half of them when another writer is free, so that
 the two halves commit side by side) and write them with one statement
 (``Store.save_pages``): one round trip and one commit for the batch, each page still guarded by
-its own claim and page number. A stale page is answered ``LeaseLost`` alone; a page whose values
+its own claim and page number; each writer keeps its pooled connection while batches follow
+each other. A stale page is answered ``LeaseLost`` alone; a page whose values
 PostgreSQL refuses is isolated by halving the batch, so it never costs the other pages.
 
 A conversation is shared by its members, so most pages list conversations another user's page
@@ -26,7 +27,12 @@ import time
 from datetime import datetime
 from typing import cast
 
-from worker.database import VALUES_REFUSED_ERRORS, RetryingStore
+from worker.database import (
+    IDLE_CONNECTION_SECONDS,
+    VALUES_REFUSED_ERRORS,
+    PinnedConnection,
+    RetryingStore,
+)
 from worker.errors import LeaseLost
 from worker.store import PageOutcome, PageWrite
 
@@ -45,11 +51,13 @@ class PageWriter:
         max_pages: int = 64,
         max_wait: float = 0.0,
         known_conversations: int = KNOWN_CONVERSATIONS,
+        idle_seconds: float = IDLE_CONNECTION_SECONDS,
     ) -> None:
         self._db = db
         self._lease = lease_seconds
         self.max_pages = max_pages
         self.max_wait = max_wait
+        self._idle_seconds = idle_seconds
         self._metrics = db.metrics
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
@@ -71,20 +79,25 @@ class PageWriter:
         return await done
 
     async def run(self) -> None:
-        """Write batches until cancelled. A batch that fails (the database away past its wait,
-        a statement cancelled) fails its pages' writers, and the next batch is written."""
-        while True:
-            batch = await self._next_batch()
-            try:
-                await self._commit(batch)
-            except asyncio.CancelledError:
-                for _, done in batch:
-                    done.cancel()
-                raise
-            except Exception as error:
-                for _, done in batch:
-                    if not done.done():
-                        done.set_exception(error)
+        """Write batches until cancelled, on a connection kept while batches follow each other.
+        A batch that fails (the database away past its wait, a statement cancelled) fails its
+        pages' writers, and the next batch is written."""
+        connection = PinnedConnection(self._db.store.pool, self._idle_seconds)
+        try:
+            while True:
+                batch = await self._next_batch()
+                try:
+                    await self._commit(batch, connection)
+                except asyncio.CancelledError:
+                    for _, done in batch:
+                        done.cancel()
+                    raise
+                except Exception as error:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(error)
+        finally:
+            await connection.release()
 
     async def _next_batch(self) -> list[tuple[PageWrite, asyncio.Future[PageOutcome]]]:
         """The waiting pages, at most ``max_pages`` and one per claim (a second page of a
@@ -121,7 +134,11 @@ class PageWriter:
                 batch.append(entry)
         return batch
 
-    async def _commit(self, batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]]) -> None:
+    async def _commit(
+        self,
+        batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]],
+        connection: PinnedConnection,
+    ) -> None:
         if not batch:
             return
         writes = [write for write, _ in batch]
@@ -137,7 +154,10 @@ class PageWriter:
         began = time.perf_counter()
         try:
             outcomes = await self._db.call(
-                self._db.store.save_pages, writes, self._lease, conversations
+                connection.run,
+                lambda conn: self._db.store.save_pages(
+                    writes, self._lease, conversations, conn=conn
+                ),
             )
         except VALUES_REFUSED_ERRORS as error:
             if len(batch) == 1:
@@ -145,8 +165,8 @@ class PageWriter:
                     batch[0][1].set_exception(error)
                 return
             half = len(batch) // 2
-            await self._commit(batch[:half])
-            await self._commit(batch[half:])
+            await self._commit(batch[:half], connection)
+            await self._commit(batch[half:], connection)
             return
         self.batches += 1
         self.pages += len(batch)

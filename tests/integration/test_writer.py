@@ -5,6 +5,7 @@ once per version."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 from collections.abc import AsyncIterator
@@ -225,3 +226,44 @@ async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goe
         runner.cancel()
     assert outcome.inserted == 1
     assert not runner.done() or runner.cancelled()
+
+
+async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_back_idle(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, idle_seconds=0.5)
+    pool = store.pool
+
+    def in_use() -> int:
+        return int(pool.get_size() - pool.get_idle_size())
+
+    async def page_statement_backends() -> int:
+        return int(
+            await scalar(
+                db_url,
+                """SELECT count(DISTINCT pid) FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()
+                     AND query LIKE '%guard AS%'""",
+            )
+        )
+
+    runner = asyncio.create_task(writer.run())
+    try:
+        for user in USERS[:3]:
+            await writer.write(page_of(claims[user], item(user, "CH" + user[2:])))
+            assert in_use() == 1  # kept for the next batch, not handed back after each one
+        assert await page_statement_backends() == 1  # every batch on that one session
+
+        async def given_back() -> bool:
+            return in_use() == 0
+
+        await until(given_back, timeout=10, what="the idle writer to give its connection back")
+        await writer.write(page_of(claims[USERS[3]], item(USERS[3], "CH" + USERS[3][2:])))
+        assert in_use() == 1
+    finally:
+        runner.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await runner
+    assert in_use() == 0  # a stopped writer holds nothing: the pool closes at once
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == 4
