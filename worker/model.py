@@ -576,7 +576,9 @@ def _conversation(item: _UserConversation | ConversationRow) -> dict[str, Any]:
         "account_sid": item.account_sid,
         "friendly_name": item.friendly_name,
         "unique_name": item.unique_name,
-        "attributes": item.attributes,
+        # JSON text already checked: sent as the JSON value it holds, so that PostgreSQL
+        # parses it once with the document rather than a second time from a string.
+        "attributes": None if item.attributes is None else msgspec.Raw(item.attributes.encode()),
         "conversation_state": item.conversation_state,
         "created_by": item.created_by,
         "date_created": item.date_created,

@@ -946,7 +946,7 @@ conversation AS (
     FROM guard g
     CROSS JOIN LATERAL jsonb_to_recordset($1::jsonb -> (g.ord - 1) -> 'conversations') AS r(
         conversation_sid text, account_sid text, friendly_name text, unique_name text,
-        attributes text, conversation_state text, created_by text, date_created timestamptz,
+        attributes jsonb, conversation_state text, created_by text, date_created timestamptz,
         date_updated timestamptz, date_inactive timestamptz, date_closed timestamptz)
 ),
 conversations_upserted AS (
@@ -955,7 +955,7 @@ conversations_upserted AS (
            date_created, date_updated, date_inactive, date_closed)
     SELECT DISTINCT ON (i.service, i.conversation_sid)
            i.service, i.conversation_sid, i.account_sid, i.friendly_name, i.unique_name,
-           i.attributes::jsonb, i.conversation_state, i.created_by, i.date_created,
+           i.attributes, i.conversation_state, i.created_by, i.date_created,
            i.date_updated, i.date_inactive, i.date_closed
     FROM conversation i
     ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST

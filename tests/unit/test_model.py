@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import re
 from datetime import UTC, datetime
 from typing import Any
@@ -216,3 +217,21 @@ def test_a_sid_ending_in_a_newline_is_rejected_as_the_database_would() -> None:
     assert users.rejected[0].reason == "sid is not a valid US SID"
     services = model.parse_services_page([{"sid": SERVICE + "\n"}])
     assert services.rejected[0].reason == "sid is not a valid IS SID"
+
+
+def test_attributes_travel_to_the_database_as_json_values_not_strings() -> None:
+    """The page statement reads attributes as jsonb from the batch document: each must be the
+    JSON value its text holds (one parse), whichever path decoded the page."""
+    attributes = '{"tier": "gold", "note": "\\u6771\\u4eac \\"x\\"", "n": [1, 2.5, null]}'
+    good = good_item(attributes=attributes)
+    bad = good_item(conversation_sid="CH" + "b" * 31 + "!")  # sends the page the slow way
+    for items in ([good], [good, bad]):
+        body = json.dumps({"conversations": items, "meta": {}}).encode()
+        page = model.decode_conversations_page(body, items, SERVICE, USER)
+        assert len(page.rejected) == len(items) - 1
+        fields = json.loads(page.conversation_json(0))
+        assert fields["attributes"] == json.loads(attributes)
+    no_attributes = good_item(attributes=None)
+    body = json.dumps({"conversations": [no_attributes], "meta": {}}).encode()
+    page = model.decode_conversations_page(body, [no_attributes], SERVICE, USER)
+    assert json.loads(page.conversation_json(0))["attributes"] is None
