@@ -195,7 +195,8 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "CONVSYNC_DB_POOL_SIZE",
-        "PostgreSQL connections held by the worker.",
+        "PostgreSQL connections held by the worker (from 5, each group-commit writer keeps "
+        "one between its batches).",
         setting="db_pool_size",
     ),
     Variable(

@@ -29,6 +29,10 @@ P = ParamSpec("P")
 
 # A pinned connection idle this long goes back to the pool (``PinnedConnection``).
 IDLE_CONNECTION_SECONDS = 5.0
+# The smallest pool whose connections are pinned: up to three callers keep one (a pass's two
+# writers and the daemon's re-lister), and claims, lease renewals and discovery need two more.
+# A smaller pool lends each connection call by call, or the others would wait for a writer.
+PIN_FROM_POOL_SIZE = 5
 
 # A server that refuses writes: a demoted primary still in DNS, a standby in recovery. Pooled
 # connections keep the read-only default of the session they opened with: they are dropped.
@@ -126,11 +130,13 @@ class PinnedConnection:
     page writer): handing a connection back is a task and a turn of the event loop, which every
     page of the batch would wait for. Given back after any failure (a broken or expired
     connection is replaced on the next call), after ``idle_seconds`` without a call, and by
-    ``release``. Not for concurrent calls: one per task."""
+    ``release``; in a pool smaller than ``PIN_FROM_POOL_SIZE``, after every call. Not for
+    concurrent calls: one per task."""
 
     def __init__(self, pool: asyncpg.Pool, idle_seconds: float = IDLE_CONNECTION_SECONDS) -> None:
         self._pool = pool
         self._idle_seconds = idle_seconds
+        self._keep = pool.get_max_size() >= PIN_FROM_POOL_SIZE
         self._conn: asyncpg.Connection | None = None
         self._idle_timer: asyncio.TimerHandle | None = None
         self._releasing: set[asyncio.Task[None]] = set()
@@ -147,9 +153,12 @@ class PinnedConnection:
         except BaseException:
             await self.release()
             raise
-        self._idle_timer = asyncio.get_running_loop().call_later(
-            self._idle_seconds, self._release_idle
-        )
+        if self._keep:
+            self._idle_timer = asyncio.get_running_loop().call_later(
+                self._idle_seconds, self._release_idle
+            )
+        else:
+            await self.release()
         return result
 
     async def release(self) -> None:

@@ -16,7 +16,7 @@ import pytest
 
 from tests.harness import scalar, until
 from worker.client import _ENVELOPES
-from worker.database import RetryingStore
+from worker.database import PIN_FROM_POOL_SIZE, RetryingStore
 from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
 from worker.model import decode_conversations_page
@@ -229,8 +229,16 @@ async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goe
 
 
 async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_back_idle(
-    store: Store, db_url: str
+    db_url: str,
 ) -> None:
+    store = await Store.connect(db_url, PIN_FROM_POOL_SIZE)
+    try:
+        await kept_between_batches_and_given_back_idle(store, db_url)
+    finally:
+        await store.close()
+
+
+async def kept_between_batches_and_given_back_idle(store: Store, db_url: str) -> None:
     claims = await claim_everyone(store)
     writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, idle_seconds=0.5)
     pool = store.pool
@@ -267,3 +275,23 @@ async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_b
             await runner
     assert in_use() == 0  # a stopped writer holds nothing: the pool closes at once
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 4
+
+
+async def test_in_a_small_pool_a_writer_lends_its_connection_back_after_each_batch(
+    db_url: str,
+) -> None:
+    # Two connections: one kept by a writer would leave claims and leases waiting for it.
+    store = await Store.connect(db_url, 2)
+    try:
+        claims = await claim_everyone(store)
+        writer = writer_for(store)
+        runner = asyncio.create_task(writer.run())
+        try:
+            for user in USERS[:2]:
+                await writer.write(page_of(claims[user], item(user, "CH" + user[2:])))
+                assert store.pool.get_size() == store.pool.get_idle_size()  # none held
+        finally:
+            runner.cancel()
+    finally:
+        await store.close()
+    assert await scalar(db_url, "SELECT count(*) FROM memberships") == 2
