@@ -7,8 +7,9 @@ loops take whatever pages are waiting (up to ``max_pages``, after lingering at m
 the two halves commit side by side) and write them with one statement
 (``Store.save_pages``): one round trip and one commit for the batch, each page still guarded by
 its own claim and page number; each writer keeps its pooled connection while batches follow
-each other. A stale page is answered ``LeaseLost`` alone; a page whose values
-PostgreSQL refuses is isolated by halving the batch, so it never costs the other pages.
+each other (in a pool big enough to lend it: ``PinnedConnection``). A stale page is answered
+``LeaseLost`` alone; a page whose values PostgreSQL refuses is isolated by halving the batch, so
+it never costs the other pages.
 
 A conversation is shared by its members, so most pages list conversations another user's page
 already brought. The writer remembers the ``date_updated`` it committed for the conversations

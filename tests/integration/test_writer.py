@@ -228,17 +228,18 @@ async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goe
     assert not runner.done() or runner.cancelled()
 
 
-async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_back_idle(
-    db_url: str,
-) -> None:
+@pytest.fixture
+async def pinning_store(db_url: str) -> AsyncIterator[Store]:
+    """A pool big enough for its writers to keep their connections."""
     store = await Store.connect(db_url, PIN_FROM_POOL_SIZE)
-    try:
-        await kept_between_batches_and_given_back_idle(store, db_url)
-    finally:
-        await store.close()
+    yield store
+    await store.close()
 
 
-async def kept_between_batches_and_given_back_idle(store: Store, db_url: str) -> None:
+async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_back_idle(
+    pinning_store: Store, db_url: str
+) -> None:
+    store = pinning_store
     claims = await claim_everyone(store)
     writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, idle_seconds=0.5)
     pool = store.pool
