@@ -915,9 +915,11 @@ WITH page AS (
     -- send, where an array per field cost the worker three times as much CPU.
     -- The large fields (members, conversations) are read where they are used, by position
     -- ($1 -> ord - 1: direct in a jsonb array), not carried through every join of the page.
+    -- SIDs are read as COLLATE "C", as their columns hold them (migration 007): the sorts below
+    -- compare bytes, not the database's locale.
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS p(
-        ord int, service text, user_sid text, token text, expected int, next_path text,
-        run_id bigint, seen text, rejected jsonb, source text, items int)
+        ord int, service text COLLATE "C", user_sid text COLLATE "C", token text, expected int,
+        next_path text, run_id bigint, seen text, rejected jsonb, source text, items int)
 ),
 guard AS (
     -- One primary-key lookup per page, the claim checked after it: a join would let the
@@ -938,14 +940,14 @@ item AS (
     SELECT g.service, g.user_sid, r.*
     FROM guard g
     CROSS JOIN LATERAL jsonb_to_recordset($1::jsonb -> (g.ord - 1) -> 'members') AS r(
-        conversation_sid text, participant_sid text, notification_level text,
+        conversation_sid text COLLATE "C", participant_sid text, notification_level text,
         unread_messages_count bigint, last_read_message_index bigint, url text, links jsonb)
 ),
 conversation AS (
     SELECT g.service, r.*
     FROM guard g
     CROSS JOIN LATERAL jsonb_to_recordset($1::jsonb -> (g.ord - 1) -> 'conversations') AS r(
-        conversation_sid text, account_sid text, friendly_name text, unique_name text,
+        conversation_sid text COLLATE "C", account_sid text, friendly_name text, unique_name text,
         attributes jsonb, conversation_state text, created_by text, date_created timestamptz,
         date_updated timestamptz, date_inactive timestamptz, date_closed timestamptz)
 ),

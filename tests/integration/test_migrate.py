@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import secrets
 import shutil
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import quote_ident
+from tests.conftest import PgServer, drop_database
 from worker import migrate
 from worker.errors import MigrationError
 from worker.migrate import (
@@ -160,3 +163,79 @@ def test_an_installed_package_finds_the_migrations_it_ships(
     # A checkout: the top-level migrations/ beside the package.
     monkeypatch.setattr(migrate, "__file__", str(tmp_path / "checkout" / "worker" / "migrate.py"))
     assert migrate._default_migrations_dir() == tmp_path / "checkout" / "migrations"
+
+
+@pytest.fixture
+async def icu_db_url(pg_server: PgServer) -> AsyncIterator[str]:
+    """A fresh database whose default collation is ICU's en-US (case-aware, not bytewise)."""
+    name = f"convsync_test_{secrets.token_hex(4)}_icu"
+    conn = await asyncpg.connect(pg_server.url)
+    try:
+        await conn.execute(
+            f"CREATE DATABASE {quote_ident(name)} TEMPLATE template0"
+            " LOCALE_PROVIDER icu ICU_LOCALE 'en-US' LOCALE 'C.UTF-8'"
+        )
+    except asyncpg.PostgresError as error:  # a server built without ICU
+        pytest.skip(f"no ICU collations on this server: {error}")
+    finally:
+        await conn.close()
+    try:
+        yield pg_server.database_url(name)
+    finally:
+        await drop_database(pg_server.url, name)
+
+
+async def test_sids_compare_byte_by_byte_after_007_and_the_view_is_kept(
+    icu_db_url: str, tmp_path: Path
+) -> None:
+    before_007 = tmp_path / "before_007"
+    before_007.mkdir()
+    for migration in MIGRATIONS_DIR.glob("00[1-6]_*.sql"):
+        shutil.copy(migration, before_007)
+    await apply_migrations(icu_db_url, before_007)
+    service = "IS" + "0" * 32
+    users = ["US" + "a" * 32, "US" + "B" * 32, "US" + "A" * 32]
+    conn = await asyncpg.connect(icu_db_url)
+    try:
+        await conn.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", service)
+        for user in users:
+            await conn.execute("INSERT INTO users VALUES ($1, $2)", service, user)
+            await conn.execute(
+                "INSERT INTO conversations (chat_service_sid, conversation_sid) VALUES ($1, $2)",
+                service,
+                "CH" + user[2:],
+            )
+            await conn.execute(
+                "INSERT INTO memberships (chat_service_sid, user_sid, conversation_sid)"
+                " VALUES ($1, $2, $3)",
+                service,
+                user,
+                "CH" + user[2:],
+            )
+        ordered = "SELECT user_sid FROM memberships ORDER BY user_sid"
+        assert await conn.fetchval(f"SELECT array_agg(user_sid) FROM ({ordered}) o") == [
+            "US" + "a" * 32,
+            "US" + "A" * 32,
+            "US" + "B" * 32,
+        ]  # the locale's order: the case is looked at last
+
+        assert await apply_migrations(icu_db_url) == ["007_sid_collation.sql"]
+
+        assert await conn.fetchval(f"SELECT array_agg(user_sid) FROM ({ordered}) o") == sorted(
+            users, key=str.encode
+        )  # byte order: A < B < a
+        assert await conn.fetchval(
+            "SELECT count(*) FROM memberships m JOIN users u USING (chat_service_sid, user_sid)"
+        ) == len(users)
+        assert (
+            await conn.fetchval(
+                "SELECT col_description('user_conversations_v'::regclass, attnum) FROM pg_attribute"
+                " WHERE attrelid = 'user_conversations_v'::regclass AND attname = 'links'"
+            )
+            == "The API links (participant, conversation) as jsonb."
+        )
+        async with conn.transaction():
+            await conn.execute("SET LOCAL ROLE convsync_reader")
+            assert await conn.fetchval("SELECT count(*) FROM user_conversations_v") == len(users)
+    finally:
+        await conn.close()
