@@ -219,7 +219,7 @@ async def test_sids_compare_byte_by_byte_after_007_and_the_view_is_kept(
             "US" + "B" * 32,
         ]  # the locale's order: the case is looked at last
 
-        assert await apply_migrations(icu_db_url) == ["007_sid_collation.sql"]
+        assert "007_sid_collation.sql" in await apply_migrations(icu_db_url)
 
         assert await conn.fetchval(f"SELECT array_agg(user_sid) FROM ({ordered}) o") == sorted(
             users, key=str.encode

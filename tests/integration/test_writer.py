@@ -296,3 +296,22 @@ async def test_in_a_small_pool_a_writer_lends_its_connection_back_after_each_bat
     finally:
         await store.close()
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 2
+
+
+async def test_a_long_listing_keeps_its_seen_sids_compressed_with_lz4(
+    store: Store, db_url: str
+) -> None:
+    lz4 = "SELECT 'lz4' = ANY (enumvals) FROM pg_settings WHERE name = 'default_toast_compression'"
+    if not await scalar(db_url, lz4):
+        pytest.skip("this PostgreSQL was built without lz4")
+    claims = await claim_everyone(store)
+    user = USERS[0]
+    items = [item(user, f"CH{i:032x}") for i in range(1, 101)]  # 3.5 kB of SIDs: compressed
+    first_page = dataclasses.replace(page_of(claims[user], *items), next_page_path="/page?2")
+    [outcome] = await store.save_pages([first_page], 60)
+    assert outcome is not None
+    assert outcome.inserted == 100
+    stored = (
+        "SELECT pg_column_compression(seen_conversations) FROM sync_cursors WHERE user_sid = $1"
+    )
+    assert await scalar(db_url, stored, user) == "lz4"
