@@ -22,6 +22,7 @@ from tests.integration.test_webhooks import (
     clear_of_the_hour,
     first_pass_done,
     mirrors,
+    outlasts_the_hour,
     post_form,
     targets_left,
     webhook_env,
@@ -40,6 +41,7 @@ async def _none_left(db_url: str) -> bool:
     return await targets_left(db_url) == 0
 
 
+@outlasts_the_hour
 async def test_sigkill_after_the_200_loses_no_relist(
     server: SimulatorServer, db_url: str, tmp_path: Path
 ) -> None:
@@ -79,6 +81,7 @@ async def test_sigkill_after_the_200_loses_no_relist(
         assert again.stop() == 0
 
 
+@outlasts_the_hour
 async def test_webhooks_while_the_database_is_read_only_get_503_and_lose_nothing(
     server: SimulatorServer, db_url: str, admin: asyncpg.Connection, tmp_path: Path
 ) -> None:
