@@ -20,7 +20,7 @@ from worker.database import PIN_FROM_POOL_SIZE, RetryingStore
 from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
 from worker.model import decode_conversations_page
-from worker.store import PageWrite, Store, UserClaim
+from worker.store import _PAGES_SQL, PageWrite, Store, UserClaim
 from worker.writer import PageWriter
 
 SERVICE = "IS" + "1" * 32
@@ -315,3 +315,38 @@ async def test_a_long_listing_keeps_its_seen_sids_compressed_with_lz4(
         "SELECT pg_column_compression(seen_conversations) FROM sync_cursors WHERE user_sid = $1"
     )
     assert await scalar(db_url, stored, user) == "lz4"
+
+
+def _scans_of(plan: dict[str, Any], relation: str) -> list[tuple[str, str | None]]:
+    """(node type, index) of every node of an EXPLAIN (FORMAT JSON) plan reading ``relation``."""
+    found = []
+    if plan.get("Relation Name") == relation and "Scan" in plan["Node Type"]:
+        found.append((plan["Node Type"], plan.get("Index Name")))
+    for child in plan.get("Plans", []):
+        found += _scans_of(child, relation)
+    return found
+
+
+@pytest.mark.parametrize("pending", [12, 100, 1000])
+async def test_the_page_statement_reads_each_cursor_by_primary_key_in_any_cached_plan(
+    store: Store, db_url: str, pending: int
+) -> None:
+    # asyncpg's statements get a generic plan after five runs, made from the table's size at
+    # the time; with about 100 cursors listed and no statistics yet, PostgreSQL 15 read each
+    # page's cursor out of the partial index of the pass's pending cursors, a cost that grew
+    # with every user discovered (20,000 rows read a page at 40,000 users).
+    info = await store.begin_or_resume_pass({"services": None, "users": None})
+    assert info is not None
+    await store.pool.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", SERVICE)
+    users = [f"US{i:032x}" for i in range(1, pending + 1)]
+    await store.enqueue_users(info.run_id, SERVICE, users)
+    conn = await asyncpg.connect(db_url)
+    try:
+        await conn.execute("SET plan_cache_mode = force_generic_plan")
+        await conn.execute(f"PREPARE page_write (jsonb, text, float8) AS {_PAGES_SQL}")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) EXECUTE page_write ('[]', '', 60)")
+    finally:
+        await conn.close()
+    scans = _scans_of(json.loads(plan)[0]["Plan"], "sync_cursors")
+    assert scans  # the guard's lookup and the cursor's update
+    assert all(index == "sync_cursors_pkey" for _, index in scans), scans
