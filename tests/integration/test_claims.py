@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
+import asyncpg
 import pytest
 
 from tests.harness import scalar
@@ -13,6 +15,7 @@ from worker.store import Store
 
 SERVICE = "IS" + "1" * 32
 USER = "US" + "2" * 32
+OTHER_USER = "US" + "3" * 32
 
 
 @pytest.fixture
@@ -66,6 +69,31 @@ async def test_heartbeat_renews_only_the_given_claims(store: Store, db_url: str)
     assert await scalar(db_url, "SELECT lease_until > now() + interval '500 s' FROM sync_cursors")
     await store.renew_leases(["someone/else"], 1)
     assert await scalar(db_url, "SELECT lease_until > now() + interval '500 s' FROM sync_cursors")
+
+
+async def test_heartbeat_skips_a_cursor_a_page_write_holds_instead_of_waiting(
+    store: Store, db_url: str
+) -> None:
+    run_id = await queue_one_user(store)
+    await store.enqueue_users(run_id, SERVICE, [OTHER_USER])
+    claims = await store.claim_users(run_id, "host:1:aa", 1, limit=2)
+    assert len(claims) == 2
+    held, free = sorted(claims, key=lambda c: c.user_sid)
+    writer = await asyncpg.connect(db_url)  # stands for a batch: the cursor locked, uncommitted
+    try:
+        async with writer.transaction():
+            await writer.execute(
+                "SELECT 1 FROM sync_cursors WHERE user_sid = $1 FOR UPDATE", held.user_sid
+            )
+            # Waiting for that lock would never end while it is held: the test times out.
+            await asyncio.wait_for(store.renew_leases([held.token, free.token], 600), 30)
+    finally:
+        await writer.close()
+    renewed = "SELECT lease_until > now() + interval '500 s' FROM sync_cursors WHERE user_sid = $1"
+    assert await scalar(db_url, renewed, free.user_sid)
+    assert not await scalar(db_url, renewed, held.user_sid)
+    await store.renew_leases([held.token, free.token], 600)  # the next heartbeat gets it
+    assert await scalar(db_url, renewed, held.user_sid)
 
 
 async def test_release_all_frees_every_claim_of_one_worker_only(store: Store, db_url: str) -> None:
