@@ -200,6 +200,10 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
             continue
         with SimProcess(users, args.latency_ms) as other:
             say(f"{users} users")
+            if key == "mid":  # warmed as the first size's was: the same server, per page
+                warm = await walk(other.url, other.account_sid, other.auth_token, c)
+                speed = {"pages_per_second": warm.pages_per_second}
+                results["mid_warm_up"] = {**warm.__dict__, **speed}
             run_other = await asyncio.to_thread(
                 run_sync, other, await dbs.create(key), c, sample_every=None
             )
