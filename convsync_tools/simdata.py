@@ -228,7 +228,7 @@ class Dataset:
         self._count_cache: dict[int, list[int]] = {}
         self._generation = 0
         # Derived records are cached for the whole dataset up to the benchmark's 40,000 users
-        # (its ~350,000 conversations: about 550 MB), so that serving a page costs the same
+        # (~350,000 conversations: 520 MB resident), so that serving a page costs the same
         # whatever the dataset's size; caches of 32,768 users and 65,536 conversations made a
         # page 0.83 ms of the simulator's CPU at 40,000 users against 0.51 ms at 4,000.
         users = params.services * n
