@@ -81,31 +81,33 @@ class Listing(abc.ABC):
 
 
 async def walk(listing: Listing, fetch: Fetch, max_pages: int, stop: asyncio.Event) -> None:
-    """Walk ``listing`` to its last page (or until ``stop``) and record how it ended."""
-    events = log.bind(listing=listing.kind)
+    """Walk ``listing`` to its last page (or until ``stop``) and record how it ended.
+    (No logger is bound up front: most listings end without an event to log.)"""
     try:
         await _pages(listing, fetch, max_pages, stop)
     except (FatalError, DatabaseUnavailable):
         raise
     except UserGone as error:
-        events.info("listing_gone")
+        log.info("listing_gone", listing=listing.kind)
         await listing.gone(redact(str(error)))
     except LeaseLost:
         # Taken over, or our own page committed with its reply lost (a retry then finds the
         # cursor moved): give the claim back if it is still ours, so that the listing is
         # continued at once rather than after its lease.
-        events.warning("listing_taken_over")
+        log.warning("listing_taken_over", listing=listing.kind)
         await listing.release()
     except Interrupted:
-        events.info("listing_interrupted", pages=listing.pages_written)
+        log.info("listing_interrupted", listing=listing.kind, pages=listing.pages_written)
         await listing.release()
     except UserSyncError as error:
         message = redact(str(error))
-        events.error("listing_failed", error=message, error_kind=type(error).__name__)
+        log.error(
+            "listing_failed", listing=listing.kind, error=message, error_kind=type(error).__name__
+        )
         await listing.fail(message)
     except Exception as error:
         # A bug must cost one listing, not the pass (and not every later pass).
-        events.exception("listing_crashed")
+        log.exception("listing_crashed", listing=listing.kind)
         await listing.fail(redact(f"internal error: {type(error).__name__}: {error}")[:2000])
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -53,6 +54,7 @@ from worker.store import (
 from worker.writer import PageWriter
 
 log = structlog.get_logger(__name__)
+_stdlib_log = logging.getLogger(__name__)  # where ``log`` goes (worker/logs.py)
 T = TypeVar("T")
 
 WRITERS = 2  # group-commit batches in flight at once
@@ -457,4 +459,5 @@ class ConversationsListing(Listing):
     async def done(self) -> None:
         self.outcome = "done"
         self.sync.metrics.inc("convsync_users_total", outcome="done")
-        log.debug("user_synced", pages=self.pages_written)
+        if _stdlib_log.isEnabledFor(logging.DEBUG):  # once a user: skip structlog's chain
+            log.debug("user_synced", pages=self.pages_written)
