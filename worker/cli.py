@@ -36,7 +36,6 @@ from worker.logs import configure_logging, redact, scrub
 from worker.migrate import apply_migrations, pending_migrations
 from worker.store import Store, recent_passes, troubled_users
 from worker.sync import Scope, SyncPass
-from worker.targets import pending_relists
 
 log = structlog.get_logger("convsync")
 
@@ -222,6 +221,9 @@ async def sync_command(
 
 
 async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
+    # The re-list queue's module brings the webhook receiver's HTTP server: for this command only.
+    from worker.targets import pending_relists
+
     dsn = await _database(settings)
     conn = await asyncpg.connect(dsn)
     try:
