@@ -147,6 +147,54 @@ async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     assert [by_user[u] for u in USERS] == ["done"] * 10 + ["pending", "pending"]
 
 
+async def test_first_listings_and_known_users_share_a_batch_with_exact_counts(
+    store: Store, db_url: str
+) -> None:
+    # A user without membership rows gets plain inserts, the others upserts, in one statement:
+    # each page's counts and rows must come out as if every row had been upserted.
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    runner = asyncio.create_task(writer.run())
+    new, known, revived = USERS[0], USERS[1], USERS[2]
+    x, y, z = ("CH" + c * 32 for c in "abd")
+    try:
+        first = [
+            dataclasses.replace(page_of(claims[known], item(known, x), item(known, y)),
+                                next_page_path="/page2"),
+            dataclasses.replace(page_of(claims[revived], item(revived, x)),
+                                next_page_path="/page2"),
+        ]  # fmt: skip
+        for write in first:
+            assert (await writer.write(write)).inserted == len(write.page.sids)
+        removed = await store.pool.execute(
+            "UPDATE memberships SET removed_at = now() WHERE user_sid = $1", revived
+        )
+        assert removed == "UPDATE 1"
+        batch = [
+            page_of(claims[new], item(new, x), item(new, y)),
+            dataclasses.replace(
+                page_of(claims[known], item(known, x), item(known, y, unread_messages_count=7),
+                        item(known, z)),
+                pages_written=1,
+            ),
+            dataclasses.replace(page_of(claims[revived], item(revived, x)), pages_written=1),
+        ]  # fmt: skip
+        outcomes = await asyncio.gather(*(writer.write(w) for w in batch))
+    finally:
+        runner.cancel()
+    counts = [(o.inserted, o.updated, o.unchanged) for o in outcomes]
+    assert counts == [(2, 0, 0), (1, 1, 1), (0, 1, 0)]
+    rows = await store.pool.fetch(
+        """SELECT user_sid, conversation_sid, unread_messages_count, removed_at IS NULL AS live
+           FROM memberships ORDER BY 1, 2"""
+    )
+    assert [tuple(r) for r in rows] == [
+        (new, x, 1, True), (new, y, 1, True),
+        (known, x, 1, True), (known, y, 7, True), (known, z, 1, True),
+        (revived, x, 1, True),
+    ]  # fmt: skip
+
+
 async def test_a_conversation_is_written_once_per_version(store: Store, db_url: str) -> None:
     claims = await claim_everyone(store)
     writer = writer_for(store)
