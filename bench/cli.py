@@ -277,6 +277,16 @@ def _at_least(value: float | None, bound: float) -> bool | None:
     return None if value is None else value >= bound
 
 
+def _limiter_note(limiter: dict[str, int]) -> str:
+    """Where the pass left the concurrency limit, and how often it moved (when logged)."""
+    if "concurrency_limit" not in limiter:
+        return ""
+    return (
+        f"; limit {limiter['concurrency_limit']} at the end, "
+        f"{limiter.get('limit_decreases', 0)} cuts, {limiter.get('limit_probes', 0)} probes"
+    )
+
+
 def _num(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -380,7 +390,7 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
              f"{k['answered_429']:,} ({100 * k['share_429']:.2f}%)",
              _num(k["in_flight"]["window_avg"], 2),
              f"max {k['in_flight']['max']}; whole run {k['in_flight']['run_avg']:.2f}; "
-             f"{k['pages_per_second']:,.0f} pages/s")
+             f"{k['pages_per_second']:,.0f} pages/s{_limiter_note(k.get('limiter') or {})}")
             for k in limited
         ])  # fmt: skip
     lines.append("")

@@ -7,6 +7,7 @@ CPU seconds), the ``sync_runs`` row the pass recorded (seconds, rows), and the s
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -66,6 +67,7 @@ class SyncRun:
     summary: dict[str, Any] = field(default_factory=dict)
     stderr_tail: str = ""
     profile: dict[str, Any] | None = None
+    limiter: dict[str, int] = field(default_factory=dict)  # from the pass_finished log line
 
     @property
     def pages_per_second(self) -> float:
@@ -306,6 +308,7 @@ def run_sync(
         ),
         summary=summary,
         stderr_tail=stderr[-2000:] if proc.returncode else "",
+        limiter=_limiter_report(stderr),
     )
     if profile_to is not None and profile_to.exists():
         from bench.profile import summarise
@@ -316,6 +319,21 @@ def run_sync(
 
         run.profile = summarise_cprofile(cprofile_to)
     return run
+
+
+def _limiter_report(log_tail: str) -> dict[str, int]:
+    """The concurrency limit where the pass left it, and its cuts and probes during the pass
+    (the child's ``pass_finished`` JSON line); empty when the tail holds none."""
+    keys = ("concurrency_limit", "limit_decreases", "limit_probes")
+    for line in reversed(log_tail.splitlines()):
+        if '"pass_finished"' not in line:
+            continue
+        try:
+            event = json.loads(line)
+        except ValueError:
+            continue
+        return {key: int(event[key]) for key in keys if key in event}
+    return {}
 
 
 def _attach_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:

@@ -146,6 +146,8 @@ class SyncPass:
         await release_dead_local_claims(db, self.owner)
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             started = time.monotonic()
+            limiter = self.client.limiter
+            decreases, probes = limiter.decreases, limiter.probes  # the client may outlive passes
             try:
                 services = await self.discover_services()
                 log.info("pass_started", resumed=info.resumed, services=len(services))
@@ -169,7 +171,13 @@ class SyncPass:
                 return await db.call(self.store.pass_summary, info.run_id)
             summary = await db.call(self.store.finish_pass, info.run_id)
             self.record(summary)
-            log.info("pass_finished", **summary.__dict__)
+            log.info(
+                "pass_finished",
+                **summary.__dict__,
+                concurrency_limit=limiter.limit,  # where Twilio's 429s left it (worker/limiter.py)
+                limit_decreases=limiter.decreases - decreases,
+                limit_probes=limiter.probes - probes,
+            )
             return summary
 
     async def discover_services(self) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import structlog.testing
+
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, settings_for
@@ -26,7 +28,8 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
             async with TwilioClient(
                 settings, backoff=Backoff(max_attempts=20, base=0.01, cap=0.2), metrics=metrics
             ) as client:
-                summary = await SyncPass(settings, store, client, metrics=metrics).run()
+                with structlog.testing.capture_logs() as events:
+                    summary = await SyncPass(settings, store, client, metrics=metrics).run()
                 limiter = client.limiter
         finally:
             await store.close()
@@ -46,3 +49,10 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
         f"{limiter.probes} probes"
     )
     assert stats.avg_in_flight >= 0.5 * CEILING, f"crawled: {stats.avg_in_flight:.1f} in flight"
+    # The pass's last line tells an operator where Twilio's 429s left the limit.
+    (finished,) = [e for e in events if e["event"] == "pass_finished"]
+    assert finished["concurrency_limit"] == limiter.limit
+    assert (finished["limit_decreases"], finished["limit_probes"]) == (
+        limiter.decreases,
+        limiter.probes,
+    )

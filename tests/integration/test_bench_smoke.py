@@ -54,6 +54,10 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
     assert latencies == figures["config"]["k_latency_ms"] == [10.0, 40.0]
     for limited in figures["hidden_ceiling"]:
         assert limited["in_flight"]["max"] <= figures["config"]["hidden_ceiling"]
+        # the child's last log line says where its limiter ended, read back into the figures
+        assert 1 <= limited["limiter"]["concurrency_limit"] <= figures["config"]["concurrency"]
+        if limited["answered_429"]:
+            assert limited["limiter"]["limit_decreases"] >= 1
     assert run["commits"] > 0
     assert run["postgres_backend_cpu_seconds"] > 0
     names = {t["name"] for t in figures["targets"]}
