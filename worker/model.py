@@ -447,6 +447,7 @@ def _runs_of(prefix: str) -> re.Pattern[str]:
 # page's SIDs of a kind joined together (a regex per field would cost more than the decoding).
 _SID = Annotated[str, msgspec.Meta(min_length=34, max_length=34)]
 _CH_RUNS, _MB_RUNS = _runs_of("CH"), _runs_of("MB")
+_US_RUNS, _RL_RUNS = _runs_of("US"), _runs_of("RL")
 _Int64 = Annotated[int, msgspec.Meta(ge=-(2**63), le=2**63 - 1)]
 _Date = Annotated[datetime, msgspec.Meta(tz=True)]
 
@@ -483,7 +484,30 @@ class _ConversationsBody(msgspec.Struct, gc=False):
     conversations: list[_UserConversation]
 
 
+class _User(msgspec.Struct, gc=False):
+    """The fields of a service user that are stored (others pass unread)."""
+
+    sid: _SID
+    account_sid: _SID | None = None
+    chat_service_sid: str | None = None  # must be the requested one (so valid), or absent
+    role_sid: _SID | None = None
+    identity: str | None = None
+    friendly_name: str | None = None
+    attributes: str | None = None
+    is_online: bool | None = None
+    is_notifiable: bool | None = None
+    date_created: _Date | None = None
+    date_updated: _Date | None = None
+    url: str | None = None
+    links: dict[str, Any] | None = None
+
+
+class _UsersBody(msgspec.Struct, gc=False):
+    users: list[_User]
+
+
 _BODY = msgspec.json.Decoder(_ConversationsBody)
+_USERS_BODY = msgspec.json.Decoder(_UsersBody)
 _ANY = msgspec.json.Decoder()
 # A NUL escape anywhere in a body sends the page the slow way: msgspec reads it, text and jsonb
 # refuse it. (msgspec itself refuses lone surrogates, even in fields it skips, as jsonb would.)
@@ -491,6 +515,7 @@ _NUL_ESCAPE = b"\\u0000"
 
 
 _ENCODER = msgspec.json.Encoder()
+_SORTED = msgspec.json.Encoder(order="sorted")  # links, as the parser writes them
 
 
 @dataclass(frozen=True, slots=True)
@@ -547,6 +572,61 @@ def decode_conversations_page(
         parsed.rejected,
         sources,
     )
+
+
+def decode_users_page(body: bytes, items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
+    """A users page's rows and rejected items, as ``parse_users_page`` reads them; checked in
+    C when every item passes, else the slow way (``items`` as the envelope held them)."""
+    if _NUL_ESCAPE not in body:
+        try:
+            decoded = _USERS_BODY.decode(body).users
+        except (msgspec.MsgspecError, RecursionError):
+            decoded = None
+        if (
+            decoded is not None
+            and len(decoded) == len(items)
+            and _users_storable(decoded, service_sid)
+        ):
+            return ParsedPage(
+                [
+                    UserRow(
+                        service_sid, u.sid, u.account_sid, u.role_sid, u.identity,
+                        u.friendly_name, u.attributes, u.is_online, u.is_notifiable,
+                        u.date_created, u.date_updated, u.url,
+                        None if u.links is None else _SORTED.encode(u.links).decode(),
+                    )
+                    for u in decoded
+                ]
+            )  # fmt: skip
+    return parse_users_page(items, service_sid)
+
+
+def _users_storable(users: list[_User], service_sid: str) -> bool:
+    """Whether every user is stored as it is (as ``_fast_sids`` judges conversations)."""
+    if not {u.chat_service_sid for u in users} <= {None, service_sid}:
+        return False
+    sids = [u.sid for u in users]
+    if len(set(sids)) != len(sids) or not _US_RUNS.fullmatch("".join(sids)):
+        return False  # a duplicate too: the parser keeps both, the database refuses them
+    if not _RL_RUNS.fullmatch("".join(r for u in users if (r := u.role_sid) is not None)):
+        return False
+    accounts = {a for u in users if (a := u.account_sid) is not None}
+    if not all(is_sid(account, "AC") for account in accounts):
+        return False
+    dates = [d for u in users for d in (u.date_created, u.date_updated) if d is not None]
+    if {d.year for d in dates} & _EDGE_YEARS:
+        return False
+    return _json_texts_valid({a for u in users if (a := u.attributes) is not None})
+
+
+def _json_texts_valid(texts: set[str]) -> bool:
+    """Whether every text holds JSON that jsonb accepts (no NaN, numbers in range)."""
+    for text in texts - {"{}"}:
+        try:
+            _ANY.decode(text)
+        except (msgspec.MsgspecError, RecursionError):
+            return False
+    return True
 
 
 def _member(item: _UserConversation | MembershipRow) -> dict[str, Any]:
@@ -614,12 +694,8 @@ def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) 
     ]
     if {d.year for d in dates} & _EDGE_YEARS:
         return None  # its UTC form may not exist: only the slow path judges it
-    distinct_attributes = {a for i in items if (a := i.attributes) is not None} - {"{}"}
-    for attributes in distinct_attributes:
-        try:
-            _ANY.decode(attributes)
-        except (msgspec.MsgspecError, RecursionError):
-            return None
+    if not _json_texts_valid({a for i in items if (a := i.attributes) is not None}):
+        return None
     return sids
 
 

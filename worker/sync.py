@@ -39,8 +39,8 @@ from worker.metrics import metrics as default_metrics
 from worker.model import (
     ServiceRow,
     decode_conversations_page,
+    decode_users_page,
     parse_services_page,
-    parse_users_page,
 )
 from worker.shutdown import Shutdown
 from worker.store import (
@@ -374,7 +374,7 @@ class UsersListing(Listing):
 
     async def save(self, page: Page) -> None:
         sync = self.sync
-        parsed = parse_users_page(page.items, self.claim.chat_service_sid)
+        parsed = decode_users_page(page.body, page.items, self.claim.chat_service_sid)
         self.users_gone = await sync.db.call(
             sync.store.save_users_page,
             self.claim,

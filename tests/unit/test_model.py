@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import re
 from datetime import UTC, datetime
@@ -12,6 +13,7 @@ import pytest
 
 from tests.twilio_spec import USER_CONVERSATION, resolve, schema, spec
 from worker import model, sids
+from worker.client import _ENVELOPES
 from worker.errors import InvalidItem
 
 SERVICE = "IS" + "a" * 32
@@ -235,3 +237,88 @@ def test_attributes_travel_to_the_database_as_json_values_not_strings() -> None:
     body = json.dumps({"conversations": [no_attributes], "meta": {}}).encode()
     page = model.decode_conversations_page(body, [no_attributes], SERVICE, USER)
     assert json.loads(page.conversation_json(0))["attributes"] is None
+
+
+def _users_body(users: list[Any]) -> tuple[bytes, list[Any]]:
+    body = json.dumps({"users": users, "meta": {"next_page_url": None}}).encode()
+    return body, _ENVELOPES["users"].decode(body).users
+
+
+def _comparable(page: model.ParsedPage[model.UserRow]) -> tuple[list[Any], list[Any]]:
+    """Rows with their links as values (the text's spacing is the two paths' only difference:
+    the column is jsonb), and the rejections as they are."""
+    rows = [(*dataclasses.astuple(r)[:-1], r.links and json.loads(r.links)) for r in page.rows]
+    return rows, page.rejected
+
+
+GOOD_USER = {
+    "sid": USER,
+    "account_sid": "AC" + "b" * 32,
+    "chat_service_sid": SERVICE,
+    "role_sid": "RL" + "c" * 32,
+    "identity": "ада.smith@example.com",
+    "friendly_name": "Ада 🚀",
+    "attributes": '{"tier": "gold", "n": [1, 2.5, null]}',
+    "is_online": True,
+    "is_notifiable": None,
+    "date_created": "2021-05-06T07:08:09Z",
+    "date_updated": "2021-05-06T08:08:09.123+01:00",
+    "url": "https://conversations.twilio.com/v1/Services/x/Users/y",
+    "links": {"user_conversations": "https://example.com/c", "z": {"a": 1}},
+    "unknown_field": {"kept": False},
+}
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"sid": "US" + "d" * 32, "links": None, "attributes": None, "role_sid": None},
+        {"sid": USER + "\n"},
+        {"sid": "USnothex" + "0" * 26},
+        {"role_sid": "XX" + "0" * 32},
+        {"account_sid": "AC" + "0" * 31},
+        {"chat_service_sid": "IS" + "f" * 32},
+        {"is_online": "yes"},
+        {"is_notifiable": 1},
+        {"attributes": "{not json"},
+        {"attributes": '{"a": "\\u0000"}'},
+        {"attributes": '{"a": 1e999999}'},
+        {"attributes": '{"a": NaN}'},
+        {"attributes": "[" * 5000 + "]" * 5000},
+        {"friendly_name": "a\x00b"},
+        {"identity": "\ud800"},
+        {"date_created": "2015-07-30T20:00:00"},
+        {"date_updated": "0001-01-01T00:30:00+01:00"},
+        {"links": ["x"]},
+        {"links": {"nan": float("nan")}},
+        {"identity": 7},
+    ],
+)
+def test_a_users_page_decoded_in_c_matches_the_parser(
+    overrides: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows and rejections of the fast path are the parser's, whatever the page holds; a page
+    it cannot vouch for goes to the parser."""
+    parse = model.parse_users_page
+    parsed: list[str] = []
+
+    def counted(items: list[Any], service_sid: str) -> model.ParsedPage[model.UserRow]:
+        parsed.append(service_sid)
+        return parse(items, service_sid)
+
+    other = {**GOOD_USER, "sid": "US" + "e" * 32}
+    user = {**GOOD_USER, **overrides}
+    for users in ([other, user], [user, user]):  # with a good neighbour, and duplicated
+        try:
+            body, items = _users_body(users)
+        except ValueError:  # a NaN: json.dumps writes it, no JSON decoder reads it
+            continue
+        slow = parse(items, SERVICE)
+        parsed.clear()
+        monkeypatch.setattr(model, "parse_users_page", counted)
+        fast = model.decode_users_page(body, items, SERVICE)
+        monkeypatch.setattr(model, "parse_users_page", parse)
+        assert _comparable(fast) == _comparable(slow)
+        clean = not slow.rejected and len({u["sid"] for u in users}) == len(users)
+        assert bool(parsed) != clean, "a clean page is decoded in C, any other one parsed"
