@@ -392,15 +392,21 @@ def parse_services_page(items: list[Any]) -> ParsedPage[ServiceRow]:
 
 
 def parse_users_page(items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
+    """Parse a users page; a user listed twice keeps its last occurrence (one row a user: the
+    upsert could not write the same row twice)."""
     page: ParsedPage[UserRow] = ParsedPage()
+    rows: dict[str, UserRow] = {}
     for raw in items:
         item = raw
         try:
             item = _loaded(raw)
-            page.rows.append(parse_user(item, service_sid))
+            row = parse_user(item, service_sid)
         except (InvalidItem, RecursionError) as error:
             sid = _readable_sid(item, "sid", "US")
             page.rejected.append(Rejected(_raw_of(item), str(error), sid))
+            continue
+        rows[row.user_sid] = row
+    page.rows = list(rows.values())
     return page
 
 
@@ -607,7 +613,7 @@ def _users_storable(users: list[_User], service_sid: str) -> bool:
         return False
     sids = [u.sid for u in users]
     if len(set(sids)) != len(sids) or not _US_RUNS.fullmatch("".join(sids)):
-        return False  # a duplicate too: the parser keeps both, the database refuses them
+        return False  # a duplicate too: the parser keeps its last occurrence
     if not _RL_RUNS.fullmatch("".join(r for u in users if (r := u.role_sid) is not None)):
         return False
     accounts = {a for u in users if (a := u.account_sid) is not None}

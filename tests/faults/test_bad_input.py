@@ -362,6 +362,28 @@ async def test_a_bad_user_item_is_quarantined_and_its_user_not_marked_gone(
     record(bad_items_quarantined=1)
 
 
+async def test_a_user_listed_twice_in_a_page_is_stored_once_and_discovery_goes_on(
+    server: SimulatorServer, db_url: str
+) -> None:
+    settings = settings_for(server, db_url, CONVSYNC_PAGE_SIZE=str(PAGE))
+    data = server.sim.dataset
+    users = data.user_sids(data.service_sids()[0])
+
+    def twice(body: dict[str, Any]) -> dict[str, Any]:
+        body["users"].append({**body["users"][0], "friendly_name": "listed again"})
+        return body
+
+    # The second (last) page holds 10 users of 30: one more stays within its PageSize.
+    server.sim.corrupt_next(f"/Users?PageSize={PAGE}&Page=1", twice)
+    summary = await run_pass(settings)
+    assert server.sim.stats().faults["corrupt"] == 1
+    assert summary.status == "succeeded", "one user listed twice costs nothing of the pass"
+    assert summary.users_synced == len(users)
+    name = await scalar(db_url, "SELECT friendly_name FROM users WHERE user_sid = $1", users[PAGE])
+    assert name == "listed again", "the last occurrence is kept"
+    await mirror(server, db_url)
+
+
 async def test_a_user_item_without_a_readable_sid_marks_nobody_gone(
     server: SimulatorServer, db_url: str
 ) -> None:

@@ -322,3 +322,18 @@ def test_a_users_page_decoded_in_c_matches_the_parser(
         assert _comparable(fast) == _comparable(slow)
         clean = not slow.rejected and len({u["sid"] for u in users}) == len(users)
         assert bool(parsed) != clean, "a clean page is decoded in C, any other one parsed"
+
+
+def test_a_user_listed_twice_keeps_its_last_occurrence() -> None:
+    """One row a user, as conversations have: the users upsert cannot write a row twice, and
+    PostgreSQL would refuse the whole page (and with it the service's discovery)."""
+    other = "US" + "e" * 32
+    users = [
+        {**GOOD_USER, "friendly_name": "first"},
+        {**GOOD_USER, "sid": other, "friendly_name": "other"},
+        {**GOOD_USER, "friendly_name": "last"},
+    ]
+    body, items = _users_body(users)
+    page = model.decode_users_page(body, items, SERVICE)
+    assert [(r.user_sid, r.friendly_name) for r in page.rows] == [(USER, "last"), (other, "other")]
+    assert page.rejected == []
