@@ -28,6 +28,7 @@ NOTIFICATION_LEVELS = frozenset({"default", "muted"})
 
 
 RowT = TypeVar("RowT")
+_BodyT = TypeVar("_BodyT")
 
 
 @dataclass(frozen=True, slots=True)
@@ -559,16 +560,12 @@ def decode_conversations_page(
     body: bytes, items: list[Any], service_sid: str, user_sid: str
 ) -> ConversationsPage:
     """A page's storable items and its rejected ones; ``items`` as the envelope held them."""
-    if _NUL_ESCAPE not in body:
-        try:
-            decoded = _BODY.decode(body).conversations
-        except (msgspec.MsgspecError, RecursionError):
-            decoded = None
-        if decoded is not None and len(decoded) == len(items):
-            sids = _fast_sids(decoded, service_sid, user_sid)
-            if sids is not None:
-                members = _ENCODER.encode([_member(i) for i in decoded])
-                return ConversationsPage(members, sids, [], decoded)
+    body_decoded = _strict(_BODY, body)
+    if body_decoded is not None and len(decoded := body_decoded.conversations) == len(items):
+        sids = _fast_sids(decoded, service_sid, user_sid)
+        if sids is not None:
+            members = _ENCODER.encode([_member(i) for i in decoded])
+            return ConversationsPage(members, sids, [], decoded)
     parsed = parse_conversations_page(items, service_sid, user_sid)
     conversations = {c.conversation_sid: c for c in parsed.conversations}
     sources = [conversations[m.conversation_sid] for m in parsed.memberships]
@@ -583,51 +580,61 @@ def decode_conversations_page(
 def decode_users_page(body: bytes, items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
     """A users page's rows and rejected items, as ``parse_users_page`` reads them; checked in
     C when every item passes, else the slow way (``items`` as the envelope held them)."""
-    if _NUL_ESCAPE not in body:
-        try:
-            decoded = _USERS_BODY.decode(body).users
-        except (msgspec.MsgspecError, RecursionError):
-            decoded = None
-        if (
-            decoded is not None
-            and len(decoded) == len(items)
-            and _users_storable(decoded, service_sid)
-        ):
-            return ParsedPage(
-                [
-                    UserRow(
-                        service_sid, u.sid, u.account_sid, u.role_sid, u.identity,
-                        u.friendly_name, u.attributes, u.is_online, u.is_notifiable,
-                        u.date_created, u.date_updated, u.url,
-                        None if u.links is None else _SORTED.encode(u.links).decode(),
-                    )
-                    for u in decoded
-                ]
-            )  # fmt: skip
+    body_decoded = _strict(_USERS_BODY, body)
+    if (
+        body_decoded is not None
+        and len(decoded := body_decoded.users) == len(items)
+        and _users_storable(decoded, service_sid)
+    ):
+        return ParsedPage(
+            [
+                UserRow(
+                    service_sid, u.sid, u.account_sid, u.role_sid, u.identity,
+                    u.friendly_name, u.attributes, u.is_online, u.is_notifiable,
+                    u.date_created, u.date_updated, u.url,
+                    None if u.links is None else _SORTED.encode(u.links).decode(),
+                )
+                for u in decoded
+            ]
+        )  # fmt: skip
     return parse_users_page(items, service_sid)
+
+
+def _strict(decoder: msgspec.json.Decoder[_BodyT], body: bytes) -> _BodyT | None:
+    """``body`` as msgspec decodes it, or None to send the page the slow way: a NUL escape
+    (text and jsonb refuse it), or anything msgspec refuses."""
+    if _NUL_ESCAPE in body:
+        return None
+    try:
+        return decoder.decode(body)
+    except (msgspec.MsgspecError, RecursionError):
+        return None
 
 
 def _users_storable(users: list[_User], service_sid: str) -> bool:
     """Whether every user is stored as it is (as ``_fast_sids`` judges conversations)."""
-    if not {u.chat_service_sid for u in users} <= {None, service_sid}:
-        return False
     sids = [u.sid for u in users]
     if len(set(sids)) != len(sids) or not _US_RUNS.fullmatch("".join(sids)):
         return False  # a duplicate too: the parser keeps its last occurrence
     if not _RL_RUNS.fullmatch("".join(r for u in users if (r := u.role_sid) is not None)):
         return False
-    accounts = {a for u in users if (a := u.account_sid) is not None}
+    dates = [d for u in users for d in (u.date_created, u.date_updated) if d is not None]
+    return _shared_fields_storable(users, service_sid, dates)
+
+
+def _shared_fields_storable(
+    items: Sequence[_User | _UserConversation], service_sid: str, dates: list[datetime]
+) -> bool:
+    """The checks users and conversations share: the requested service or none, AC SIDs,
+    dates with a UTC form, attributes that jsonb accepts (no NaN, numbers in range)."""
+    if not {i.chat_service_sid for i in items} <= {None, service_sid}:
+        return False
+    accounts = {a for i in items if (a := i.account_sid) is not None}
     if not all(is_sid(account, "AC") for account in accounts):
         return False
-    dates = [d for u in users for d in (u.date_created, u.date_updated) if d is not None]
     if {d.year for d in dates} & _EDGE_YEARS:
-        return False
-    return _json_texts_valid({a for u in users if (a := u.attributes) is not None})
-
-
-def _json_texts_valid(texts: set[str]) -> bool:
-    """Whether every text holds JSON that jsonb accepts (no NaN, numbers in range)."""
-    for text in texts - {"{}"}:
+        return False  # its UTC form may not exist: only the slow path judges it
+    for text in {a for i in items if (a := i.attributes) is not None} - {"{}"}:
         try:
             _ANY.decode(text)
         except (msgspec.MsgspecError, RecursionError):
@@ -677,8 +684,6 @@ def _conversation(item: _UserConversation | ConversationRow) -> dict[str, Any]:
 def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) -> list[str] | None:
     """The items' SIDs when every item is storable as it is; None sends the page the slow way.
     (Set and list comprehensions: a page's checks cost a few C loops, not Python per field.)"""
-    if not {i.chat_service_sid for i in items} <= {None, service_sid}:
-        return None
     if not {i.user_sid for i in items} <= {None, user_sid}:
         return None
     sids = [i.conversation_sid for i in items]
@@ -686,9 +691,6 @@ def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) 
         return None
     participants = [p for i in items if (p := i.participant_sid) is not None]
     if not _MB_RUNS.fullmatch("".join(participants)):
-        return None
-    accounts = {a for i in items if (a := i.account_sid) is not None}
-    if not all(is_sid(account, "AC") for account in accounts):
         return None
     dates = [d for i in items for d in (i.date_created, i.date_updated) if d is not None]
     dates += [
@@ -698,11 +700,7 @@ def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) 
         for d in (t.date_inactive, t.date_closed)
         if d is not None
     ]
-    if {d.year for d in dates} & _EDGE_YEARS:
-        return None  # its UTC form may not exist: only the slow path judges it
-    if not _json_texts_valid({a for i in items if (a := i.attributes) is not None}):
-        return None
-    return sids
+    return sids if _shared_fields_storable(items, service_sid, dates) else None
 
 
 _EDGE_YEARS = frozenset({1, 9999})
