@@ -60,6 +60,7 @@ class Settings:
     db_pool_size: int = 8
     batch_pages: int = 64
     batch_ms: float = 0.0
+    async_commit: bool = True
     db_wait_seconds: float = 60.0
     lease_seconds: float = 60.0
     worker_id: str = ""
@@ -208,6 +209,13 @@ VARIABLES: tuple[Variable, ...] = (
         "CONVSYNC_BATCH_MS",
         "Milliseconds a batch may wait for more pages before it commits.",
         setting="batch_ms",
+    ),
+    Variable(
+        "CONVSYNC_ASYNC_COMMIT",
+        "Page batches commit without waiting for their WAL flush (synchronous_commit off for "
+        "them alone): a PostgreSQL crash may lose the last batches, pages and cursors together, "
+        "and those pages are fetched again. false: each batch waits for its flush.",
+        setting="async_commit",
     ),
     Variable(
         "CONVSYNC_DB_WAIT_SECONDS",
@@ -514,6 +522,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         "db_pool_size": _number(env, "CONVSYNC_DB_POOL_SIZE", int, 2, 100),
         "batch_pages": _number(env, "CONVSYNC_BATCH_PAGES", int, 1, 1000),
         "batch_ms": _number(env, "CONVSYNC_BATCH_MS", float, 0.0, 10_000.0),
+        "async_commit": _bool(env, "CONVSYNC_ASYNC_COMMIT"),
         "db_wait_seconds": _number(env, "CONVSYNC_DB_WAIT_SECONDS", float, 0.0),
         "lease_seconds": _number(env, "CONVSYNC_LEASE_SECONDS", float, 1.0),
         "http_host": _host(env, "CONVSYNC_HTTP_HOST"),

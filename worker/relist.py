@@ -72,7 +72,11 @@ class Relister:
         self.held = HeldClaims(self.db, self.lease)
         # No conversation version cache: a re-list is asked for because something changed.
         self.writer = PageWriter(
-            self.db, self.lease, max_pages=settings.batch_pages, known_conversations=0
+            self.db,
+            self.lease,
+            max_pages=settings.batch_pages,
+            known_conversations=0,
+            async_commit=settings.async_commit,
         )
         self.listings = ListingContext(self.db, self.writer, metrics, settings.page_size)
         self.wake = asyncio.Event()  # set when a webhook was recorded by this process

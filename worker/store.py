@@ -126,25 +126,47 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+class _OpenedConnections:
+    """Counts the connections a pool opens (as its ``init``)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    async def init(self, conn: asyncpg.Connection) -> None:
+        await _init_connection(conn)
+        self.count += 1
+
+
 class Store:
     """The database side of a pass, over an asyncpg pool."""
 
-    def __init__(self, pool: asyncpg.Pool) -> None:
+    def __init__(self, pool: asyncpg.Pool, opened: _OpenedConnections | None = None) -> None:
         self.pool = pool
+        self._opened = opened or _OpenedConnections()
+
+    @property
+    def connections_opened(self) -> int:
+        """Connections the pool has opened so far (counted in pools made by ``connect``).
+
+        Work committed asynchronously (``save_pages(async_commit=True)``) is lost only by a
+        server that crashed or failed over, and then every connection opened before is gone:
+        a caller that remembers what it committed forgets it when this count moves."""
+        return self._opened.count
 
     @classmethod
     async def connect(cls, dsn: str, size: int = 8, *, lazy: bool = False) -> Store:
         """A pool of ``size`` connections; ``lazy`` opens none until needed (a service may
         start while its database is down)."""
+        opened = _OpenedConnections()
         pool = await asyncpg.create_pool(
             dsn,
             min_size=0 if lazy else 1,
             max_size=size,
-            init=_init_connection,
+            init=opened.init,
             reset=_reset_connection,
             command_timeout=60,
         )
-        return cls(pool)
+        return cls(pool, opened)
 
     async def close(self) -> None:
         await self.pool.close()
@@ -683,6 +705,7 @@ class Store:
         conversations: Sequence[Sequence[int]] | None = None,
         *,
         conn: asyncpg.Connection | None = None,
+        async_commit: bool = False,
     ) -> list[PageOutcome | None]:
         """Write a batch of pages (of distinct users) and advance their cursors in one
         transaction; per page, its outcome, or None when its claim no longer holds the cursor
@@ -693,7 +716,9 @@ class Store:
         a value, nothing of the batch is written and the error is raised. ``conversations``:
         per page, the items (indices into its ``sids``) whose conversation to upsert (default:
         all); a conversation left out must already be stored at least as new as the page has it.
-        ``conn``: the connection to run on (default: one of the pool's).
+        ``conn``: the connection to run on (default: one of the pool's). ``async_commit``:
+        the transaction commits without waiting for its WAL to reach disk (synchronous_commit
+        off, for it alone): a server crash may lose it whole, pages and cursors together.
         """
         if conversations is None:
             conversations = [range(len(w.page.sids)) for w in writes]
@@ -720,7 +745,7 @@ class Store:
         except UnicodeEncodeError as error:  # a lone surrogate: text PostgreSQL cannot hold
             raise asyncpg.DataError(f"a page of the batch holds unstorable text: {error}") from None
         runner = self.pool if conn is None else conn
-        rows = await runner.fetch(_PAGES_SQL, document, UNIDENTIFIED, lease_seconds)
+        rows = await runner.fetch(_PAGES_SQL, document, UNIDENTIFIED, lease_seconds, async_commit)
         outcomes: list[PageOutcome | None] = [None] * len(writes)
         for row in rows:
             if not row["ok"]:
@@ -931,6 +956,11 @@ WITH page AS (
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS p(
         ord int, service text COLLATE "C", user_sid text COLLATE "C", token text, expected int,
         next_path text, run_id bigint, seen text, rejected jsonb, source text, items int)
+    -- $4: commit without waiting for the WAL flush. set_config(..., true) holds for this
+    -- statement's own transaction, read at its commit; CASE keeps it from being evaluated
+    -- otherwise.
+    WHERE CASE WHEN $4::bool THEN set_config('synchronous_commit', 'off', true) IS NOT NULL
+               ELSE true END
 ),
 guard AS (
     -- One primary-key lookup per page, the claim checked after it: a join would let the

@@ -129,7 +129,11 @@ class SyncPass:
         self.state = PassState()
         self.held = HeldClaims(self.db, self.lease)
         self.writer = PageWriter(
-            self.db, self.lease, max_pages=settings.batch_pages, max_wait=settings.batch_ms / 1000
+            self.db,
+            self.lease,
+            max_pages=settings.batch_pages,
+            max_wait=settings.batch_ms / 1000,
+            async_commit=settings.async_commit,
         )
         self.listings = ListingContext(self.db, self.writer, self.metrics, self.page_size)
 

@@ -17,7 +17,10 @@ it wrote lately (between ``KNOWN_CONVERSATIONS`` / 2 and ``KNOWN_CONVERSATIONS``
 generations: the older one is dropped whole when the newer fills), and leaves a page's
 conversation out of its statement when the page has that same version: the row is already
 stored at least as new (it only ever moves forward), and its upsert would cost a row lock and a
-comparison for nothing.
+comparison for nothing. What it remembers holds only while no connection was opened since
+(``Store.connections_opened``): batches commit asynchronously by default, and the server crash
+or failover that could lose one also ends every connection of the pool, so the first batch
+after it, on a new connection, finds the count moved and forgets before it leaves anything out.
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ import contextlib
 import time
 from datetime import datetime
 from typing import cast
+
+import asyncpg
 
 from worker.database import (
     IDLE_CONNECTION_SECONDS,
@@ -53,11 +58,13 @@ class PageWriter:
         max_wait: float = 0.0,
         known_conversations: int = KNOWN_CONVERSATIONS,
         idle_seconds: float = IDLE_CONNECTION_SECONDS,
+        async_commit: bool = False,
     ) -> None:
         self._db = db
         self._lease = lease_seconds
         self.max_pages = max_pages
         self.max_wait = max_wait
+        self.async_commit = async_commit
         self._idle_seconds = idle_seconds
         self._metrics = db.metrics
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
@@ -68,6 +75,7 @@ class PageWriter:
         self._known: dict[str, datetime] = {}
         self._older: dict[str, datetime] = {}
         self._generation = known_conversations // 2  # 0: remember none
+        self._opened = db.store.connections_opened  # the pool's count the memory holds for
         self.batches = 0
         self.pages = 0
 
@@ -143,23 +151,25 @@ class PageWriter:
         if not batch:
             return
         writes = [write for write, _ in batch]
-        known, older = self._known, self._older
-        conversations = [  # per page, the items whose conversation is written
-            [
-                index
-                for index, (sid, updated) in enumerate(zip(p.sids, p.updated, strict=True))
-                if updated is None or (known.get(sid) or older.get(sid)) != updated
-            ]
-            for p in (w.page for w in writes)
-        ]
+        store = self._db.store
+
+        async def save(conn: asyncpg.Connection) -> tuple[list[PageOutcome | None], int]:
+            # On the connection it runs on (a new one is counted by now), each attempt.
+            opened = store.connections_opened
+            if opened != self._opened:
+                self._forget(opened)
+            outcomes = await store.save_pages(
+                writes,
+                self._lease,
+                self._conversations_to_write(writes),
+                conn=conn,
+                async_commit=self.async_commit,
+            )
+            return outcomes, opened
+
         began = time.perf_counter()
         try:
-            outcomes = await self._db.call(
-                connection.run,
-                lambda conn: self._db.store.save_pages(
-                    writes, self._lease, conversations, conn=conn
-                ),
-            )
+            outcomes, opened = await self._db.call(connection.run, save)
         except VALUES_REFUSED_ERRORS as error:
             if len(batch) == 1:
                 if not batch[0][1].done():
@@ -173,9 +183,11 @@ class PageWriter:
         self.pages += len(batch)
         took = time.perf_counter() - began
 
+        remember = opened == self._opened  # no connection opened since it ran
         for (write, done), outcome in zip(batch, outcomes, strict=True):
             if outcome is not None:
-                self._remember(write)
+                if remember:
+                    self._remember(write)
                 self._metrics.observe("convsync_page_commit_seconds", took)
             if done.done():
                 continue
@@ -185,6 +197,24 @@ class PageWriter:
                 )
             else:
                 done.set_result(outcome)
+
+    def _conversations_to_write(self, writes: list[PageWrite]) -> list[list[int]]:
+        """Per page, the items whose conversation the batch writes: all but those committed
+        at the same ``date_updated`` already."""
+        known, older = self._known, self._older
+        return [
+            [
+                index
+                for index, (sid, updated) in enumerate(zip(p.sids, p.updated, strict=True))
+                if updated is None or (known.get(sid) or older.get(sid)) != updated
+            ]
+            for p in (w.page for w in writes)
+        ]
+
+    def _forget(self, opened: int) -> None:
+        """A connection was opened since: what was committed may have been lost with a server."""
+        self._known, self._older = {}, {}
+        self._opened = opened
 
     def _remember(self, write: PageWrite) -> None:
         """The page committed: its conversations are stored at least as new as it has them."""

@@ -8,17 +8,21 @@ import asyncio
 import contextlib
 import dataclasses
 import json
-from collections.abc import AsyncIterator
+import secrets
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import LocalPostgres
+from tests.conftest import create_database, drop_database
 from tests.harness import scalar, until
 from worker.client import _ENVELOPES
 from worker.database import PIN_FROM_POOL_SIZE, RetryingStore
 from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
+from worker.migrate import apply_migrations
 from worker.model import decode_conversations_page
 from worker.store import _PAGES_SQL, PageWrite, Store, UserClaim
 from worker.writer import PageWriter
@@ -215,6 +219,94 @@ async def test_a_conversation_is_written_once_per_version(store: Store, db_url: 
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 3
 
 
+async def test_a_writer_forgets_what_it_committed_once_a_connection_was_opened_since(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    # Waits out the dropped connections below: its next attempt opens a new one.
+    writer = PageWriter(RetryingStore(store, 10.0, Metrics()), 60, async_commit=True)
+    runner = asyncio.create_task(writer.run())
+    first, second = USERS[:2]
+    try:
+        await writer.write(page_of(claims[first], item(first, SHARED)))
+        admin = await asyncpg.connect(db_url)
+        try:
+            # The server went away (every session of the pool ends, as in a crash or a
+            # failover), and with it the asynchronous commit of that page: its rows are
+            # deleted here, standing in for what the crash lost.
+            await admin.execute(
+                """SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+                   WHERE datname = current_database() AND pid <> pg_backend_pid()"""
+            )
+            await admin.execute("DELETE FROM memberships; DELETE FROM conversations")
+        finally:
+            await admin.close()
+        # Same version as the first page's: remembered, it would be left out, and the
+        # membership would point at no conversation row (no foreign key says so: migration 004).
+        outcome = await asyncio.wait_for(
+            writer.write(page_of(claims[second], item(second, SHARED))), 20
+        )
+    finally:
+        runner.cancel()
+    assert outcome.inserted == 1
+    assert await scalar(db_url, "SELECT friendly_name FROM conversations") == "shared"
+
+
+@pytest.fixture(scope="module")
+def durable_server() -> Iterator[LocalPostgres]:
+    """A server of our own that syncs its WAL to disk (the tests' shared one may not)."""
+    with LocalPostgres(fast=False) as server:
+        server.start()
+        yield server
+
+
+async def test_batches_commit_without_waiting_for_their_flush_unless_told_to(
+    durable_server: LocalPostgres,
+) -> None:
+    name = f"convsync_test_{secrets.token_hex(4)}"
+    url = await create_database(durable_server.url, name)
+    try:
+        await apply_migrations(url)
+        store = await Store.connect(url, 2)
+        try:
+            claim = (await claim_everyone(store))[USERS[0]]
+            per_mode = 12
+            syncs: dict[bool, int] = {}
+            async with store.pool.acquire() as conn:
+                written = 0
+                for async_commit in (True, False):
+                    before = await wal_syncs(conn)
+                    for _ in range(per_mode):
+                        write = dataclasses.replace(
+                            page_of(claim, item(USERS[0], f"CH{written:032x}")),
+                            pages_written=written,
+                            next_page_path="/next",
+                        )
+                        outcomes = await store.save_pages(
+                            [write], 60, conn=conn, async_commit=async_commit
+                        )
+                        assert outcomes[0] is not None
+                        written += 1
+                    syncs[async_commit] = await wal_syncs(conn) - before
+        finally:
+            await store.close()
+    finally:
+        await drop_database(durable_server.url, name)
+    # Waiting for the flush is a WAL sync per commit; without it, the WAL writer's own few.
+    assert syncs[False] >= per_mode
+    assert syncs[True] <= per_mode // 3
+
+
+async def wal_syncs(conn: asyncpg.Connection) -> int:
+    """The server's WAL syncs so far, this session's own counted in."""
+    await conn.execute("SELECT pg_stat_force_next_flush()")  # flushed once the session idles
+    if conn.get_server_version().major >= 18:  # moved to pg_stat_io
+        query = "SELECT coalesce(sum(fsyncs), 0) FROM pg_stat_io WHERE object = 'wal'"
+    else:
+        query = "SELECT wal_sync FROM pg_stat_wal"
+    return int(await conn.fetchval(query))
+
+
 async def test_the_version_cache_is_bounded_and_forgets_the_oldest_first(
     store: Store, db_url: str
 ) -> None:
@@ -301,7 +393,7 @@ async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_b
                 db_url,
                 """SELECT count(DISTINCT pid) FROM pg_stat_activity
                    WHERE datname = current_database() AND pid <> pg_backend_pid()
-                     AND query LIKE '%guard AS%'""",
+                     AND query LIKE '%WITH page AS%'""",
             )
         )
 
@@ -391,8 +483,8 @@ async def test_the_page_statement_reads_each_cursor_by_primary_key_in_any_cached
     conn = await asyncpg.connect(db_url)
     try:
         await conn.execute("SET plan_cache_mode = force_generic_plan")
-        await conn.execute(f"PREPARE page_write (jsonb, text, float8) AS {_PAGES_SQL}")
-        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) EXECUTE page_write ('[]', '', 60)")
+        await conn.execute(f"PREPARE page_write (jsonb, text, float8, bool) AS {_PAGES_SQL}")
+        plan = await conn.fetchval("EXPLAIN (FORMAT JSON) EXECUTE page_write ('[]', '', 60, true)")
     finally:
         await conn.close()
     scans = _scans_of(json.loads(plan)[0]["Plan"], "sync_cursors")

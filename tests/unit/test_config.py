@@ -25,6 +25,7 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"TWILIO_ACCOUNT_SID": "AC123", "TWILIO_AUTH_TOKEN": "t"}, "TWILIO_ACCOUNT_SID"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "ftp://x"}, "TWILIO_CONVERSATIONS_BASE_URL"),
         ({"CONVSYNC_RUN_AT_START": "maybe"}, "CONVSYNC_RUN_AT_START"),
+        ({"CONVSYNC_ASYNC_COMMIT": "sometimes"}, "CONVSYNC_ASYNC_COMMIT"),
         ({"DATABASE_URL": "postgresql://u@h/db?sslmode=bogus"}, "DATABASE_URL: sslmode"),
         ({"DATABASE_URL": "postgresql://h/db?target_session_attrs=x"}, "DATABASE_URL"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://u:pw@h"}, "must not hold credentials"),
@@ -69,6 +70,8 @@ def test_defaults() -> None:
     assert (settings.max_page_items, settings.max_pages) == (1000, 20000)
     assert (settings.http_host, settings.http_header_timeout) == ("0.0.0.0", 10.0)
     assert settings.db_wait_seconds == 60.0
+    assert settings.async_commit is True
+    assert load_settings({"CONVSYNC_ASYNC_COMMIT": "false"}).async_commit is False
 
 
 def test_every_default_in_the_reference_is_the_one_in_force() -> None:
