@@ -46,6 +46,7 @@ from worker.limiter import AdaptiveLimiter, TokenBucket
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
+from worker.model import decode_typed_page
 from worker.retry import Backoff, retrying
 
 log = structlog.get_logger(__name__)
@@ -83,16 +84,17 @@ def _query(path: str) -> list[tuple[str, str]]:
     """The decoded query parameters of a path, in order (as ``parse_qsl`` with blank values
     kept reads them, at a fraction of its cost)."""
     query = path.partition("?")[2].partition("#")[0]
-    return [
-        (unquote_plus(name), unquote_plus(value))
-        for name, _, value in (part.partition("=") for part in query.split("&") if part)
-    ]
+    pairs = (part.partition("=") for part in query.split("&") if part)
+    if "%" not in query and "+" not in query:  # nothing to decode: most pages' queries
+        return [(name, value) for name, _, value in pairs]
+    return [(unquote_plus(name), unquote_plus(value)) for name, _, value in pairs]
 
 
 @dataclass(frozen=True)
 class Page:
-    """One list page: its items (``msgspec.Raw``, still undecoded, or Python values when the
-    body needed the lenient decoder), the path of the next page (None on the last), and the
+    """One list page: its items (decoded and checked in C where the model has a schema for them,
+    ``msgspec.Raw`` still undecoded, or Python values when the body needed the lenient
+    decoder), the path of the next page (None on the last), and the
     body as received (the hot path hands it to the database as it is)."""
 
     path: str
@@ -164,6 +166,8 @@ class TwilioClient:
         credentials = settings.require_credentials()
         self._base_url = settings.base_url
         self._origin = _origin(settings.base_url)
+        base = urlsplit(settings.base_url)
+        self._prefix = f"{base.scheme}://{base.netloc}/"  # next_page_urls as Twilio writes them
         self._authorization = "Basic " + credentials.basic
         self._secrets = (credentials.password, credentials.basic)  # an error body may echo them
         self._max_body = settings.max_response_bytes
@@ -277,12 +281,12 @@ class TwilioClient:
                 overloaded = True
                 self._metrics.inc("convsync_rate_limited_total")
                 raise RateLimited("429 Too Many Requests", _retry_after(response.headers))
-            if status == 200:
-                return decode(raw)
-            raise self._refusal(path, status, raw, response.headers)
+            if status != 200:
+                raise self._refusal(path, status, raw, response.headers)
         finally:
             # (The limiter's gauges are read when scraped: worker/daemon.py.)
             self.limiter.release(place, overloaded=overloaded, dropped=dropped)
+        return decode(raw)  # the slot is Twilio's time: given back before the decode
 
     async def _read_body(self, path: str, response: aiohttp.ClientResponse) -> bytes:
         """The body, read as it streams in (decompressed) and refused at once, without reading
@@ -336,6 +340,8 @@ class TwilioClient:
         """Path and query of a next_page_url, which must point at the configured API."""
         if url.startswith("/"):
             return url
+        if url.startswith(self._prefix) and "#" not in url and not url.endswith("?"):
+            return url[len(self._prefix) - 1 :]  # what the parse below returns, without it
         if _origin(url) != self._origin:
             raise MalformedPage("next_page_url points outside the configured API base URL")
         parts = urlsplit(url)
@@ -357,8 +363,13 @@ def _json_object(path: str, raw: bytes) -> dict[str, Any]:
 
 
 def _split_page(path: str, key: str, raw: bytes) -> tuple[list[Any], str | None, bytes]:
-    """A list page's items, its next_page_url and its body. msgspec splits a well-formed page
-    without decoding its items; anything else gets the stdlib decoder and its exact errors."""
+    """A list page's items, its next_page_url and its body. A page msgspec can vouch for is
+    decoded once, its items typed and checked (``decode_typed_page``); another well-formed one
+    is split without decoding its items; anything else gets the stdlib decoder and its exact
+    errors."""
+    typed = decode_typed_page(key, raw)
+    if typed is not None:
+        return typed[0], typed[1], raw
     decoder = _ENVELOPES.get(key)
     if decoder is not None:
         try:

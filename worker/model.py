@@ -29,6 +29,7 @@ NOTIFICATION_LEVELS = frozenset({"default", "muted"})
 
 RowT = TypeVar("RowT")
 _BodyT = TypeVar("_BodyT")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,6 +492,15 @@ class _ConversationsBody(msgspec.Struct, gc=False):
     conversations: list[_UserConversation]
 
 
+class _Meta(msgspec.Struct, gc=False):
+    next_page_url: str | None = None
+
+
+class _ConversationsPage(msgspec.Struct, gc=False):
+    conversations: list[_UserConversation]
+    meta: _Meta
+
+
 class _User(msgspec.Struct, gc=False):
     """The fields of a service user that are stored (others pass unread)."""
 
@@ -513,8 +523,21 @@ class _UsersBody(msgspec.Struct, gc=False):
     users: list[_User]
 
 
+class _UsersPage(msgspec.Struct, gc=False):
+    users: list[_User]
+    meta: _Meta
+
+
 _BODY = msgspec.json.Decoder(_ConversationsBody)
 _USERS_BODY = msgspec.json.Decoder(_UsersBody)
+_TYPED_PAGES: dict[str, msgspec.json.Decoder[Any]] = {
+    "conversations": msgspec.json.Decoder(_ConversationsPage),
+    "users": msgspec.json.Decoder(_UsersPage),
+}
+_RAW_ITEMS: dict[str, msgspec.json.Decoder[Any]] = {
+    key: msgspec.json.Decoder(msgspec.defstruct(f"_{key}_items", [(key, list[msgspec.Raw])]))
+    for key in _TYPED_PAGES
+}
 _ANY = msgspec.json.Decoder()
 # A NUL escape anywhere in a body sends the page the slow way: msgspec reads it, text and jsonb
 # refuse it. (msgspec itself refuses lone surrogates, even in fields it skips, as jsonb would.)
@@ -540,11 +563,11 @@ class ConversationsPage:
     sids: list[str]
     rejected: list[Rejected]
     sources: Sequence[_UserConversation | ConversationRow] = ()  # conversation fields, per SID
+    # Each item's conversation ``date_updated`` (the writer's version cache reads it twice).
+    updated: list[datetime | None] = field(init=False)
 
-    @property
-    def updated(self) -> list[datetime | None]:
-        """Each item's conversation ``date_updated`` (the writer's version cache reads it)."""
-        return [source.date_updated for source in self.sources]
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "updated", [source.date_updated for source in self.sources])
 
     @property
     def seen_sids(self) -> list[str]:
@@ -556,17 +579,41 @@ class ConversationsPage:
         return _ENCODER.encode(_conversation(self.sources[index]))
 
 
+def decode_typed_page(key: str, body: bytes) -> tuple[list[Any], str | None] | None:
+    """A list page's items decoded and checked in C (``_UserConversation`` or ``_User``) with
+    its next_page_url, in one pass over the body; None when there is no schema for ``key`` or
+    msgspec cannot vouch for the page: then its items are split undecoded and parsed."""
+    decoder = _TYPED_PAGES.get(key)
+    page = None if decoder is None else _strict(decoder, body)
+    if page is None:
+        return None
+    items: list[Any] = getattr(page, key)
+    return items, page.meta.next_page_url
+
+
+def _typed(items: list[Any], kind: type[_T]) -> list[_T] | None:
+    """``items`` when ``decode_typed_page`` decoded them (all of a page are, or none)."""
+    return items if items and type(items[0]) is kind else None
+
+
 def decode_conversations_page(
     body: bytes, items: list[Any], service_sid: str, user_sid: str
 ) -> ConversationsPage:
-    """A page's storable items and its rejected ones; ``items`` as the envelope held them."""
-    body_decoded = _strict(_BODY, body)
-    if body_decoded is not None and len(decoded := body_decoded.conversations) == len(items):
+    """A page's storable items and its rejected ones; ``items`` as the client split them
+    (typed by ``decode_typed_page``, or undecoded)."""
+    decoded = _typed(items, _UserConversation)
+    if decoded is None and (body_decoded := _strict(_BODY, body)) is not None:
+        decoded = (
+            body_decoded.conversations if len(body_decoded.conversations) == len(items) else None
+        )
+    if decoded is not None:
         sids = _fast_sids(decoded, service_sid, user_sid)
         if sids is not None:
             members = _ENCODER.encode([_member(i) for i in decoded])
             return ConversationsPage(members, sids, [], decoded)
-    parsed = parse_conversations_page(items, service_sid, user_sid)
+    parsed = parse_conversations_page(
+        _parsable(items, "conversations", body), service_sid, user_sid
+    )
     conversations = {c.conversation_sid: c for c in parsed.conversations}
     sources = [conversations[m.conversation_sid] for m in parsed.memberships]
     return ConversationsPage(
@@ -580,12 +627,10 @@ def decode_conversations_page(
 def decode_users_page(body: bytes, items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
     """A users page's rows and rejected items, as ``parse_users_page`` reads them; checked in
     C when every item passes, else the slow way (``items`` as the envelope held them)."""
-    body_decoded = _strict(_USERS_BODY, body)
-    if (
-        body_decoded is not None
-        and len(decoded := body_decoded.users) == len(items)
-        and _users_storable(decoded, service_sid)
-    ):
+    decoded = _typed(items, _User)
+    if decoded is None and (body_decoded := _strict(_USERS_BODY, body)) is not None:
+        decoded = body_decoded.users if len(body_decoded.users) == len(items) else None
+    if decoded is not None and _users_storable(decoded, service_sid):
         return ParsedPage(
             [
                 UserRow(
@@ -597,7 +642,16 @@ def decode_users_page(body: bytes, items: list[Any], service_sid: str) -> Parsed
                 for u in decoded
             ]
         )  # fmt: skip
-    return parse_users_page(items, service_sid)
+    return parse_users_page(_parsable(items, "users", body), service_sid)
+
+
+def _parsable(items: list[Any], key: str, body: bytes) -> list[Any]:
+    """The items for the parser: typed ones (``decode_typed_page``) split again from the body,
+    undecoded, so that the parser reads each item's own JSON and quarantines it as sent."""
+    if items and isinstance(items[0], msgspec.Struct):
+        raw: list[Any] = getattr(_RAW_ITEMS[key].decode(body), key)
+        return raw
+    return items
 
 
 def _strict(decoder: msgspec.json.Decoder[_BodyT], body: bytes) -> _BodyT | None:
@@ -634,11 +688,25 @@ def _shared_fields_storable(
         return False
     if {d.year for d in dates} & _EDGE_YEARS:
         return False  # its UTC form may not exist: only the slow path judges it
-    for text in {a for i in items if (a := i.attributes) is not None} - {"{}"}:
-        try:
-            _ANY.decode(text)
-        except (msgspec.MsgspecError, RecursionError):
-            return False
+    return all(map(_attributes_storable, {i.attributes for i in items} - _KNOWN_GOOD_ATTRIBUTES))
+
+
+# Attribute texts already found storable: a conversation's attributes come again in the page of
+# each of its members. Bounded (cleared whole when full): at most ~KNOWN_GOOD_ATTRIBUTES texts.
+KNOWN_GOOD_ATTRIBUTES = 8192
+_KNOWN_GOOD_ATTRIBUTES: set[str | None] = {None, "{}"}
+
+
+def _attributes_storable(text: str | None) -> bool:
+    """Whether msgspec reads ``text`` as JSON (so jsonb will: no NaN, numbers in range)."""
+    try:
+        _ANY.decode(text)  # type: ignore[arg-type]  # None and "{}" never get here
+    except (msgspec.MsgspecError, RecursionError):
+        return False
+    if len(_KNOWN_GOOD_ATTRIBUTES) >= KNOWN_GOOD_ATTRIBUTES:
+        _KNOWN_GOOD_ATTRIBUTES.clear()
+        _KNOWN_GOOD_ATTRIBUTES.update((None, "{}"))
+    _KNOWN_GOOD_ATTRIBUTES.add(text)
     return True
 
 

@@ -9,6 +9,7 @@ import re
 from datetime import UTC, datetime
 from typing import Any
 
+import msgspec
 import pytest
 
 from tests.twilio_spec import USER_CONVERSATION, resolve, schema, spec
@@ -315,13 +316,18 @@ def test_a_users_page_decoded_in_c_matches_the_parser(
         except ValueError:  # a NaN: json.dumps writes it, no JSON decoder reads it
             continue
         slow = parse(items, SERVICE)
-        parsed.clear()
-        monkeypatch.setattr(model, "parse_users_page", counted)
-        fast = model.decode_users_page(body, items, SERVICE)
-        monkeypatch.setattr(model, "parse_users_page", parse)
-        assert _comparable(fast) == _comparable(slow)
         clean = not slow.rejected and len({u["sid"] for u in users}) == len(users)
-        assert bool(parsed) != clean, "a clean page is decoded in C, any other one parsed"
+        typed = model.decode_typed_page("users", body)
+        # As the client splits a page: typed where msgspec vouches for it, else undecoded.
+        for split in (items, typed[0] if typed else None):
+            if split is None:
+                continue
+            parsed.clear()
+            monkeypatch.setattr(model, "parse_users_page", counted)
+            fast = model.decode_users_page(body, split, SERVICE)
+            monkeypatch.setattr(model, "parse_users_page", parse)
+            assert _comparable(fast) == _comparable(slow)
+            assert bool(parsed) != clean, "a clean page is decoded in C, any other one parsed"
 
 
 def test_a_user_listed_twice_keeps_its_last_occurrence() -> None:
@@ -337,3 +343,97 @@ def test_a_user_listed_twice_keeps_its_last_occurrence() -> None:
     page = model.decode_users_page(body, items, SERVICE)
     assert [(r.user_sid, r.friendly_name) for r in page.rows] == [(USER, "last"), (other, "other")]
     assert page.rejected == []
+
+
+def _conversations_comparable(page: model.ConversationsPage) -> tuple[Any, ...]:
+    """What a decoded page sends the database, as values: membership fields, each item's
+    conversation fields and the SIDs, in SID order (the parser sorts, the statement too), and
+    the rejections."""
+    conversations = [json.loads(page.conversation_json(i)) for i in range(len(page.sids))]
+
+    def by_sid(rows: list[Any]) -> list[Any]:
+        return sorted(rows, key=lambda row: str(row["conversation_sid"]))
+
+    members = by_sid(json.loads(page.members))
+    return members, by_sid(conversations), sorted(page.sids), page.rejected
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {"conversation_sid": "CHnothex" + "0" * 26},
+        {"participant_sid": "MB" + "0" * 31 + "\n"},
+        {"user_sid": "US" + "f" * 32},
+        {"chat_service_sid": "IS" + "f" * 32},
+        {"attributes": '{"a": NaN}'},
+        {"attributes": '{"a": 1e999999}'},
+        {"friendly_name": "a\x00b"},
+        {"date_updated": "0001-01-01T00:30:00+01:00"},
+        {"notification_level": "loud"},
+        {"unread_messages_count": 2**63},
+    ],
+)
+def test_a_conversations_page_decoded_in_c_matches_the_parser(
+    overrides: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whichever way the client split the page (typed in one pass, or undecoded), the page
+    sends the database what the parser makes of it, and only a clean page skips the parser."""
+    parse = model.parse_conversations_page
+    parsed: list[str] = []
+
+    def counted(items: list[Any], service_sid: str, user_sid: str) -> Any:
+        parsed.append(user_sid)
+        return parse(items, service_sid, user_sid)
+
+    other = good_item(conversation_sid="CH" + "e" * 32)
+    item = good_item(**overrides)
+    for items in ([other, item], [item, item]):  # with a good neighbour, and duplicated
+        body = json.dumps({"conversations": items, "meta": {"next_page_url": None}}).encode()
+        raw_items = _ENVELOPES["conversations"].decode(body).conversations
+        strict = model._strict
+        monkeypatch.setattr(model, "_strict", lambda decoder, body: None)  # the parser's way
+        slow = model.decode_conversations_page(body, raw_items, SERVICE, USER)
+        monkeypatch.setattr(model, "_strict", strict)
+        clean = not slow.rejected and len({i["conversation_sid"] for i in items}) == len(items)
+        typed = model.decode_typed_page("conversations", body)
+        assert (typed is not None) or not clean, "a clean page is decoded in one pass"
+        for split in (raw_items, typed[0] if typed else None):
+            if split is None:
+                continue
+            parsed.clear()
+            monkeypatch.setattr(model, "parse_conversations_page", counted)
+            page = model.decode_conversations_page(body, split, SERVICE, USER)
+            monkeypatch.setattr(model, "parse_conversations_page", parse)
+            assert _conversations_comparable(page) == _conversations_comparable(slow)
+            assert bool(parsed) != clean, "a clean page is decoded in C, any other one parsed"
+
+
+def test_attribute_texts_found_storable_are_remembered_within_a_bound(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A conversation's attributes come again in each member's page: checked once, then
+    remembered, at most ``KNOWN_GOOD_ATTRIBUTES`` of them; a bad text is never remembered."""
+    monkeypatch.setattr(model, "KNOWN_GOOD_ATTRIBUTES", 4)
+    monkeypatch.setattr(model, "_KNOWN_GOOD_ATTRIBUTES", {None, "{}"})
+    decodes: list[str] = []
+
+    class Counting:
+        def decode(self, text: str) -> Any:
+            decodes.append(text)
+            return msgspec.json.decode(text)
+
+    monkeypatch.setattr(model, "_ANY", Counting())
+    texts = [f'{{"n": {n}}}' for n in range(6)]
+    for text in texts[:2] * 3:
+        assert model._shared_fields_storable([model._User(sid=USER, attributes=text)], SERVICE, [])
+    assert decodes == texts[:2], "each text decoded once"
+    for text in texts:
+        model._shared_fields_storable([model._User(sid=USER, attributes=text)], SERVICE, [])
+        assert len(model._KNOWN_GOOD_ATTRIBUTES) <= 4
+    bad = '{"a": NaN}'
+    for _ in range(2):
+        assert not model._shared_fields_storable(
+            [model._User(sid=USER, attributes=bad)], SERVICE, []
+        )
+    assert decodes.count(bad) == 2, "a bad text is checked each time"
