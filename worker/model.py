@@ -438,8 +438,10 @@ def parse_conversations_page(
 
 # --- the hot path: a conversations page decoded and validated in C --------------------------
 #
-# ``decode_conversations_page`` checks a page with msgspec (types, SID patterns, enums, ranges)
-# and, when every item passes, encodes what the database needs (membership fields for every
+# ``decode_typed_page`` (called by the client as it splits a page) decodes a page's items with
+# msgspec (types, SID lengths, enums, ranges) in one pass over the body;
+# ``decode_conversations_page`` checks them as a page (SID patterns, duplicates, attributes) and,
+# when every item passes, encodes what the database needs (membership fields for every
 # item; conversation fields on demand) with msgspec again: no per-field checks in Python.
 # Whatever msgspec cannot vouch for (a bad item, a duplicate, a value only the rules above know
 # how to judge) sends the page through ``parse_conversations_page``, so quarantine reasons and
@@ -488,10 +490,6 @@ class _UserConversation(msgspec.Struct, gc=False):
     links: dict[str, Any] | None = None
 
 
-class _ConversationsBody(msgspec.Struct, gc=False):
-    conversations: list[_UserConversation]
-
-
 class _Meta(msgspec.Struct, gc=False):
     next_page_url: str | None = None
 
@@ -519,17 +517,11 @@ class _User(msgspec.Struct, gc=False):
     links: dict[str, Any] | None = None
 
 
-class _UsersBody(msgspec.Struct, gc=False):
-    users: list[_User]
-
-
 class _UsersPage(msgspec.Struct, gc=False):
     users: list[_User]
     meta: _Meta
 
 
-_BODY = msgspec.json.Decoder(_ConversationsBody)
-_USERS_BODY = msgspec.json.Decoder(_UsersBody)
 _TYPED_PAGES: dict[str, msgspec.json.Decoder[Any]] = {
     "conversations": msgspec.json.Decoder(_ConversationsPage),
     "users": msgspec.json.Decoder(_UsersPage),
@@ -599,13 +591,9 @@ def _typed(items: list[Any], kind: type[_T]) -> list[_T] | None:
 def decode_conversations_page(
     body: bytes, items: list[Any], service_sid: str, user_sid: str
 ) -> ConversationsPage:
-    """A page's storable items and its rejected ones; ``items`` as the client split them
-    (typed by ``decode_typed_page``, or undecoded)."""
+    """A page's storable items and its rejected ones; ``items`` as the client split them:
+    typed by ``decode_typed_page`` (checked here as a page, in C), or undecoded (parsed)."""
     decoded = _typed(items, _UserConversation)
-    if decoded is None and (body_decoded := _strict(_BODY, body)) is not None:
-        decoded = (
-            body_decoded.conversations if len(body_decoded.conversations) == len(items) else None
-        )
     if decoded is not None:
         sids = _fast_sids(decoded, service_sid, user_sid)
         if sids is not None:
@@ -626,10 +614,8 @@ def decode_conversations_page(
 
 def decode_users_page(body: bytes, items: list[Any], service_sid: str) -> ParsedPage[UserRow]:
     """A users page's rows and rejected items, as ``parse_users_page`` reads them; checked in
-    C when every item passes, else the slow way (``items`` as the envelope held them)."""
+    C when the client's split typed the items and every one passes, else the slow way."""
     decoded = _typed(items, _User)
-    if decoded is None and (body_decoded := _strict(_USERS_BODY, body)) is not None:
-        decoded = body_decoded.users if len(body_decoded.users) == len(items) else None
     if decoded is not None and _users_storable(decoded, service_sid):
         return ParsedPage(
             [
@@ -648,7 +634,7 @@ def decode_users_page(body: bytes, items: list[Any], service_sid: str) -> Parsed
 def _parsable(items: list[Any], key: str, body: bytes) -> list[Any]:
     """The items for the parser: typed ones (``decode_typed_page``) split again from the body,
     undecoded, so that the parser reads each item's own JSON and quarantines it as sent."""
-    if items and isinstance(items[0], msgspec.Struct):
+    if items and isinstance(items[0], (_UserConversation, _User)):
         raw: list[Any] = getattr(_RAW_ITEMS[key].decode(body), key)
         return raw
     return items
