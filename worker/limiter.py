@@ -21,11 +21,15 @@ class AdaptiveLimiter:
     ``n``: the limit drops to ``n - 1`` at once (the lowest such estimate of recent 429s wins,
     so 24 rejections of 32 in flight at a ceiling of 8 bring the limit to 8 in one round trip,
     and with several replicas each settles on its share). Then it holds there, instead of
-    cutting and regrowing a sawtooth: only after ``probe_after`` successes in a row (at least
-    ``probe_every`` of them, else ten times the limit) does it try one request more. A probe
-    answered 429 costs that one request; a probe that passes raises the limit by one, so a
-    ceiling that rose (a replica stopped, the account's limit raised) is found again. Requests
-    whose outcome says nothing (``dropped``) move nothing.
+    cutting and regrowing a sawtooth: only after ``probe_every`` successes in a row (else ten
+    times the limit) does it try one request more. A probe answered 429 costs that one request;
+    a probe that passes raises the limit by one, so a ceiling that rose (a replica stopped, the
+    account's limit raised) is found again. Probes that pass in a row come sooner each time
+    (half the wait, down to one limit's worth of successes): a cut that went too deep (a
+    request sent early but delayed, a new connection opened for it, answered 429 after later
+    ones) is regained in a few round trips rather than over the rest of the pass, while at the
+    ceiling each probe is answered 429 and the wait stays long. Requests whose outcome says
+    nothing (``dropped``) move nothing.
     """
 
     def __init__(
@@ -42,6 +46,7 @@ class AdaptiveLimiter:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._calm = 0  # successes since the last 429 or probe
         self._used = 0  # the most requests in flight at once since then
+        self._streak = 0  # probes passed since the last 429
         self.peak_in_flight = 0
         self.decreases = 0  # times a 429 lowered the limit
         self.probes = 0  # times the limit was raised by one to look above it
@@ -77,19 +82,21 @@ class AdaptiveLimiter:
     def release(self, place: int, *, overloaded: bool = False, dropped: bool = False) -> None:
         """Return a slot: ``overloaded`` after a 429, ``dropped`` when the outcome says nothing."""
         if overloaded:
-            self._calm = self._used = 0
+            self._calm = self._used = self._streak = 0
             ceiling = max(1, place - 1)
             if ceiling < self._limit:
                 self._limit = ceiling
                 self.decreases += 1
         elif not dropped:
             self._calm += 1
-            if self._calm >= (self._probe_every or 10 * self._limit):
+            every = self._probe_every or 10 * self._limit
+            if self._calm >= max(every >> self._streak, min(every, self._limit)):
                 if self._limit < self.maximum and self._used >= self._limit:
                     # Look above the ceiling only while the limit is in use: one nobody
                     # reaches would climb unchecked and then burst into 429s.
                     self._limit += 1
                     self.probes += 1
+                    self._streak = min(self._streak + 1, 16)
                 self._calm = self._used = 0
         self._release_slot()
 

@@ -178,3 +178,37 @@ async def test_a_waiter_cancelled_around_its_admission_leaves_no_trace(cancel_fi
         await task
     assert limiter.in_flight == 0
     await asyncio.wait_for(limiter.acquire(), 1)
+
+
+async def rounds_against(limiter: AdaptiveLimiter, ceiling: int, requests: int) -> int:
+    """Full windows of requests against a server that turns away any beyond ``ceiling`` in
+    flight (sent in order: the place is the server's count); the number answered 429."""
+    sent = rejected = 0
+    while sent < requests:
+        places = await fill(limiter, limiter.limit)
+        sent += len(places)
+        for place in places:
+            rejected += place > ceiling
+            limiter.release(place, overloaded=place > ceiling)
+    return rejected
+
+
+async def test_a_cut_below_the_ceiling_is_regained_in_a_few_round_trips() -> None:
+    """A request sent early but delayed (a new connection) is answered 429 after later ones:
+    its place cuts the limit far below the ceiling. Probes that pass in a row come sooner, so
+    the limit is back within a few hundred requests, not a whole pass; at the ceiling, probes
+    stay rare."""
+    limiter = AdaptiveLimiter(maximum=64)
+    places = await fill(limiter, 64)
+    limiter.release(places[8], overloaded=True)  # the 9th, delayed: the server had 32 already
+    for place in places[:8] + places[9:]:
+        limiter.release(place, overloaded=place > 32)
+    assert limiter.limit == 8
+    sent = 0
+    while limiter.limit < 32:
+        await rounds_against(limiter, 32, 1)
+        sent += limiter.limit
+    assert sent < 1_000, f"{sent} requests to regain the ceiling"
+    rejected = await rounds_against(limiter, 32, 20_000)
+    assert 31 <= limiter.limit <= 33
+    assert rejected / 20_000 < 0.01, f"{rejected} answered 429 at the ceiling"
