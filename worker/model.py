@@ -643,7 +643,9 @@ def _parsable(items: list[Any], key: str, body: bytes) -> list[Any]:
 def _strict(decoder: msgspec.json.Decoder[_BodyT], body: bytes) -> _BodyT | None:
     """``body`` as msgspec decodes it, or None to send the page the slow way: a NUL escape
     (text and jsonb refuse it), or anything msgspec refuses."""
-    if _NUL_ESCAPE in body:
+    # (rfind: the search from the end skips on the escape's rare backslash, not on its
+    # common "0"; 8 against 18 us for a page of 35 KB of the simulator's.)
+    if body.rfind(_NUL_ESCAPE) != -1:
         return None
     try:
         return decoder.decode(body)
