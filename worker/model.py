@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -544,9 +545,9 @@ _SORTED = msgspec.json.Encoder(order="sorted")  # links, as the parser writes th
 class ConversationsPage:
     """A user's conversations page ready for the database, in the lean form it is sent in.
 
-    ``members`` is a JSON array with one object per storable item, its membership fields
-    (``_member``); ``sids`` their conversation SIDs, in the same order. The conversation fields
-    of item ``i`` are encoded only when a batch writes that conversation
+    ``members`` is a JSON array with one array per storable item, its membership fields in
+    ``MEMBER_FIELDS`` order; ``sids`` their conversation SIDs, in the same order. The
+    conversation fields of item ``i`` are encoded only when a batch writes that conversation
     (``conversation_json``): most pages list conversations already stored, and every byte sent
     is a byte PostgreSQL parses.
     """
@@ -567,7 +568,7 @@ class ConversationsPage:
         return seen_sids(self.sids, self.rejected)
 
     def conversation_json(self, index: int) -> bytes:
-        """The conversation fields of item ``index``, as a JSON object (``_conversation``)."""
+        """The conversation fields of item ``index``, as a JSON array (``CONVERSATION_FIELDS``)."""
         return _ENCODER.encode(_conversation(self.sources[index]))
 
 
@@ -597,7 +598,7 @@ def decode_conversations_page(
     if decoded is not None:
         sids = _fast_sids(decoded, service_sid, user_sid)
         if sids is not None:
-            members = _ENCODER.encode([_member(i) for i in decoded])
+            members = _ENCODER.encode(list(map(_member_fields, decoded)))
             return ConversationsPage(members, sids, [], decoded)
     parsed = parse_conversations_page(
         _parsable(items, "conversations", body), service_sid, user_sid
@@ -698,43 +699,57 @@ def _attributes_storable(text: str | None) -> bool:
     return True
 
 
-def _member(item: _UserConversation | MembershipRow) -> dict[str, Any]:
-    """The membership fields of an item (decoded on the hot path, or parsed), as the page
-    statement reads them (``jsonb_to_recordset``: worker/store.py)."""
+# The fields of a membership and of a conversation, in the order the page statement reads
+# them (worker/store.py): positional arrays, not objects, because PostgreSQL parses a page's
+# document whole, and each item's keys (a fifth of its bytes) cost it more than its values.
+MEMBER_FIELDS = (
+    "conversation_sid", "participant_sid", "notification_level", "unread_messages_count",
+    "last_read_message_index", "url", "links",
+)  # fmt: skip
+CONVERSATION_FIELDS = (
+    "conversation_sid", "account_sid", "friendly_name", "unique_name", "attributes",
+    "conversation_state", "created_by", "date_created", "date_updated", "date_inactive",
+    "date_closed",
+)  # fmt: skip
+_member_fields = operator.attrgetter(*MEMBER_FIELDS)  # a decoded item's, read in C
+
+
+def _member(item: MembershipRow) -> tuple[Any, ...]:
+    """A parsed membership's fields (``MEMBER_FIELDS``); its links are JSON text already."""
     links = item.links
-    return {
-        "conversation_sid": item.conversation_sid,
-        "participant_sid": item.participant_sid,
-        "notification_level": item.notification_level,
-        "unread_messages_count": item.unread_messages_count,
-        "last_read_message_index": item.last_read_message_index,
-        "url": item.url,
-        "links": msgspec.Raw(links.encode()) if isinstance(links, str) else links,
-    }
+    return (
+        item.conversation_sid,
+        item.participant_sid,
+        item.notification_level,
+        item.unread_messages_count,
+        item.last_read_message_index,
+        item.url,
+        None if links is None else msgspec.Raw(links.encode()),
+    )
 
 
-def _conversation(item: _UserConversation | ConversationRow) -> dict[str, Any]:
-    """The conversation fields of an item, as the page statement reads them."""
+def _conversation(item: _UserConversation | ConversationRow) -> tuple[Any, ...]:
+    """The conversation fields of an item (``CONVERSATION_FIELDS``)."""
     if isinstance(item, ConversationRow):
         inactive, closed = item.date_inactive, item.date_closed
     else:
         timers = item.timers
         inactive, closed = (timers.date_inactive, timers.date_closed) if timers else (None, None)
-    return {
-        "conversation_sid": item.conversation_sid,
-        "account_sid": item.account_sid,
-        "friendly_name": item.friendly_name,
-        "unique_name": item.unique_name,
+    return (
+        item.conversation_sid,
+        item.account_sid,
+        item.friendly_name,
+        item.unique_name,
         # JSON text already checked: sent as the JSON value it holds, so that PostgreSQL
         # parses it once with the document rather than a second time from a string.
-        "attributes": None if item.attributes is None else msgspec.Raw(item.attributes.encode()),
-        "conversation_state": item.conversation_state,
-        "created_by": item.created_by,
-        "date_created": item.date_created,
-        "date_updated": item.date_updated,
-        "date_inactive": inactive,
-        "date_closed": closed,
-    }
+        None if item.attributes is None else msgspec.Raw(item.attributes.encode()),
+        item.conversation_state,
+        item.created_by,
+        item.date_created,
+        item.date_updated,
+        inactive,
+        closed,
+    )
 
 
 def _fast_sids(items: list[_UserConversation], service_sid: str, user_sid: str) -> list[str] | None:

@@ -23,7 +23,7 @@ from worker.database import PIN_FROM_POOL_SIZE, RetryingStore
 from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
 from worker.migrate import apply_migrations
-from worker.model import decode_conversations_page
+from worker.model import MEMBER_FIELDS, decode_conversations_page
 from worker.store import _PAGES_SQL, PageWrite, Store, UserClaim
 from worker.writer import PageWriter
 
@@ -118,9 +118,9 @@ async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     # A value PostgreSQL refuses (a count beyond bigint), put in a validated page by hand:
     # whatever the parser let through, the database's refusal costs that page only.
     refused = page_of(claims[USERS[10]], item(USERS[10], "CH" + "e" * 32))
-    members = refused.page.members.replace(
-        b'"unread_messages_count":1', b'"unread_messages_count":99999999999999999999'
-    )
+    (fields,) = json.loads(refused.page.members)
+    fields[MEMBER_FIELDS.index("unread_messages_count")] = 99999999999999999999
+    members = json.dumps([fields]).encode()
     assert members != refused.page.members
     refused = PageWrite(
         refused.claim,

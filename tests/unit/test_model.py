@@ -233,12 +233,19 @@ def test_attributes_travel_to_the_database_as_json_values_not_strings() -> None:
         typed = model.decode_typed_page("conversations", body)
         page = model.decode_conversations_page(body, typed[0] if typed else items, SERVICE, USER)
         assert len(page.rejected) == len(items) - 1
-        fields = json.loads(page.conversation_json(0))
+        fields = _conversation_fields(page, 0)
         assert fields["attributes"] == json.loads(attributes)
     no_attributes = good_item(attributes=None)
     body = json.dumps({"conversations": [no_attributes], "meta": {}}).encode()
     page = model.decode_conversations_page(body, [no_attributes], SERVICE, USER)
-    assert json.loads(page.conversation_json(0))["attributes"] is None
+    assert _conversation_fields(page, 0)["attributes"] is None
+
+
+def _conversation_fields(page: model.ConversationsPage, index: int) -> dict[str, Any]:
+    """Item ``index``'s conversation fields as sent (a positional array), by name."""
+    return dict(
+        zip(model.CONVERSATION_FIELDS, json.loads(page.conversation_json(index)), strict=True)
+    )
 
 
 def _users_body(users: list[Any]) -> tuple[bytes, list[Any]]:
@@ -352,12 +359,14 @@ def _conversations_comparable(page: model.ConversationsPage) -> tuple[Any, ...]:
     """What a decoded page sends the database, as values: membership fields, each item's
     conversation fields and the SIDs, in SID order (the parser sorts, the statement too), and
     the rejections."""
-    conversations = [json.loads(page.conversation_json(i)) for i in range(len(page.sids))]
+    conversations = [_conversation_fields(page, i) for i in range(len(page.sids))]
 
     def by_sid(rows: list[Any]) -> list[Any]:
         return sorted(rows, key=lambda row: str(row["conversation_sid"]))
 
-    members = by_sid(json.loads(page.members))
+    members = by_sid(
+        [dict(zip(model.MEMBER_FIELDS, row, strict=True)) for row in json.loads(page.members)]
+    )
     return members, by_sid(conversations), sorted(page.sids), page.rejected
 
 
