@@ -8,6 +8,7 @@ from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, settings_for
 from worker.client import TwilioClient
+from worker.limiter import AdaptiveLimiter
 from worker.metrics import Metrics
 from worker.retry import Backoff
 from worker.store import Store
@@ -28,6 +29,7 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
             async with TwilioClient(
                 settings, backoff=Backoff(max_attempts=20, base=0.01, cap=0.2), metrics=metrics
             ) as client:
+                limits = _note_limits(client.limiter)
                 with structlog.testing.capture_logs() as events:
                     summary = await SyncPass(settings, store, client, metrics=metrics).run()
                 limiter = client.limiter
@@ -48,7 +50,12 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
         f"{rejected} requests answered 429 ({rejected / stats.requests:.1%}), "
         f"{limiter.probes} probes"
     )
-    assert stats.avg_in_flight >= 0.5 * CEILING, f"crawled: {stats.avg_in_flight:.1f} in flight"
+    # Once cut, it does not crawl: the requests after the first 429 start under a limit at the
+    # ceiling (a count of the limiter's own states, whatever the machine's speed; the requests
+    # actually in flight also depend on how fast this process's CPU serves both sides).
+    after_cut = [limit for limit, decreases in limits if decreases]
+    near = sum(limit >= CEILING - 1 for limit in after_cut)
+    assert near >= 0.9 * len(after_cut), f"crawled: {near} of {len(after_cut)} at the ceiling"
     # The pass's last line tells an operator where Twilio's 429s left the limit.
     (finished,) = [e for e in events if e["event"] == "pass_finished"]
     assert finished["concurrency_limit"] == limiter.limit
@@ -56,3 +63,18 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
         limiter.decreases,
         limiter.probes,
     )
+
+
+def _note_limits(limiter: AdaptiveLimiter) -> list[tuple[int, int]]:
+    """Records, as each request is let through, the limit it started under and the count of
+    cuts so far (the limiter's own ``acquire`` does the work)."""
+    noted: list[tuple[int, int]] = []
+    acquire = limiter.acquire
+
+    async def acquire_noting_the_limit() -> int:
+        place = await acquire()
+        noted.append((limiter.limit, limiter.decreases))
+        return place
+
+    limiter.acquire = acquire_noting_the_limit  # type: ignore[method-assign]
+    return noted
