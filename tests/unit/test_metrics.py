@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as openmetrics_families,
 )
@@ -76,3 +77,30 @@ def test_openmetrics_when_asked_and_process_metrics_in_the_process_registry() ->
     assert {"convsync_requests", "convsync_page_commit_seconds"} <= names
     assert "process_resident_memory_bytes" in families(metrics)
     assert "process_resident_memory_bytes" not in families(Metrics())
+
+
+def test_histogram_buckets_are_cumulative_and_include_their_bound() -> None:
+    registry = Metrics()
+    for seconds in (0.005, 0.006, 0.1, 99.0):  # on a bound, between two, on one, beyond all
+        registry.observe("convsync_request_duration_seconds", seconds)
+    bucket = "convsync_request_duration_seconds_bucket"
+    assert registry.value(bucket, le="0.005") == 1, "a value on a bound is counted in it"
+    assert registry.value(bucket, le="0.01") == 2
+    assert registry.value(bucket, le="0.1") == 3
+    assert registry.value(bucket, le="30.0") == 3
+    assert registry.value(bucket, le="+Inf") == 4
+    assert registry.value("convsync_request_duration_seconds_count") == 4
+    assert registry.value("convsync_request_duration_seconds_sum") == 0.005 + 0.006 + 0.1 + 99.0
+
+
+def test_a_series_needs_exactly_its_familys_labels() -> None:
+    registry = Metrics()
+    registry.inc("convsync_webhooks_total", outcome="accepted", event_type="onX")  # any order
+    assert registry.value("convsync_webhooks_total", event_type="onX", outcome="accepted") == 1
+    for wrong in (
+        {"event_type": "onX"},
+        {"event_type": "onX", "status": "accepted"},
+        {"event_type": "onX", "outcome": "accepted", "extra": "b"},
+    ):
+        with pytest.raises((ValueError, KeyError)):
+            registry.inc("convsync_webhooks_total", 1.0, **wrong)
