@@ -43,13 +43,20 @@ def explicit_url(purpose: Purpose, env: Mapping[str, str] | None = None) -> str 
     return None
 
 
+# How long the local endpoints may take to answer, in all. Found at once where a server
+# listens, refused at once where none does; on a busy 2-core machine the probe took over a
+# second, and with 1 s the tests started a server of their own (one built without ICU and lz4,
+# so two tests skipped) beside the machine's.
+PROBE_SECONDS = 5.0
+
+
 def find_or_start(
     purpose: Purpose,
     data_dir: Path | None = None,
     *,
     env: Mapping[str, str] | None = None,
     probe: Sequence[Endpoint] | None = None,
-    probe_timeout: float = 1.0,
+    probe_timeout: float = PROBE_SECONDS,
 ) -> tuple[str, LocalPostgres | None]:
     """A URL to use and, when we started the server, its handle (the caller closes it).
 
