@@ -46,7 +46,7 @@ from worker.limiter import AdaptiveLimiter, TokenBucket
 from worker.logs import redact
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
-from worker.model import decode_typed_page
+from worker.model import ENVELOPES, decode_typed_page
 from worker.retry import Backoff, retrying
 
 log = structlog.get_logger(__name__)
@@ -101,19 +101,6 @@ class Page:
     items: list[Any]
     next_page_path: str | None
     body: bytes = b""
-
-
-class _Meta(msgspec.Struct, gc=False):
-    next_page_url: str | None = None
-
-
-def _envelope(key: str) -> msgspec.json.Decoder[Any]:
-    """A decoder that splits a list page into its items (undecoded) and its meta."""
-    struct = msgspec.defstruct(f"{key}_page", [(key, list[msgspec.Raw]), ("meta", _Meta)])
-    return msgspec.json.Decoder(struct)
-
-
-_ENVELOPES = {key: _envelope(key) for key in ("services", "users", "conversations")}
 
 
 class ListingGuard:
@@ -370,7 +357,7 @@ def _split_page(path: str, key: str, raw: bytes) -> tuple[list[Any], str | None,
     typed = decode_typed_page(key, raw)
     if typed is not None:
         return typed[0], typed[1], raw
-    decoder = _ENVELOPES.get(key)
+    decoder = ENVELOPES.get(key)
     if decoder is not None:
         try:
             page = decoder.decode(raw)

@@ -527,10 +527,17 @@ _TYPED_PAGES: dict[str, msgspec.json.Decoder[Any]] = {
     "conversations": msgspec.json.Decoder(_ConversationsPage),
     "users": msgspec.json.Decoder(_UsersPage),
 }
-_RAW_ITEMS: dict[str, msgspec.json.Decoder[Any]] = {
-    key: msgspec.json.Decoder(msgspec.defstruct(f"_{key}_items", [(key, list[msgspec.Raw])]))
-    for key in _TYPED_PAGES
-}
+
+
+def _envelope(key: str) -> msgspec.json.Decoder[Any]:
+    """A decoder that splits a list page into its items (undecoded) and its meta."""
+    struct = msgspec.defstruct(f"{key}_page", [(key, list[msgspec.Raw]), ("meta", _Meta)])
+    return msgspec.json.Decoder(struct)
+
+
+# A list page split without decoding its items (the client's split when the typed decode
+# refuses a page; the parser's items when the typed items fail the page's checks).
+ENVELOPES = {key: _envelope(key) for key in ("services", "users", "conversations")}
 _ANY = msgspec.json.Decoder()
 # A NUL escape anywhere in a body sends the page the slow way: msgspec reads it, text and jsonb
 # refuse it. (msgspec itself refuses lone surrogates, even in fields it skips, as jsonb would.)
@@ -636,7 +643,7 @@ def _parsable(items: list[Any], key: str, body: bytes) -> list[Any]:
     """The items for the parser: typed ones (``decode_typed_page``) split again from the body,
     undecoded, so that the parser reads each item's own JSON and quarantines it as sent."""
     if items and isinstance(items[0], (_UserConversation, _User)):
-        raw: list[Any] = getattr(_RAW_ITEMS[key].decode(body), key)
+        raw: list[Any] = getattr(ENVELOPES[key].decode(body), key)
         return raw
     return items
 
@@ -704,7 +711,7 @@ def _attributes_storable(text: str | None) -> bool:
 # document whole, and each item's keys (a fifth of its bytes) cost it more than its values.
 MEMBER_FIELDS = (
     "conversation_sid", "participant_sid", "notification_level", "unread_messages_count",
-    "last_read_message_index", "url", "links",
+    "last_read_message_index", "url", "links",  # links last (``_member``)
 )  # fmt: skip
 CONVERSATION_FIELDS = (
     "conversation_sid", "account_sid", "friendly_name", "unique_name", "attributes",
@@ -715,17 +722,10 @@ _member_fields = operator.attrgetter(*MEMBER_FIELDS)  # a decoded item's, read i
 
 
 def _member(item: MembershipRow) -> tuple[Any, ...]:
-    """A parsed membership's fields (``MEMBER_FIELDS``); its links are JSON text already."""
-    links = item.links
-    return (
-        item.conversation_sid,
-        item.participant_sid,
-        item.notification_level,
-        item.unread_messages_count,
-        item.last_read_message_index,
-        item.url,
-        None if links is None else msgspec.Raw(links.encode()),
-    )
+    """A parsed membership's fields (``MEMBER_FIELDS``); its links, last, are JSON text
+    already, sent as the value they hold."""
+    *fields, links = _member_fields(item)
+    return (*fields, None if links is None else msgspec.Raw(links.encode()))
 
 
 def _conversation(item: _UserConversation | ConversationRow) -> tuple[Any, ...]:

@@ -18,12 +18,11 @@ import pytest
 from convsync_tools.pgembed import LocalPostgres
 from tests.conftest import create_database, drop_database
 from tests.harness import scalar, until
-from worker.client import _ENVELOPES
 from worker.database import PIN_FROM_POOL_SIZE, RetryingStore
 from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
 from worker.migrate import apply_migrations
-from worker.model import MEMBER_FIELDS, decode_conversations_page
+from worker.model import ENVELOPES, MEMBER_FIELDS, decode_conversations_page
 from worker.store import _PAGES_SQL, PageWrite, Store, UserClaim
 from worker.writer import PageWriter
 
@@ -63,7 +62,7 @@ def item(user: str, conversation: str, **fields: Any) -> dict[str, Any]:
 
 def page_of(claim: UserClaim, *items: dict[str, Any]) -> PageWrite:
     body = json.dumps({"conversations": list(items), "meta": {"next_page_url": None}}).encode()
-    envelope = _ENVELOPES["conversations"].decode(body)
+    envelope = ENVELOPES["conversations"].decode(body)
     page = decode_conversations_page(body, envelope.conversations, SERVICE, claim.user_sid)
     return PageWrite(claim, 0, "/page", page, None)
 

@@ -14,7 +14,6 @@ import pytest
 
 from tests.twilio_spec import USER_CONVERSATION, resolve, schema, spec
 from worker import model, sids
-from worker.client import _ENVELOPES
 from worker.errors import InvalidItem
 
 SERVICE = "IS" + "a" * 32
@@ -250,7 +249,7 @@ def _conversation_fields(page: model.ConversationsPage, index: int) -> dict[str,
 
 def _users_body(users: list[Any]) -> tuple[bytes, list[Any]]:
     body = json.dumps({"users": users, "meta": {"next_page_url": None}}).encode()
-    return body, _ENVELOPES["users"].decode(body).users
+    return body, model.ENVELOPES["users"].decode(body).users
 
 
 def _comparable(page: model.ParsedPage[model.UserRow]) -> tuple[list[Any], list[Any]]:
@@ -402,7 +401,7 @@ def test_a_conversations_page_decoded_in_c_matches_the_parser(
     item = good_item(**overrides)
     for items in ([other, item], [item, item]):  # with a good neighbour, and duplicated
         body = json.dumps({"conversations": items, "meta": {"next_page_url": None}}).encode()
-        raw_items = _ENVELOPES["conversations"].decode(body).conversations
+        raw_items = model.ENVELOPES["conversations"].decode(body).conversations
         slow = model.decode_conversations_page(body, raw_items, SERVICE, USER)  # parsed
         clean = not slow.rejected and len({i["conversation_sid"] for i in items}) == len(items)
         typed = model.decode_typed_page("conversations", body)
@@ -447,3 +446,44 @@ def test_attribute_texts_found_storable_are_remembered_within_a_bound(
             [model._User(sid=USER, attributes=bad)], SERVICE, []
         )
     assert decodes.count(bad) == 2, "a bad text is checked each time"
+
+
+def test_the_fields_sent_follow_the_names_the_statement_reads_them_by() -> None:
+    """The page statement reads each membership and conversation by position
+    (``MEMBER_FIELDS``, ``CONVERSATION_FIELDS``): what the parser's rows send must sit at the
+    position of its name (the typed path reads the names themselves)."""
+    moment = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
+    conversation = model.ConversationRow(
+        SERVICE, "CH" + "c" * 32, "AC" + "a" * 32, "friendly", "unique", '{"k": [1]}',
+        "closed", "creator", moment, moment.replace(year=2025), moment.replace(year=2026),
+        moment.replace(year=2027),
+    )  # fmt: skip
+    sent = dict(
+        zip(
+            model.CONVERSATION_FIELDS,
+            json.loads(model._ENCODER.encode(model._conversation(conversation))),
+            strict=True,
+        )
+    )
+    for name, value in sent.items():
+        expected = getattr(conversation, name)
+        if name == "attributes":
+            assert value == json.loads(expected), "attributes travel as the JSON they hold"
+        elif isinstance(expected, datetime):
+            assert datetime.fromisoformat(value) == expected, name
+        else:
+            assert value == expected, name
+    membership = model.MembershipRow(
+        SERVICE, USER, "CH" + "c" * 32, "MB" + "b" * 32, "muted", 3, 9, "https://x/y",
+        '{"conversation": "https://x"}',
+    )  # fmt: skip
+    sent = dict(
+        zip(
+            model.MEMBER_FIELDS,
+            json.loads(model._ENCODER.encode(model._member(membership))),
+            strict=True,
+        )
+    )
+    for name, value in sent.items():
+        expected = getattr(membership, name)
+        assert value == (json.loads(expected) if name == "links" else expected), name
