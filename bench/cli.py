@@ -204,9 +204,7 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
                 warm = await walk(other.url, other.account_sid, other.auth_token, c)
                 speed = {"pages_per_second": warm.pages_per_second}
                 results["mid_warm_up"] = {**warm.__dict__, **speed}
-            run_other = await asyncio.to_thread(
-                run_sync, other, await dbs.create(key), c, sample_every=None
-            )
+            run_other = await asyncio.to_thread(run_sync, other, await dbs.create(key), c)
             results[key] = run_other.to_json()
             _check(run_other, f"convsync ({users} users)")
 

@@ -35,11 +35,12 @@ from bench.sim import (
 
 @dataclass
 class InFlight:
-    """Requests in flight at the simulator over the pass's active window (first request seen
-    to last activity seen, sampled), and over the whole run since the stats reset."""
+    """Requests in flight at the simulator over the pass's active window (the simulator's own
+    account: its first request to the end of its last), and over the whole run since the stats
+    reset."""
 
-    window_avg: float | None = None
-    window_seconds: float | None = None
+    window_avg: float = 0.0
+    window_seconds: float = 0.0
     run_avg: float = 0.0
     max: int = 0
 
@@ -171,44 +172,11 @@ async def last_pass(db_url: str) -> dict[str, Any]:
     return dict(row) if row is not None else {}
 
 
-class _Sampler:
-    """Polls ``/_sim/stats`` to find the active window's time-weighted in-flight average."""
-
-    def __init__(self, sim: SimProcess, started: float) -> None:
-        self.sim = sim
-        self.started = started  # right after the stats reset: the simulator's time zero
-        self.first: tuple[float, float] | None = None  # (t, area) at the first request seen
-        self.last: tuple[float, float] | None = None  # (t, area) at the last activity seen
-        self._requests = 0
-
-    def sample(self) -> None:
-        stats = self.sim.stats()
-        now = time.monotonic() - self.started
-        area = float(stats["avg_in_flight"]) * now
-        active = stats["requests"] != self._requests or stats["in_flight"] > 0
-        self._requests = stats["requests"]
-        if self.first is None and stats["requests"] > 0:
-            self.first = (now, area)
-        if self.first is not None and active:
-            self.last = (now, area)
-
-    @property
-    def seen_first(self) -> bool:
-        return self.first is not None
-
-    def window(self) -> tuple[float | None, float | None]:
-        if self.first is None or self.last is None or self.last[0] <= self.first[0]:
-            return None, None
-        seconds = self.last[0] - self.first[0]
-        return (self.last[1] - self.first[1]) / seconds, seconds
-
-
 def run_sync(
     sim: SimProcess,
     db_url: str,
     concurrency: int,
     *,
-    sample_every: float | None = 0.5,
     extra_env: Mapping[str, str] | None = None,
     profile_to: Path | None = None,
     cprofile_to: Path | None = None,
@@ -217,11 +185,9 @@ def run_sync(
 ) -> SyncRun:
     """Migrate ``db_url``, then run one ``convsync sync`` pass against ``sim`` and measure it.
 
-    ``sample_every``: seconds between ``/_sim/stats`` polls for the in-flight window (None: a
-    final snapshot only, for big datasets whose stats are costly). ``extra_env``: more
-    variables for the child (e.g. CONVSYNC_DB_POOL_SIZE). ``profile_to``: attach
-    py-spy to the child and write its raw (collapsed) stacks there. ``cprofile_to``: run the
-    child under cProfile (CPU time) instead, dumping its stats there.
+    ``extra_env``: more variables for the child (e.g. CONVSYNC_DB_POOL_SIZE). ``profile_to``:
+    attach py-spy to the child and write its raw (collapsed) stacks there. ``cprofile_to``: run
+    the child under cProfile (CPU time) instead, dumping its stats there.
     """
     import asyncio
 
@@ -249,9 +215,8 @@ def run_sync(
         )
         spy: subprocess.Popen[bytes] | None = None
         spy_pending = profile_to is not None
-        sampler = _Sampler(sim, started)
         deadline = started + timeout
-        next_sample = next_backends = started
+        next_backends = started
         peak_kb = 0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
@@ -266,11 +231,7 @@ def run_sync(
                 backends.update(database_backends_cpu(database))
                 next_backends = now + 0.25
             peak_kb = max(peak_kb, peak_rss_kb(proc.pid))
-            if sample_every is not None and now >= next_sample:
-                sampler.sample()
-                # Fine polling until the first request, so the window starts on time.
-                next_sample = now + (sample_every if sampler.seen_first else 0.01)
-            if spy_pending and profile_to and (sampler.seen_first or now > started + 2):
+            if spy_pending and profile_to and (sim.stats()["requests"] or now > started + 2):
                 spy, spy_pending = _attach_py_spy(proc.pid, profile_to), False  # pass under way
             time.sleep(0.005)
         wall = time.monotonic() - started
@@ -284,7 +245,6 @@ def run_sync(
     stats = sim.stats()
     if spy is not None:
         spy.wait(60)
-    window_avg, window_seconds = sampler.window()
     summary = asyncio.run(last_pass(db_url))
     committed = asyncio.run(commits(db_url)) - commits_before - 1  # less the sampling's own
     run = SyncRun(
@@ -304,7 +264,10 @@ def run_sync(
         pages_ok=count(stats, 200),
         answered_429=count(stats, 429),
         in_flight=InFlight(
-            window_avg, window_seconds, float(stats["avg_in_flight"]), int(stats["max_in_flight"])
+            float(stats["active_avg_in_flight"]),
+            float(stats["active_seconds"]),
+            float(stats["avg_in_flight"]),
+            int(stats["max_in_flight"]),
         ),
         summary=summary,
         stderr_tail=stderr[-2000:] if proc.returncode else "",

@@ -240,7 +240,10 @@ class Stats:
     """A snapshot of what the simulator has seen since the last reset.
 
     ``in_flight`` counts admitted requests (those not turned away by the concurrency ceiling),
-    so ``max_in_flight`` never exceeds it; ``avg_in_flight`` is time-weighted since the reset.
+    so ``max_in_flight`` never exceeds it; ``avg_in_flight`` is time-weighted since the reset,
+    ``active_avg_in_flight`` over ``active_seconds`` only: from the first request admitted after
+    the reset to the end of the last one (or now, while one is in flight), idle time before and
+    after left out.
     ``pages`` counts every API request by ``(path, PageToken or None)``; ``pages_ok`` only those
     answered 200 with a whole body. ``faults`` counts injected faults by kind (``ceiling``,
     ``down``, ``429``/``500``/``503``/any status, ``drop``, ``truncate``, ``slow``).
@@ -252,6 +255,8 @@ class Stats:
     in_flight: int
     max_in_flight: int
     avg_in_flight: float
+    active_avg_in_flight: float
+    active_seconds: float
     pages: Counter[tuple[str, str | None]]
     pages_ok: Counter[tuple[str, str | None]]
 
@@ -266,6 +271,8 @@ class Stats:
             "in_flight": self.in_flight,
             "max_in_flight": self.max_in_flight,
             "avg_in_flight": self.avg_in_flight,
+            "active_avg_in_flight": self.active_avg_in_flight,
+            "active_seconds": self.active_seconds,
             "pages": pages(self.pages),
             "pages_ok": pages(self.pages_ok),
         }
@@ -484,6 +491,7 @@ class Simulator:
         self._max_in_flight = in_flight
         self._area = 0.0
         self._since = self._last = now
+        self._active_from: float | None = now if in_flight else None  # the first admission
 
     def reset_stats(self) -> None:
         """Forget API counts and requests, and webhook counts and attempts."""
@@ -496,6 +504,9 @@ class Simulator:
         now = time.monotonic()
         elapsed = now - self._since
         area = self._area + self._in_flight * (now - self._last)
+        # The area grows only while a request is in flight: it is all within the active window.
+        active_until = now if self._in_flight else self._last
+        active = 0.0 if self._active_from is None else active_until - self._active_from
         return Stats(
             requests=self._requests,
             by_status=Counter(self._by_status),
@@ -503,6 +514,8 @@ class Simulator:
             in_flight=self._in_flight,
             max_in_flight=self._max_in_flight,
             avg_in_flight=area / elapsed if elapsed > 0 else float(self._in_flight),
+            active_avg_in_flight=area / active if active > 0 else float(self._in_flight),
+            active_seconds=active,
             pages=Counter(self._pages) if pages else Counter(),
             pages_ok=Counter(self._pages_ok) if pages else Counter(),
         )
@@ -536,6 +549,8 @@ class Simulator:
                 now = time.monotonic()
                 self._area += self._in_flight * (now - self._last)
                 self._last = now
+                if self._active_from is None:
+                    self._active_from = now
                 self._in_flight += 1
                 self._max_in_flight = max(self._max_in_flight, self._in_flight)
             self._changed.notify_all()

@@ -618,6 +618,23 @@ async def test_latency_does_not_block_other_requests(
     assert 0 < stats.avg_in_flight <= stats.max_in_flight
 
 
+async def test_the_active_window_leaves_out_idle_time_before_and_after(
+    server: SimulatorServer, http: aiohttp.ClientSession
+) -> None:
+    sim = server.sim
+    sim.configure(latency_ms=100)
+    sim.reset_stats()
+    await asyncio.sleep(0.2)  # idle before the first request
+    await asyncio.gather(*(get(http, f"{server.url}/v1/Services") for _ in range(4)))
+    await asyncio.sleep(0.2)  # and after the last
+    stats, served = sim.stats(), sim.served()
+    first, last = min(s.arrived for s in served), max(s.answered for s in served)
+    assert stats.active_seconds == pytest.approx(last - first, abs=0.01)
+    busy = sum(s.answered - s.arrived for s in served)  # the in-flight area
+    assert stats.active_avg_in_flight * stats.active_seconds == pytest.approx(busy, rel=0.05)
+    assert stats.avg_in_flight < stats.active_avg_in_flight / 2  # 0.4 s of idle in the former
+
+
 # -- stats and control -----------------------------------------------------------------------
 
 
