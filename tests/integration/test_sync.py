@@ -4,13 +4,19 @@ after complete listings, and an interrupted pass resumes where it stopped."""
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from collections.abc import Iterator
+from datetime import datetime
 
 import pytest
 
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_for
+from worker.migrate import apply_migrations
+from worker.model import UserRow
+from worker.store import Store
 from worker.sync import Scope
 
 
@@ -40,6 +46,30 @@ async def test_a_pass_mirrors_the_api_and_a_second_pass_rewrites_nothing(
     after = {t: await fetch(db_url, physical.format(t)) for t in ("memberships", "conversations")}
     assert before == after, "unchanged rows must not be rewritten"
     await assert_mirrors(server, db_url)
+
+
+async def test_the_users_table_mirrors_the_users_listing_field_by_field(
+    server: SimulatorServer, db_url: str
+) -> None:
+    await run_pass(settings_for(server, db_url))
+    stored = {r["user_sid"]: r for r in await fetch(db_url, "SELECT * FROM users")}
+    listed = list(server.sim.dataset.expected_users(server.url))
+    assert len(stored) == len(listed) == 120
+    for user in listed:
+        row = stored[user["sid"]]
+        assert {
+            **{k: row[k] for k in ("chat_service_sid", "account_sid", "role_sid", "identity")},
+            **{k: row[k] for k in ("friendly_name", "is_online", "is_notifiable", "url")},
+            "attributes": json.loads(row["attributes"]),
+            "links": json.loads(row["links"]),
+            "date_created": row["date_created"],
+            "date_updated": row["date_updated"],
+        } == {
+            **{k: v for k, v in user.items() if k not in ("sid", "attributes")},
+            "attributes": json.loads(user["attributes"]),
+            "date_created": datetime.fromisoformat(user["date_created"]),
+            "date_updated": datetime.fromisoformat(user["date_updated"]),
+        }, user["sid"]
 
 
 async def test_typed_columns_and_keys(server: SimulatorServer, db_url: str) -> None:
@@ -197,3 +227,28 @@ async def test_a_user_deleted_mid_pass_is_gone_and_the_rest_commit(
     assert summary.users_gone == 1
     assert summary.users_failed == 0
     assert summary.users_synced == 119
+
+
+async def test_users_attributes_of_json_null_are_kept_apart_from_none(db_url: str) -> None:
+    service = "IS" + "1" * 32
+    users = [UserRow(service, f"US{i:032x}", *([None] * 11)) for i in range(3)]
+    users[1] = dataclasses.replace(users[1], attributes="null", links="null")
+    users[2] = dataclasses.replace(users[2], attributes='{"a": [1, "\\u00e9"]}')
+    await apply_migrations(db_url)
+    store = await Store.connect(db_url, 1)
+    try:
+        await store.ensure_services([service])
+        await store.upsert_users(users)
+    finally:
+        await store.close()
+    rows = await fetch(
+        db_url,
+        "SELECT attributes IS NULL AS none, jsonb_typeof(attributes) AS kind,"
+        " links IS NULL AS no_links, attributes -> 'a' ->> 1 AS accented"
+        " FROM users ORDER BY user_sid",
+    )
+    assert [tuple(r) for r in rows] == [
+        (True, None, True, None),
+        (False, "null", False, None),
+        (False, "object", True, "é"),
+    ]
