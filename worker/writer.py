@@ -54,7 +54,7 @@ class PageWriter:
         db: RetryingStore,
         lease_seconds: float,
         *,
-        max_pages: int = 64,
+        max_pages: int = 8,
         max_wait: float = 0.0,
         known_conversations: int = KNOWN_CONVERSATIONS,
         idle_seconds: float = IDLE_CONNECTION_SECONDS,
