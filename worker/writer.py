@@ -54,7 +54,7 @@ class PageWriter:
         db: RetryingStore,
         lease_seconds: float,
         *,
-        max_pages: int = 8,
+        max_pages: int,  # CONVSYNC_BATCH_PAGES (its default is the settings')
         max_wait: float = 0.0,
         known_conversations: int = KNOWN_CONVERSATIONS,
         idle_seconds: float = IDLE_CONNECTION_SECONDS,

@@ -223,7 +223,7 @@ async def test_a_writer_forgets_what_it_committed_once_a_connection_was_opened_s
 ) -> None:
     claims = await claim_everyone(store)
     # Waits out the dropped connections below: its next attempt opens a new one.
-    writer = PageWriter(RetryingStore(store, 10.0, Metrics()), 60, async_commit=True)
+    writer = PageWriter(RetryingStore(store, 10.0, Metrics()), 60, max_pages=64, async_commit=True)
     runner = asyncio.create_task(writer.run())
     first, second = USERS[:2]
     try:
@@ -311,7 +311,9 @@ async def test_the_version_cache_is_bounded_and_forgets_the_oldest_first(
 ) -> None:
     claims = await claim_everyone(store)
     # Room for 4 versions: two generations of 2; the older is dropped when the newer fills.
-    writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, known_conversations=4)
+    writer = PageWriter(
+        RetryingStore(store, 0.0, Metrics()), 60, max_pages=64, known_conversations=4
+    )
     runner = asyncio.create_task(writer.run())
     conversations = [f"CH{i:032x}" for i in range(1, 5)]
     try:
@@ -380,7 +382,7 @@ async def test_a_writer_keeps_its_connection_while_batches_follow_and_gives_it_b
 ) -> None:
     store = pinning_store
     claims = await claim_everyone(store)
-    writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, idle_seconds=0.5)
+    writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, max_pages=64, idle_seconds=0.5)
     pool = store.pool
 
     def in_use() -> int:

@@ -448,6 +448,11 @@ def test_attribute_texts_found_storable_are_remembered_within_a_bound(
     assert decodes.count(bad) == 2, "a bad text is checked each time"
 
 
+def _by_name(names: tuple[str, ...], fields: tuple[Any, ...]) -> list[tuple[str, Any]]:
+    """Fields as the page statement receives them (the JSON array), paired with their names."""
+    return list(zip(names, json.loads(model._ENCODER.encode(fields)), strict=True))
+
+
 def test_the_fields_sent_follow_the_names_the_statement_reads_them_by() -> None:
     """The page statement reads each membership and conversation by position
     (``MEMBER_FIELDS``, ``CONVERSATION_FIELDS``): what the parser's rows send must sit at the
@@ -458,14 +463,7 @@ def test_the_fields_sent_follow_the_names_the_statement_reads_them_by() -> None:
         "closed", "creator", moment, moment.replace(year=2025), moment.replace(year=2026),
         moment.replace(year=2027),
     )  # fmt: skip
-    sent = dict(
-        zip(
-            model.CONVERSATION_FIELDS,
-            json.loads(model._ENCODER.encode(model._conversation(conversation))),
-            strict=True,
-        )
-    )
-    for name, value in sent.items():
+    for name, value in _by_name(model.CONVERSATION_FIELDS, model._conversation(conversation)):
         expected = getattr(conversation, name)
         if name == "attributes":
             assert value == json.loads(expected), "attributes travel as the JSON they hold"
@@ -477,13 +475,6 @@ def test_the_fields_sent_follow_the_names_the_statement_reads_them_by() -> None:
         SERVICE, USER, "CH" + "c" * 32, "MB" + "b" * 32, "muted", 3, 9, "https://x/y",
         '{"conversation": "https://x"}',
     )  # fmt: skip
-    sent = dict(
-        zip(
-            model.MEMBER_FIELDS,
-            json.loads(model._ENCODER.encode(model._member(membership))),
-            strict=True,
-        )
-    )
-    for name, value in sent.items():
+    for name, value in _by_name(model.MEMBER_FIELDS, model._member(membership)):
         expected = getattr(membership, name)
         assert value == (json.loads(expected) if name == "links" else expected), name
