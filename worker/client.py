@@ -244,7 +244,7 @@ class TwilioClient:
             raise RuntimeError("TwilioClient used outside 'async with'")
         if self._bucket is not None:
             await self._bucket.acquire()
-        place = await self.limiter.acquire()
+        await self.limiter.acquire()
         overloaded = dropped = False
         try:
             try:
@@ -272,7 +272,7 @@ class TwilioClient:
                 raise self._refusal(path, status, raw, response.headers)
         finally:
             # (The limiter's gauges are read when scraped: worker/daemon.py.)
-            self.limiter.release(place, overloaded=overloaded, dropped=dropped)
+            self.limiter.release(overloaded=overloaded, dropped=dropped)
         return decode(raw)  # the slot is Twilio's time: given back before the decode
 
     async def _read_body(self, path: str, response: aiohttp.ClientResponse) -> bytes:

@@ -17,19 +17,20 @@ from collections.abc import Awaitable, Callable
 class AdaptiveLimiter:
     """A concurrency limit between 1 and ``maximum`` that learns Twilio's ceiling from 429s.
 
-    A 429 answering a request that started as the ``n``-th in flight says the ceiling is below
-    ``n``: the limit drops to ``n - 1`` at once (the lowest such estimate of recent 429s wins,
-    so 24 rejections of 32 in flight at a ceiling of 8 bring the limit to 8 in one round trip,
-    and with several replicas each settles on its share). Then it holds there, instead of
-    cutting and regrowing a sawtooth: only after ``probe_every`` successes in a row (else ten
-    times the limit) does it try one request more. A probe answered 429 costs that one request;
-    a probe that passes raises the limit by one, so a ceiling that rose (a replica stopped, the
-    account's limit raised) is found again. Probes that pass in a row come sooner each time
-    (half the wait, down to one limit's worth of successes): a cut that went too deep (a
-    request sent early but delayed, a new connection opened for it, answered 429 after later
-    ones) is regained in a few round trips rather than over the rest of the pass, while at the
-    ceiling each probe is answered 429 and the wait stays long. Requests whose outcome says
-    nothing (``dropped``) move nothing.
+    A 429 says the requests in flight when it came, itself included, were too many: the
+    limit drops to one below that count at once. Twilio answers a 429 at once, while the
+    requests it let in are still being served, so the count is the server's, whatever order
+    the requests were sent in (a request sent first may arrive last, on a connection still
+    being opened); as a burst's 429s come back, each cuts deeper, and the last leaves the
+    limit at the ceiling: 24 rejections of 32 in flight at a ceiling of 8 bring it to 8 in one
+    round trip, and with several replicas each settles on its share. Then it holds there,
+    instead of cutting and regrowing a sawtooth: only after ``probe_every`` successes in a row
+    (else ten times the limit) does it try one request more. A probe answered 429 costs that
+    one request; a probe that passes raises the limit by one, so a ceiling that rose (a replica
+    stopped, the account's limit raised) is found again. Probes that pass in a row come sooner
+    each time (half the wait, down to one limit's worth of successes), so a limit far below the
+    ceiling climbs back in a few round trips, while at the ceiling each probe is answered 429
+    and the wait stays long. Requests whose outcome says nothing (``dropped``) move nothing.
     """
 
     def __init__(
@@ -60,8 +61,8 @@ class AdaptiveLimiter:
     def in_flight(self) -> int:
         return self._in_flight
 
-    async def acquire(self) -> int:
-        """Wait until a request may start; returns its place in flight, for ``release``."""
+    async def acquire(self) -> None:
+        """Wait until a request may start."""
         if self._in_flight < self._limit and not self._waiters:
             self._in_flight += 1
         else:
@@ -77,13 +78,12 @@ class AdaptiveLimiter:
                 raise
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self._used = max(self._used, self._in_flight)
-        return self._in_flight
 
-    def release(self, place: int, *, overloaded: bool = False, dropped: bool = False) -> None:
+    def release(self, *, overloaded: bool = False, dropped: bool = False) -> None:
         """Return a slot: ``overloaded`` after a 429, ``dropped`` when the outcome says nothing."""
         if overloaded:
             self._calm = self._used = self._streak = 0
-            ceiling = max(1, place - 1)
+            ceiling = max(1, self._in_flight - 1)
             if ceiling < self._limit:
                 self._limit = ceiling
                 self.decreases += 1

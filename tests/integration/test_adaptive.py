@@ -71,10 +71,9 @@ def _note_limits(limiter: AdaptiveLimiter) -> list[tuple[int, int]]:
     noted: list[tuple[int, int]] = []
     acquire = limiter.acquire
 
-    async def acquire_noting_the_limit() -> int:
-        place = await acquire()
+    async def acquire_noting_the_limit() -> None:
+        await acquire()
         noted.append((limiter.limit, limiter.decreases))
-        return place
 
     limiter.acquire = acquire_noting_the_limit  # type: ignore[method-assign]
     return noted

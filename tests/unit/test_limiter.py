@@ -3,69 +3,92 @@
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
 from worker.limiter import AdaptiveLimiter, TokenBucket
 
 
-async def fill(limiter: AdaptiveLimiter, n: int) -> list[int]:
-    return [await limiter.acquire() for _ in range(n)]
+async def fill(limiter: AdaptiveLimiter, n: int) -> None:
+    for _ in range(n):
+        await limiter.acquire()
 
 
-async def test_a_429_drops_the_limit_just_below_the_place_it_was_sent_at() -> None:
+async def test_a_429_drops_the_limit_just_below_the_requests_in_flight_when_it_came() -> None:
     limiter = AdaptiveLimiter(maximum=32)
     assert limiter.limit == 32
-    places = await fill(limiter, 20)
-    assert places == list(range(1, 21))
-    limiter.release(places[-1], overloaded=True)  # the 20th in flight was one too many
+    await fill(limiter, 20)
+    limiter.release(overloaded=True)  # 20 in flight were one too many
     assert limiter.limit == 19
     assert limiter.decreases == 1
-    limiter.release(places[-2], overloaded=True)  # the 19th too: lower still
+    limiter.release(overloaded=True)  # 19 too: lower still
     assert limiter.limit == 18
-    limiter.release(places[-3], overloaded=False)
-    limiter.release(30, overloaded=True)  # an older estimate above the limit changes nothing
-    assert limiter.limit == 18
-    assert limiter.decreases == 2
+    limiter.release()
+    limiter.release()
+    assert limiter.in_flight == 16
+    await fill(limiter, 2)
+    limiter.release(overloaded=True)  # 18 in flight again: above the limit, nothing learnt
+    assert limiter.limit == 17
+    assert limiter.decreases == 3
 
 
-async def test_far_above_the_ceiling_one_round_trip_converges() -> None:
+async def test_a_request_sent_first_but_answered_429_last_does_not_cut_below_the_ceiling() -> None:
+    """The first of 64, on a connection still being opened, reaches a server holding 32 of
+    the others: its 429 comes while they are in flight, whatever its place in the burst."""
+    limiter = AdaptiveLimiter(maximum=64)
+    await fill(limiter, 64)
+    for _ in range(31):  # the 31 others beyond the ceiling, answered 429 at once
+        limiter.release(overloaded=True)
+    assert limiter.limit == 33
+    limiter.release(overloaded=True)  # the one sent first, answered last of the 429s
+    assert limiter.limit == 32
+    assert limiter.in_flight == 32
+
+
+@pytest.mark.parametrize("seed", range(3))
+async def test_far_above_the_ceiling_one_round_trip_converges(seed: int) -> None:
     limiter = AdaptiveLimiter(maximum=32)
-    sent = await fill(limiter, 32)
-    for place in reversed(sent[8:]):  # a ceiling of 8: 24 answered 429, in any order
-        limiter.release(place, overloaded=True)
+    await fill(limiter, 32)
+    answers = [True] * 24 + [False] * 8  # a ceiling of 8: 24 answered 429, at once
+    random.Random(seed).shuffle(answers)
+    for overloaded in sorted(answers, reverse=True):  # the 429s before the 8 served
+        limiter.release(overloaded=overloaded)
     assert limiter.limit == 8
 
 
 async def test_it_holds_under_the_ceiling_and_probes_above_it_rarely() -> None:
     limiter = AdaptiveLimiter(maximum=64, initial=16, probe_every=100)
     for _ in range(6):  # 96 successes, every window of 16 wholly in flight
-        for place in await fill(limiter, 16):
-            limiter.release(place)
+        await fill(limiter, 16)
+        for _ in range(16):
+            limiter.release()
     assert (limiter.limit, limiter.probes) == (16, 0)
-    for place in await fill(limiter, 16):  # the 100th success
-        limiter.release(place)
+    await fill(limiter, 16)  # the 100th success
+    for _ in range(16):
+        limiter.release()
     assert (limiter.limit, limiter.probes) == (17, 1)
 
 
 async def test_a_probe_answered_429_costs_one_request_and_restores_the_hold() -> None:
     limiter = AdaptiveLimiter(maximum=64, initial=16, probe_every=16)
-    places = await fill(limiter, 16)
-    for place in places:
-        limiter.release(place)
+    await fill(limiter, 16)
+    for _ in range(16):
+        limiter.release()
     assert limiter.limit == 17, "a full window of successes in use: one probe"
-    places = await fill(limiter, 17)
-    limiter.release(places[-1], overloaded=True)  # the 17th was too many
+    await fill(limiter, 17)
+    limiter.release(overloaded=True)  # the 17th was too many
     assert limiter.limit == 16
-    for place in places[:-1]:
-        limiter.release(place)
+    for _ in range(16):
+        limiter.release()
     assert limiter.limit == 16, "calm restarts after a 429"
 
 
 async def test_an_unused_limit_does_not_climb() -> None:
     limiter = AdaptiveLimiter(maximum=64, initial=16, probe_every=4)
     for _ in range(100):  # one request at a time: the limit of 16 is not in use
-        limiter.release(await limiter.acquire())
+        await limiter.acquire()
+        limiter.release()
     assert limiter.limit == 16
     assert limiter.probes == 0
 
@@ -73,18 +96,22 @@ async def test_an_unused_limit_does_not_climb() -> None:
 async def test_limit_stays_between_one_and_maximum() -> None:
     limiter = AdaptiveLimiter(maximum=4, probe_every=1)
     for _ in range(50):
-        for place in await fill(limiter, limiter.limit):
-            limiter.release(place)
+        n = limiter.limit
+        await fill(limiter, n)
+        for _ in range(n):
+            limiter.release()
     assert limiter.limit == 4
     for _ in range(100):
-        limiter.release(await limiter.acquire(), overloaded=True)
+        await limiter.acquire()
+        limiter.release(overloaded=True)
     assert limiter.limit == 1
 
 
 async def test_dropped_requests_move_nothing() -> None:
     limiter = AdaptiveLimiter(maximum=8, initial=4, probe_every=1)
-    for place in await fill(limiter, 4):
-        limiter.release(place, dropped=True)
+    await fill(limiter, 4)
+    for _ in range(4):
+        limiter.release(dropped=True)
     assert (limiter.limit, limiter.decreases, limiter.probes) == (4, 0, 0)
 
 
@@ -102,11 +129,11 @@ async def test_waiters_are_admitted_in_order_up_to_the_limit() -> None:
     await asyncio.sleep(0)
     assert order == []
     assert limiter.in_flight == 2
-    limiter.release(1, dropped=True)
+    limiter.release(dropped=True)
     await asyncio.sleep(0)
     assert order == [0]
-    limiter.release(1, dropped=True)
-    limiter.release(1, dropped=True)
+    limiter.release(dropped=True)
+    limiter.release(dropped=True)
     await asyncio.gather(*tasks)
     assert order == [0, 1, 2]
     assert limiter.in_flight == 2
@@ -121,7 +148,7 @@ async def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
-    limiter.release(1, dropped=True)
+    limiter.release(dropped=True)
     assert limiter.in_flight == 0
     await asyncio.wait_for(limiter.acquire(), 1)
     assert limiter.in_flight == 1
@@ -170,9 +197,9 @@ async def test_a_waiter_cancelled_around_its_admission_leaves_no_trace(cancel_fi
     await asyncio.sleep(0)
     if cancel_first:
         task.cancel()
-        limiter.release(1, dropped=True)  # pops the already-cancelled waiter
+        limiter.release(dropped=True)  # pops the already-cancelled waiter
     else:
-        limiter.release(1, dropped=True)  # admits the waiter...
+        limiter.release(dropped=True)  # admits the waiter...
         task.cancel()  # ...which is cancelled before it runs
     with pytest.raises(asyncio.CancelledError):
         await task
@@ -181,29 +208,27 @@ async def test_a_waiter_cancelled_around_its_admission_leaves_no_trace(cancel_fi
 
 
 async def rounds_against(limiter: AdaptiveLimiter, ceiling: int, requests: int) -> int:
-    """Full windows of requests against a server that turns away any beyond ``ceiling`` in
-    flight (sent in order: the place is the server's count); the number answered 429."""
+    """Full windows of requests against a server that turns away, at once, any beyond
+    ``ceiling`` in flight; the number answered 429."""
     sent = rejected = 0
     while sent < requests:
-        places = await fill(limiter, limiter.limit)
-        sent += len(places)
-        for place in places:
-            rejected += place > ceiling
-            limiter.release(place, overloaded=place > ceiling)
+        n = limiter.limit
+        await fill(limiter, n)
+        sent += n
+        turned_away = max(0, n - ceiling)
+        rejected += turned_away
+        for _ in range(turned_away):
+            limiter.release(overloaded=True)
+        for _ in range(n - turned_away):
+            limiter.release()
     return rejected
 
 
-async def test_a_cut_below_the_ceiling_is_regained_in_a_few_round_trips() -> None:
-    """A request sent early but delayed (a new connection) is answered 429 after later ones:
-    its place cuts the limit far below the ceiling. Probes that pass in a row come sooner, so
-    the limit is back within a few hundred requests, not a whole pass; at the ceiling, probes
-    stay rare."""
-    limiter = AdaptiveLimiter(maximum=64)
-    places = await fill(limiter, 64)
-    limiter.release(places[8], overloaded=True)  # the 9th, delayed: the server had 32 already
-    for place in places[:8] + places[9:]:
-        limiter.release(place, overloaded=place > 32)
-    assert limiter.limit == 8
+async def test_a_limit_far_below_the_ceiling_climbs_back_in_a_few_round_trips() -> None:
+    """A ceiling that rose (a replica stopped, the account's limit raised): probes that pass
+    in a row come sooner, so the limit is back within a few hundred requests, not a whole
+    pass; at the ceiling, probes stay rare."""
+    limiter = AdaptiveLimiter(maximum=64, initial=8)
     sent = 0
     while limiter.limit < 32:
         await rounds_against(limiter, 32, 1)
