@@ -124,8 +124,21 @@ async def test_a_killed_replicas_users_are_taken_over_after_its_lease(
     assert doomed.stop(signal.SIGKILL) == -signal.SIGKILL
     assert await until(pass_status(db_url), what="the pass to end") == "succeeded"
     await assert_mirrors(server, db_url)
-    assert pages_fetched_twice(server) <= CONCURRENCY
+    twice = pages_fetched_twice(server)
+    assert twice <= CONCURRENCY, f"{twice} pages fetched twice; {_troubles(doomed, survivor)}"
     assert survivor.stop() == 0
+
+
+def _troubles(*replicas: Replica) -> dict[str, list[str]]:
+    """Each replica's retries and warnings, by event name (what a failure needs to explain)."""
+    return {
+        str(r.log_path.name): [
+            f"{e.get('event')} {e.get('caused_by') or e.get('error') or ''}".strip()
+            for e in r.events()
+            if e.get("level") in ("warning", "error") or e.get("event") == "retry_scheduled"
+        ]
+        for r in replicas
+    }
 
 
 def conversation_pages(server: SimulatorServer) -> int:
