@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ceiling import walk
-from bench.convsync_run import SyncRun, run_sync
+from bench.convsync_run import WORKER_PYTHON, SyncRun, run_sync
 from bench.pg import Databases
 from bench.sim import REPO, SimProcess, machine_busy, process_cpu
 
@@ -100,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "machine": {
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
+            "worker_python": WORKER_PYTHON,
             "platform": platform.platform(),
         },
     }

@@ -32,6 +32,11 @@ from bench.sim import (
     postgres_cpu,
 )
 
+# The interpreter of the worker's children: the environment ./dev bench makes with the image's
+# runtime lock alone (the worker comes from the checkout, their working directory), else this
+# one. The benchmark's own extras bring rich, which structlog imports when it is installed.
+WORKER_PYTHON = os.environ.get("CONVSYNC_BENCH_WORKER_PYTHON") or sys.executable
+
 
 @dataclass
 class InFlight:
@@ -133,7 +138,7 @@ def child_env(sim: SimProcess, db_url: str, concurrency: int) -> dict[str, str]:
 def migrate(env: Mapping[str, str]) -> None:
     """``python -m worker migrate``; raises with its stderr on failure."""
     done = subprocess.run(
-        [sys.executable, "-m", "worker", "migrate"],
+        [WORKER_PYTHON, "-m", "worker", "migrate"],
         env=dict(env),
         cwd=REPO,
         capture_output=True,
@@ -207,7 +212,7 @@ def run_sync(
             command = ["-m", "bench.cprofile_child", str(cprofile_to)]
             env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
         proc = subprocess.Popen(
-            [sys.executable, *command],
+            [WORKER_PYTHON, *command],
             env=env,
             cwd=REPO,
             stdout=log_file,
