@@ -1,12 +1,13 @@
 """The event loop every command runs on: uvloop where it is installed (Linux, macOS), else the
 standard library's; ``CONVSYNC_EVENT_LOOP`` chooses explicitly. Also the cyclic garbage
-collector's pace, set once before the loop starts (``pace_collector``)."""
+collector's pace, set once before the loop starts (``pace_collector``), and the one way a loop
+waits on several events at once (``first_set``)."""
 
 from __future__ import annotations
 
 import asyncio
 import gc
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterable
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -45,3 +46,13 @@ def run(main: Coroutine[Any, Any, T], choice: str = "auto") -> T:
     pace_collector()
     with asyncio.Runner(loop_factory=loop_factory(choice)) as runner:
         return runner.run(main)
+
+
+async def first_set(events: Iterable[asyncio.Event], seconds: float) -> None:
+    """Return once any of ``events`` is set, or after ``seconds``."""
+    waiters = [asyncio.ensure_future(event.wait()) for event in events]
+    try:
+        await asyncio.wait(waiters, timeout=seconds, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -34,6 +34,7 @@ from worker.errors import DatabaseUnavailable, FatalError, UserGone, UserSyncErr
 from worker.leases import HeldClaims
 from worker.listing import walk
 from worker.logs import redact
+from worker.loop import first_set
 from worker.metrics import Metrics
 from worker.model import parse_users_page
 from worker.shutdown import Shutdown
@@ -145,13 +146,7 @@ class Relister:
         wait = POLL_SECONDS if due_in is None else min(POLL_SECONDS, due_in)
         if wait <= 0:
             return
-        events = (self.wake, self.shutdown.stop, self._failed)
-        waiters = [asyncio.ensure_future(e.wait()) for e in events]
-        try:
-            await asyncio.wait(waiters, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            for waiter in waiters:
-                waiter.cancel()
+        await first_set((self.wake, self.shutdown.stop, self._failed), wait)
 
     async def _serve_claimed(self, target: Target) -> None:
         try:

@@ -34,6 +34,7 @@ from worker.errors import ConfigError, FatalError, UserGone, UserSyncError
 from worker.leases import HeldClaims, release_dead_local_claims
 from worker.listing import Listing, walk
 from worker.logs import redact
+from worker.loop import first_set
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
 from worker.model import (
@@ -92,6 +93,8 @@ class PassState:
     # Set once every users listing of the pass is closed: from then on, a user finished here
     # may be the pass's last, so it wakes the feeder at once (no polling interval at the end).
     discovery_closed: bool = False
+    # Set when a users listing walked here ends: an idle discovery loop looks again at once.
+    discovery_changed: asyncio.Event = field(default_factory=asyncio.Event)
     # Set by a user loop that took a claim from a queue at most half full: the feeder refills.
     hungry: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -264,7 +267,9 @@ class SyncPass:
     async def discovery_loop(self) -> None:
         """Claim service users listings until none is open (one held by a dead worker is
         taken over when its lease expires)."""
+        state = self.state
         while not self.stop.is_set():
+            state.discovery_changed.clear()  # before looking: an end meanwhile is not missed
             claim = await self.claim(self.store.claim_discovery)
             if claim is not None:
                 with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
@@ -273,12 +278,18 @@ class SyncPass:
                         await self.walk(UsersListing(self, claim))
                     finally:
                         self.held.discard(claim.token)
+                        state.discovery_changed.set()
                 continue
-            progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+            progress = await self.db.call(self.store.pass_progress, state.run_id)
             if not progress.discovery_open or not progress.running:
+                # The feeder may have seen discovery open after its last claim: it looks again.
+                state.discovery_closed = not progress.discovery_open
+                state.discovery_changed.set()
+                state.work_available.set()
                 return
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.stop.wait(), self.idle_poll_seconds)
+            # A listing another loop or replica holds: wait for its end here, or poll (one
+            # held by a dead worker is taken over when its lease expires).
+            await first_set((self.stop, state.discovery_changed), self.idle_poll_seconds)
 
     async def feed_users(self, queue: asyncio.Queue[UserClaim | None]) -> None:
         """Claim pending users in batches (one statement for up to a queue's worth) and hand
@@ -290,6 +301,7 @@ class SyncPass:
                 await self.state.hungry.wait()
                 continue
             room = queue.maxsize - queue.qsize()
+            self.state.work_available.clear()  # before looking: work found meanwhile wakes it
             claims = await self.claim(functools.partial(self.store.claim_users, limit=room))
             for claim in claims:
                 self.held.add(claim.token)  # renewed while it waits
@@ -298,7 +310,6 @@ class SyncPass:
                 continue
             if await self.finished():
                 break
-            self.state.work_available.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.state.work_available.wait(), self.idle_poll_seconds)
         for _ in range(self.settings.concurrency):

@@ -4,6 +4,7 @@ after complete listings, and an interrupted pass resumes where it stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import json
 from collections.abc import Iterator
@@ -252,3 +253,15 @@ async def test_users_attributes_of_json_null_are_kept_apart_from_none(db_url: st
         (False, "null", False, None),
         (False, "object", True, "é"),
     ]
+
+
+async def test_a_pass_ends_with_its_last_listing_not_at_an_idle_poll(db_url: str) -> None:
+    """A service of two users: the users listing can close after both users were claimed,
+    even after both finished. Neither the feeder nor the idle discovery loop may then sleep
+    out a poll (here ten minutes) before the pass sees it has ended."""
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=2)
+    with SimulatorServer(Simulator(dataset)) as server:
+        settings = settings_for(server, db_url)
+        for _ in range(3):  # each pass into a fresh race; passes after the first resume nothing
+            summary = await asyncio.wait_for(run_pass(settings, idle_poll_seconds=600), 120)
+            assert (summary.status, summary.users_synced) == ("succeeded", 2)
