@@ -90,11 +90,10 @@ class PassState:
     run_id: int = 0
     work_available: asyncio.Event = field(default_factory=asyncio.Event)
     done: asyncio.Event = field(default_factory=asyncio.Event)
-    # Set once every users listing of the pass is closed: from then on, a user finished here
-    # may be the pass's last, so it wakes the feeder at once (no polling interval at the end).
-    discovery_closed: bool = False
-    # Set when a users listing walked here ends: an idle discovery loop looks again at once.
-    discovery_changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Users listings walked here that ended, and an event set at each end: an idle discovery
+    # loop looks again at once.
+    listings_ended: int = 0
+    listing_ended: asyncio.Event = field(default_factory=asyncio.Event)
     # Set by a user loop that took a claim from a queue at most half full: the feeder refills.
     hungry: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -269,7 +268,7 @@ class SyncPass:
         taken over when its lease expires)."""
         state = self.state
         while not self.stop.is_set():
-            state.discovery_changed.clear()  # before looking: an end meanwhile is not missed
+            ended = state.listings_ended  # as this look begins
             claim = await self.claim(self.store.claim_discovery)
             if claim is not None:
                 with structlog.contextvars.bound_contextvars(service_sid=claim.chat_service_sid):
@@ -278,18 +277,18 @@ class SyncPass:
                         await self.walk(UsersListing(self, claim))
                     finally:
                         self.held.discard(claim.token)
-                        state.discovery_changed.set()
+                        state.listings_ended += 1
+                        state.listing_ended.set()
                 continue
             progress = await self.db.call(self.store.pass_progress, state.run_id)
             if not progress.discovery_open or not progress.running:
-                # The feeder may have seen discovery open after its last claim: it looks again.
-                state.discovery_closed = not progress.discovery_open
-                state.discovery_changed.set()
-                state.work_available.set()
                 return
-            # A listing another loop or replica holds: wait for its end here, or poll (one
-            # held by a dead worker is taken over when its lease expires).
-            await first_set((self.stop, state.discovery_changed), self.idle_poll_seconds)
+            if state.listings_ended == ended:
+                # A listing another loop or replica holds, and none ended here since this look
+                # began: wait for one to, or poll (one held by a dead worker is taken over
+                # when its lease expires).
+                state.listing_ended.clear()
+                await first_set((self.stop, state.listing_ended), self.idle_poll_seconds)
 
     async def feed_users(self, queue: asyncio.Queue[UserClaim | None]) -> None:
         """Claim pending users in batches (one statement for up to a queue's worth) and hand
@@ -330,15 +329,15 @@ class SyncPass:
                     await self.walk(ConversationsListing(self.listings, claim))
                 finally:
                     self.held.discard(claim.token)
-                    if self.state.discovery_closed:
-                        self.state.work_available.set()
+                    # The feeder, if it waits for work, looks again: this user may have been
+                    # the pass's last (no polling interval at the end).
+                    self.state.work_available.set()
 
     async def finished(self) -> bool:
         """True once discovery is complete and no user of the pass is pending anywhere."""
         if self.state.done.is_set():
             return True
         progress = await self.db.call(self.store.pass_progress, self.state.run_id)
-        self.state.discovery_closed = not progress.discovery_open
         if not progress.running or (not progress.discovery_open and not progress.users_pending):
             self.state.done.set()
             self.state.work_available.set()
