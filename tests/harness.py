@@ -52,15 +52,15 @@ async def run_pass(
     settings: Settings,
     scope: Scope | None = None,
     backoff: Backoff = FAST_BACKOFF,
+    kind: type[SyncPass] = SyncPass,
     **kwargs: Any,
 ) -> PassSummary:
-    """One pass in this process, with its own store and client."""
+    """One pass in this process, with its own store and client (``kind``: a subclass that
+    forces an interleaving)."""
     store = await Store.connect(settings.require_database(), settings.db_pool_size)
     try:
         async with TwilioClient(settings, backoff=backoff, metrics=Metrics()) as client:
-            summary = await SyncPass(
-                settings, store, client, scope, metrics=Metrics(), **kwargs
-            ).run()
+            summary = await kind(settings, store, client, scope, metrics=Metrics(), **kwargs).run()
     finally:
         await store.close()
     assert summary is not None

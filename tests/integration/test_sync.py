@@ -15,10 +15,11 @@ import pytest
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_for
+from worker.listing import Listing
 from worker.migrate import apply_migrations
 from worker.model import UserRow
 from worker.store import Store
-from worker.sync import Scope
+from worker.sync import ConversationsListing, Scope, SyncPass
 
 
 @pytest.fixture
@@ -265,3 +266,38 @@ async def test_a_pass_ends_with_its_last_listing_not_at_an_idle_poll(db_url: str
         for _ in range(3):  # each pass into a fresh race; passes after the first resume nothing
             summary = await asyncio.wait_for(run_pass(settings, idle_poll_seconds=600), 120)
             assert (summary.status, summary.users_synced) == ("succeeded", 2)
+
+
+async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
+    db_url: str,
+) -> None:
+    """The feeder's look at the pass (a query) can find a user pending that finishes before
+    the answer is acted on. Forced here: once discovery has ended, a look's answer is held
+    until every user has finished. The finished users' wake-ups must outlive the stale answer,
+    or the feeder sleeps out its poll (ten minutes)."""
+    everyone = asyncio.Event()
+
+    class StaleLook(SyncPass):
+        synced = 0
+
+        async def walk(self, listing: Listing) -> None:
+            await super().walk(listing)
+            if isinstance(listing, ConversationsListing) and listing.outcome == "done":
+                self.synced += 1
+                if self.synced == 2:
+                    everyone.set()
+
+        async def finished(self) -> bool:
+            ended = await super().finished()
+            if not ended and self.state.listings_ended:  # every user listed, so claimed
+                await everyone.wait()
+            return ended
+
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=2)
+    with SimulatorServer(Simulator(dataset)) as server:
+        settings = settings_for(server, db_url)
+        summary = await asyncio.wait_for(
+            run_pass(settings, kind=StaleLook, idle_poll_seconds=600), 120
+        )
+    assert (summary.status, summary.users_synced) == ("succeeded", 2)
+    assert everyone.is_set()
