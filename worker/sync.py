@@ -35,7 +35,7 @@ from worker.leases import HeldClaims, release_dead_local_claims
 from worker.listing import Listing, walk
 from worker.logs import redact
 from worker.loop import first_set
-from worker.metrics import Metrics
+from worker.metrics import Metrics, Series
 from worker.metrics import metrics as default_metrics
 from worker.model import (
     ServiceRow,
@@ -430,6 +430,19 @@ class ListingContext:
     def store(self) -> Store:
         return self.db.store
 
+    @functools.cached_property
+    def pages_total(self) -> Series:
+        """convsync_pages_total of conversations pages."""
+        return self.metrics.series("convsync_pages_total", kind="conversations")
+
+    @functools.cached_property
+    def rows_total(self) -> tuple[tuple[str, Series], ...]:
+        """convsync_rows_total: each outcome a page's rows are counted by, with its series."""
+        return tuple(
+            (outcome, self.metrics.series("convsync_rows_total", outcome=outcome))
+            for outcome in ("inserted", "updated", "unchanged", "removed", "quarantined")
+        )
+
 
 class ConversationsListing(Listing):
     """A user's conversations listing: each page goes to the group-commit writer, and the next
@@ -446,18 +459,18 @@ class ConversationsListing(Listing):
         self.outcome = "released"
 
     async def save(self, page: Page) -> None:
-        claim, metrics = self.claim, self.sync.metrics
+        claim, sync = self.claim, self.sync
         parsed = decode_conversations_page(
             page.body, page.items, claim.chat_service_sid, claim.user_sid
         )
         for rejected in parsed.rejected:
             log.warning("item_quarantined", reason=rejected.reason, sid=rejected.sid)
         write = PageWrite(claim, self.pages_written, page.path, parsed, page.next_page_path)
-        outcome = await self.sync.writer.write(write)
-        metrics.inc("convsync_pages_total", kind="conversations")
-        for name in ("inserted", "updated", "unchanged", "removed", "quarantined"):
+        outcome = await sync.writer.write(write)
+        sync.pages_total.inc()
+        for name, series in sync.rows_total:
             if rows := getattr(outcome, name):
-                metrics.inc("convsync_rows_total", rows, outcome=name)
+                series.inc(rows)
         if outcome.removals_skipped:
             log.warning("removals_skipped", reason="an item without a readable SID")
 

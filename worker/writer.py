@@ -66,7 +66,7 @@ class PageWriter:
         self.max_wait = max_wait
         self.async_commit = async_commit
         self._idle_seconds = idle_seconds
-        self._metrics = db.metrics
+        self._commit_seconds = db.metrics.histogram("convsync_page_commit_seconds")
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
@@ -188,7 +188,7 @@ class PageWriter:
             if outcome is not None:
                 if remember:
                     self._remember(write)
-                self._metrics.observe("convsync_page_commit_seconds", took)
+                self._commit_seconds.observe(took)
             if done.done():
                 continue
             if outcome is None:

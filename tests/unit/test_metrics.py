@@ -104,3 +104,31 @@ def test_a_series_needs_exactly_its_familys_labels() -> None:
     ):
         with pytest.raises((ValueError, KeyError)):
             registry.inc("convsync_webhooks_total", 1.0, **wrong)
+
+
+def test_a_series_looked_up_once_is_the_one_updated_by_name() -> None:
+    registry = Metrics()
+    pages = registry.series("convsync_pages_total", kind="conversations")
+    pages.inc()
+    registry.inc("convsync_pages_total", 2, kind="conversations")
+    assert registry.value("convsync_pages_total", kind="conversations") == 3
+    commit = registry.histogram("convsync_page_commit_seconds")
+    commit.observe(0.002)
+    registry.observe("convsync_page_commit_seconds", 0.003)
+    assert registry.value("convsync_page_commit_seconds_count") == 2
+    assert registry.value("convsync_page_commit_seconds_bucket", le="0.0025") == 1
+
+
+def test_each_kind_takes_only_its_own_updates() -> None:
+    registry = Metrics()
+    with pytest.raises(ValueError, match="is a histogram"):
+        registry.series("convsync_page_commit_seconds")
+    with pytest.raises(ValueError, match="is not a histogram"):
+        registry.observe("convsync_pages_total", 1.0, kind="users")
+    with pytest.raises(ValueError, match="a counter is not set"):
+        registry.set("convsync_pages_total", 1.0, kind="users")
+    with pytest.raises(ValueError, match="a counter only goes up"):
+        registry.inc("convsync_pages_total", -1.0, kind="users")
+    registry.inc("convsync_requests_in_flight", -1.0)  # a gauge may
+    assert registry.value("convsync_requests_in_flight") == -1.0
+    assert registry.value("convsync_pages_total", kind="users") == 0
