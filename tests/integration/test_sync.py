@@ -7,8 +7,9 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
+from typing import TypeVar
 
 import pytest
 
@@ -20,6 +21,8 @@ from worker.migrate import apply_migrations
 from worker.model import UserRow
 from worker.store import Store
 from worker.sync import ConversationsListing, Scope, SyncPass
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -272,24 +275,36 @@ async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
     db_url: str,
 ) -> None:
     """The feeder's look at the pass (a query) can find a user pending that finishes before
-    the answer is acted on. Forced here: once discovery has ended, a look's answer is held
-    until every user has finished. The finished users' wake-ups must outlive the stale answer,
-    or the feeder sleeps out its poll (ten minutes)."""
-    everyone = asyncio.Event()
+    the answer is acted on. Forced here: the users wait to be listed until the feeder looks
+    with every user claimed, and that look's answer is held until every user has finished.
+    The finished users' wake-ups must outlive the stale answer, or the feeder sleeps out its
+    poll (ten minutes). (A look is held only once both users are claimed: held before, it
+    would wait for users that only the feeder itself can hand out.)"""
+    looked = asyncio.Event()  # the feeder looked with every user claimed
+    everyone = asyncio.Event()  # both users listed
+    counts = {"claimed": 0, "synced": 0, "held": 0}
 
     class StaleLook(SyncPass):
-        synced = 0
+        async def claim(self, operation: Callable[..., Awaitable[T]]) -> T:
+            claims = await super().claim(operation)
+            if isinstance(claims, list):
+                counts["claimed"] += len(claims)
+            return claims
 
         async def walk(self, listing: Listing) -> None:
+            if isinstance(listing, ConversationsListing):
+                await looked.wait()
             await super().walk(listing)
             if isinstance(listing, ConversationsListing) and listing.outcome == "done":
-                self.synced += 1
-                if self.synced == 2:
+                counts["synced"] += 1
+                if counts["synced"] == 2:
                     everyone.set()
 
         async def finished(self) -> bool:
             ended = await super().finished()
-            if not ended and self.state.listings_ended:  # every user listed, so claimed
+            if not ended and counts["claimed"] == 2 and not looked.is_set():
+                counts["held"] += 1
+                looked.set()
                 await everyone.wait()
             return ended
 
@@ -297,7 +312,7 @@ async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
     with SimulatorServer(Simulator(dataset)) as server:
         settings = settings_for(server, db_url)
         summary = await asyncio.wait_for(
-            run_pass(settings, kind=StaleLook, idle_poll_seconds=600), 120
+            run_pass(settings, kind=StaleLook, idle_poll_seconds=600), 60
         )
     assert (summary.status, summary.users_synced) == ("succeeded", 2)
-    assert everyone.is_set()
+    assert counts["held"] == 1, "the feeder looked while both users were pending"
