@@ -93,8 +93,10 @@ FAMILIES = (
            "Seconds from a user's oldest unserved webhook to its re-list committed.",
            buckets=RELIST_BUCKETS),
 )  # fmt: skip
+# The outcomes convsync_rows_total counts a page's rows by (worker/store.py's PageOutcome).
+ROW_OUTCOMES = ("inserted", "updated", "unchanged", "removed", "quarantined")
 # Series shown at 0 from the start (they are only ever incremented by what they count).
-PRESET = {"convsync_rows_total": ("inserted", "updated", "unchanged", "removed", "quarantined")}
+PRESET = {"convsync_rows_total": ROW_OUTCOMES}
 # Setting the gauge of the last pass's duration records the pass in the histogram too.
 OBSERVED_WITH = {"convsync_pass_duration_seconds": "convsync_pass_seconds"}
 

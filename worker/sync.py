@@ -35,7 +35,7 @@ from worker.leases import HeldClaims, release_dead_local_claims
 from worker.listing import Listing, walk
 from worker.logs import redact
 from worker.loop import first_set
-from worker.metrics import Metrics, Series
+from worker.metrics import ROW_OUTCOMES, Metrics, Series
 from worker.metrics import metrics as default_metrics
 from worker.model import (
     ServiceRow,
@@ -440,7 +440,7 @@ class ListingContext:
         """convsync_rows_total: each outcome a page's rows are counted by, with its series."""
         return tuple(
             (outcome, self.metrics.series("convsync_rows_total", outcome=outcome))
-            for outcome in ("inserted", "updated", "unchanged", "removed", "quarantined")
+            for outcome in ROW_OUTCOMES
         )
 
 
