@@ -15,7 +15,6 @@ wait out an unavailable database (``worker/database.py``); the claims held are r
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import time
@@ -309,8 +308,9 @@ class SyncPass:
                 continue
             if await self.finished():
                 break
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.state.work_available.wait(), self.idle_poll_seconds)
+            # Users pending elsewhere (another replica's, or being discovered): wait for work,
+            # a stop (the user loops wait for this loop's word to end), or the next poll.
+            await first_set((self.stop, self.state.work_available), self.idle_poll_seconds)
         for _ in range(self.settings.concurrency):
             await queue.put(None)
 

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
-from typing import TypeVar
+from typing import TypeVar, cast
 
 import pytest
 
@@ -19,6 +20,7 @@ from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_
 from worker.listing import Listing
 from worker.migrate import apply_migrations
 from worker.model import UserRow
+from worker.shutdown import Shutdown
 from worker.store import Store
 from worker.sync import ConversationsListing, Scope, SyncPass
 
@@ -269,6 +271,41 @@ async def test_a_pass_ends_with_its_last_listing_not_at_an_idle_poll(db_url: str
         for _ in range(3):  # each pass into a fresh race; passes after the first resume nothing
             summary = await asyncio.wait_for(run_pass(settings, idle_poll_seconds=600), 120)
             assert (summary.status, summary.users_synced) == ("succeeded", 2)
+
+
+async def test_a_stop_while_the_feeder_waits_for_users_held_elsewhere_ends_the_pass(
+    db_url: str,
+) -> None:
+    """Every pending user is held by another replica (forced: this worker's user claims find
+    none), so the feeder waits for work with its poll at ten minutes and its user loops wait
+    for it. A stop must end the pass at once, not after the poll (nor after the grace, ten
+    minutes too, which would cancel the loops)."""
+    looked = asyncio.Event()  # the feeder found the pass unfinished after discovery
+
+    class HeldElsewhere(SyncPass):
+        async def claim(self, operation: Callable[..., Awaitable[T]]) -> T:
+            if isinstance(operation, functools.partial):  # the feeder's user claims
+                return cast(T, [])
+            return await super().claim(operation)
+
+        async def finished(self) -> bool:
+            ended = await super().finished()
+            progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+            if not ended and not progress.discovery_open:
+                looked.set()
+            return ended
+
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=2)
+    shutdown = Shutdown(600)
+    with SimulatorServer(Simulator(dataset)) as server:
+        settings = settings_for(server, db_url)
+        task = asyncio.ensure_future(
+            run_pass(settings, kind=HeldElsewhere, idle_poll_seconds=600, shutdown=shutdown)
+        )
+        await asyncio.wait_for(looked.wait(), 60)
+        shutdown.stop.set()
+        summary = await asyncio.wait_for(task, 30)
+    assert (summary.status, summary.users_synced) == ("interrupted", 0)
 
 
 async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
