@@ -105,12 +105,15 @@ class Page:
 
 class ListingGuard:
     """One walk through a listing: refuses a page the listing already served (a paging loop,
-    however long) and more than ``max_pages`` pages. Memory: two 16-byte digests per page."""
+    however long) and more than ``max_pages`` pages. Memory: two 16-byte digests per page.
+    The walk's first page is kept as its path and digested only if a second page comes: most
+    listings have one page, and its digests would never be compared."""
 
     def __init__(self, max_pages: int, served: int = 0) -> None:
         self.max_pages = max_pages
         self._served = served  # pages committed before this walk (a resumed cursor's count)
         self._seen: set[bytes] = set()
+        self._first: str | None = None  # the walk's first page, not digested yet
 
     def check(self, path: str) -> None:
         """Call before fetching ``path``, the listing's next page; ListingRefused if it must
@@ -120,6 +123,13 @@ class ListingGuard:
                 f"{_path_only(path)}: the listing goes on past CONVSYNC_MAX_PAGES "
                 f"({self.max_pages}) pages"
             )
+        if not self._seen and self._first is None:
+            self._first = path
+            self._served += 1
+            return
+        if self._first is not None:
+            self._seen.update(_page_keys(self._first))
+            self._first = None
         keys = _page_keys(path)
         if not self._seen.isdisjoint(keys):
             raise ListingRefused(

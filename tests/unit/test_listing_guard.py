@@ -46,3 +46,19 @@ def test_the_page_bound_counts_pages_committed_before_a_resume() -> None:
     guard.check(page(4))
     with pytest.raises(ListingRefused, match=r"past CONVSYNC_MAX_PAGES \(5\)"):
         guard.check(page(5))
+
+
+@pytest.mark.parametrize("again", [FIRST, FIRST + "&Page=0"])
+def test_a_first_page_whose_next_page_is_itself_is_refused(again: str) -> None:
+    """The first page is digested only when a second comes: that second may be the first."""
+    guard = ListingGuard(max_pages=100)
+    guard.check(FIRST)
+    with pytest.raises(ListingRefused, match="repeats a page it already served"):
+        guard.check(again)
+
+
+def test_a_walk_of_one_page_counts_it_against_the_bound() -> None:
+    guard = ListingGuard(max_pages=1)
+    guard.check(FIRST)
+    with pytest.raises(ListingRefused, match=r"past CONVSYNC_MAX_PAGES \(1\)"):
+        guard.check(page(1))
