@@ -322,16 +322,18 @@ class SyncPass:
             if self.stop.is_set():  # released with every claim of this worker at the end
                 self.held.discard(claim.token)
                 continue
-            with structlog.contextvars.bound_contextvars(
+            # Bound and reset by token: a third of what bound_contextvars costs, once a user.
+            tokens = structlog.contextvars.bind_contextvars(
                 service_sid=claim.chat_service_sid, user_sid=claim.user_sid
-            ):
-                try:
-                    await self.walk(ConversationsListing(self.listings, claim))
-                finally:
-                    self.held.discard(claim.token)
-                    # The feeder, if it waits for work, looks again: this user may have been
-                    # the pass's last (no polling interval at the end).
-                    self.state.work_available.set()
+            )
+            try:
+                await self.walk(ConversationsListing(self.listings, claim))
+            finally:
+                structlog.contextvars.reset_contextvars(**tokens)
+                self.held.discard(claim.token)
+                # The feeder, if it waits for work, looks again: this user may have been
+                # the pass's last (no polling interval at the end).
+                self.state.work_available.set()
 
     async def finished(self) -> bool:
         """True once discovery is complete and no user of the pass is pending anywhere."""
