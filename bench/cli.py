@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import platform
+import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "cpus": os.cpu_count(),
             "python": platform.python_version(),
             "worker_python": WORKER_PYTHON,
+            "worker_commit": _checkout_commit(),
             "platform": platform.platform(),
         },
     }
@@ -294,13 +296,38 @@ def _num(value: Any, digits: int = 1) -> str:
     return f"{value:,}"
 
 
+def _checkout_commit() -> str | None:
+    """The commit of the worker's code measured (its checkout's HEAD), "-dirty" when
+    ``worker/`` has uncommitted changes; None outside a git checkout."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "worker"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return f"{head}-dirty" if changed else head
+
+
 def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -> str:
     """The figures and the targets as plain-text tables."""
     cfg = r["config"]
     lines = [
         f"convsync benchmark: {cfg['users']:,} users, L = {cfg['latency_ms']:g} ms, "
         f"CONVSYNC_CONCURRENCY = {cfg['concurrency']}, {r['machine']['cpus']} CPUs, "
-        f"{r['seconds']:.0f} s in all",
+        f"{r['seconds']:.0f} s in all, worker at {r['machine'].get('worker_commit') or 'unknown'}",
         "",
     ]
     rows: list[tuple[str, str, str, str, str]] = [("", "pages", "seconds", "pages/s", "notes")]
