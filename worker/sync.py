@@ -329,11 +329,11 @@ class SyncPass:
             try:
                 await self.walk(ConversationsListing(self.listings, claim))
             finally:
-                structlog.contextvars.reset_contextvars(**tokens)
                 self.held.discard(claim.token)
                 # The feeder, if it waits for work, looks again: this user may have been
                 # the pass's last (no polling interval at the end).
                 self.state.work_available.set()
+                structlog.contextvars.reset_contextvars(**tokens)
 
     async def finished(self) -> bool:
         """True once discovery is complete and no user of the pass is pending anywhere."""

@@ -62,3 +62,10 @@ def test_a_walk_of_one_page_counts_it_against_the_bound() -> None:
     guard.check(FIRST)
     with pytest.raises(ListingRefused, match=r"past CONVSYNC_MAX_PAGES \(1\)"):
         guard.check(page(1))
+
+
+def test_a_resumed_walk_refuses_its_first_page_again() -> None:
+    guard = ListingGuard(max_pages=100, served=3)
+    guard.check(page(3))
+    with pytest.raises(ListingRefused, match="repeats a page it already served"):
+        guard.check(page(3))
