@@ -298,7 +298,7 @@ def _num(value: Any, digits: int = 1) -> str:
 
 def _checkout_commit() -> str | None:
     """The commit of the worker's code measured (its checkout's HEAD), "-dirty" when
-    ``worker/`` has uncommitted changes; None outside a git checkout."""
+    ``worker/`` or ``migrations/`` has uncommitted changes; None outside a git checkout."""
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -309,7 +309,7 @@ def _checkout_commit() -> str | None:
             check=True,
         ).stdout.strip()
         changed = subprocess.run(
-            ["git", "status", "--porcelain", "--", "worker"],
+            ["git", "--no-optional-locks", "status", "--porcelain", "--", "worker", "migrations"],
             cwd=REPO,
             capture_output=True,
             text=True,

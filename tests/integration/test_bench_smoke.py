@@ -39,13 +39,16 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
     assert figures.keys() >= EXPECTED
     assert figures["naive"] == {"skipped": "--skip-naive"}
     assert figures["dlt"] == {"skipped": "--skip-dlt"}
-    head = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=False,
-    ).stdout.strip()
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+    except OSError:  # no git here
+        head = ""
     if head:  # a git checkout: the figures name the commit measured
         assert figures["machine"]["worker_commit"] in (head, f"{head}-dirty")
     run = figures["convsync"]
