@@ -299,23 +299,17 @@ def _num(value: Any, digits: int = 1) -> str:
 def _checkout_commit() -> str | None:
     """The commit of the worker's code measured (its checkout's HEAD), "-dirty" when
     ``worker/`` or ``migrations/`` has uncommitted changes; None outside a git checkout."""
+
+    def git(*args: str) -> str:
+        done = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=REPO, capture_output=True, text=True,
+            timeout=10, check=True,
+        )  # fmt: skip
+        return done.stdout.strip()
+
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
-        changed = subprocess.run(
-            ["git", "--no-optional-locks", "status", "--porcelain", "--", "worker", "migrations"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=True,
-        ).stdout.strip()
+        head = git("rev-parse", "--short", "HEAD")
+        changed = git("status", "--porcelain", "--", "worker", "migrations")
     except (OSError, subprocess.SubprocessError):
         return None
     return f"{head}-dirty" if changed else head

@@ -40,14 +40,10 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
     assert figures["naive"] == {"skipped": "--skip-naive"}
     assert figures["dlt"] == {"skipped": "--skip-dlt"}
     try:
-        head = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            check=False,
-        ).stdout.strip()
-    except OSError:  # no git here
+        head = subprocess.check_output(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], text=True
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):  # no git, or not a checkout
         head = ""
     if head:  # a git checkout: the figures name the commit measured
         assert figures["machine"]["worker_commit"] in (head, f"{head}-dirty")
