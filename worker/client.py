@@ -44,7 +44,7 @@ from worker.errors import (
 )
 from worker.limiter import AdaptiveLimiter, TokenBucket
 from worker.logs import redact
-from worker.metrics import Metrics, Series
+from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
 from worker.model import ENVELOPES, decode_typed_page
 from worker.retry import Backoff, retrying
@@ -175,7 +175,6 @@ class TwilioClient:
         self._bucket = TokenBucket(settings.rate_limit) if settings.rate_limit else None
         self._metrics = metrics or default_metrics
         self._request_seconds = self._metrics.histogram("convsync_request_duration_seconds")
-        self._answers: dict[int, Series] = {}  # convsync_requests_total by HTTP status
         self._session: aiohttp.ClientSession | None = None
         self._stop = stop
         self._connector_limit = settings.concurrency
@@ -275,11 +274,7 @@ class TwilioClient:
             except ResponseTooLarge:
                 self._metrics.inc("convsync_requests_total", status="too_large")
                 raise
-            answers = self._answers.get(status)
-            if answers is None:
-                answers = self._metrics.series("convsync_requests_total", status=str(status))
-                self._answers[status] = answers
-            answers.inc()
+            self._metrics.inc("convsync_requests_total", status=str(status))
             if status == 429:
                 overloaded = True
                 self._metrics.inc("convsync_rate_limited_total")

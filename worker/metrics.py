@@ -155,11 +155,10 @@ class Metrics:
         # per family: its series by label values (in the family's label order)
         self._values: dict[str, dict[tuple[str, ...], Series]] = {}
         self._histograms: dict[str, dict[tuple[str, ...], Histogram]] = {}
-        for spec in FAMILIES:
-            (self._histograms if spec.kind == "histogram" else self._values)[spec.name] = {}
         # (name, labels as passed) -> series: a series' labels are checked once
         self._found: dict[tuple[str, tuple[tuple[str, str], ...]], Series | Histogram] = {}
         for spec in FAMILIES:
+            (self._histograms if spec.kind == "histogram" else self._values)[spec.name] = {}
             if not spec.labels:
                 self._find(spec.name, {})
         for name, values in PRESET.items():
