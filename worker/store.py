@@ -1090,9 +1090,11 @@ quarantined AS (
 gone AS (
     -- A complete listing's user: its live memberships minus every SID the listing named, as a
     -- set difference (hashed or sorted: linear), not each membership looked up in the array
-    -- (quadratic in the user's conversations).
+    -- (quadratic in the user's conversations). Only last pages, and only users that had a
+    -- membership before this statement (not fresh): for the others there is nothing to remove,
+    -- and the filters come before the difference, so it is not computed for them.
     SELECT x.chat_service_sid, x.user_sid, x.conversation_sid
-    FROM guard g JOIN page p ON p.ord = g.ord
+    FROM guard g JOIN page p ON p.ord = g.ord AND p.next_path IS NULL
     CROSS JOIN LATERAL (
         SELECT m.chat_service_sid, m.user_sid, m.conversation_sid FROM memberships m
         WHERE m.chat_service_sid = g.service AND m.user_sid = g.user_sid
@@ -1100,7 +1102,7 @@ gone AS (
         EXCEPT
         SELECT g.service, g.user_sid, unnest(g.listed)
     ) x
-    WHERE p.next_path IS NULL AND NOT ($2::text = ANY (g.listed))
+    WHERE NOT g.fresh AND NOT ($2::text = ANY (g.listed))
 ),
 removed AS (
     UPDATE memberships m SET removed_at = now()
