@@ -980,7 +980,7 @@ guard AS (
     -- let the planner use the partial index sync_cursors_pending (all the pass's pending
     -- cursors under one key) and filter it for the SID, in plans made while the table was
     -- small: 20,000 rows read a page at 40,000 users, in half the passes.
-    SELECT p.ord, p.service, p.user_sid,
+    SELECT p.ord, p.service, p.user_sid, p.next_path IS NULL AS complete,
            CASE WHEN c.listing_pages = 0 THEN string_to_array(p.seen, ',')
                 ELSE c.seen_conversations || string_to_array(p.seen, ',') END AS listed,
            -- A user without a membership row yet (a first listing): its rows are plain
@@ -1090,11 +1090,13 @@ quarantined AS (
 gone AS (
     -- A complete listing's user: its live memberships minus every SID the listing named, as a
     -- set difference (hashed or sorted: linear), not each membership looked up in the array
-    -- (quadratic in the user's conversations). Only last pages, and only users that had a
-    -- membership before this statement (not fresh): for the others there is nothing to remove,
-    -- and the filters come before the difference, so it is not computed for them.
+    -- (quadratic in the user's conversations). Only for a listing's last page (complete) of a
+    -- user that had a membership before this statement (not fresh): for the others there is
+    -- nothing to remove yet. The conditions are all guard's, so they filter its scan, before
+    -- the difference is computed (joined to page instead, the planner applied them after it,
+    -- and a heavy user's every page read all its memberships).
     SELECT x.chat_service_sid, x.user_sid, x.conversation_sid
-    FROM guard g JOIN page p ON p.ord = g.ord AND p.next_path IS NULL
+    FROM guard g
     CROSS JOIN LATERAL (
         SELECT m.chat_service_sid, m.user_sid, m.conversation_sid FROM memberships m
         WHERE m.chat_service_sid = g.service AND m.user_sid = g.user_sid
@@ -1102,7 +1104,7 @@ gone AS (
         EXCEPT
         SELECT g.service, g.user_sid, unnest(g.listed)
     ) x
-    WHERE NOT g.fresh AND NOT ($2::text = ANY (g.listed))
+    WHERE g.complete AND NOT g.fresh AND NOT ($2::text = ANY (g.listed))
 ),
 removed AS (
     UPDATE memberships m SET removed_at = now()
