@@ -1023,12 +1023,26 @@ conversations_upserted AS (
     INSERT INTO conversations AS c (chat_service_sid, conversation_sid, account_sid,
            friendly_name, unique_name, attributes, conversation_state, created_by,
            date_created, date_updated, date_inactive, date_closed)
-    SELECT DISTINCT ON (i.service, i.conversation_sid)
-           i.service, i.conversation_sid, i.account_sid, i.friendly_name, i.unique_name,
-           i.attributes, i.conversation_state, i.created_by, i.date_created,
-           i.date_updated, i.date_inactive, i.date_closed
-    FROM conversation i
-    ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST
+    SELECT n.* FROM (
+        SELECT DISTINCT ON (i.service, i.conversation_sid)
+               i.service, i.conversation_sid, i.account_sid, i.friendly_name, i.unique_name,
+               i.attributes, i.conversation_state, i.created_by, i.date_created,
+               i.date_updated, i.date_inactive, i.date_closed
+        FROM conversation i
+        ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST
+    ) n
+    -- A row stored as it is here is left out before the upsert (as memberships' below).
+    WHERE NOT EXISTS (
+        SELECT FROM conversations o
+        WHERE o.chat_service_sid = n.service AND o.conversation_sid = n.conversation_sid
+          AND (o.account_sid, o.friendly_name, o.unique_name, o.attributes,
+               o.conversation_state, o.created_by, o.date_created, o.date_updated,
+               o.date_inactive, o.date_closed)
+              IS NOT DISTINCT FROM (n.account_sid, n.friendly_name, n.unique_name,
+               n.attributes, n.conversation_state, n.created_by, n.date_created,
+               n.date_updated, n.date_inactive, n.date_closed)
+        OFFSET 0)
+    ORDER BY n.service, n.conversation_sid
     ON CONFLICT (chat_service_sid, conversation_sid) DO UPDATE SET
       account_sid = EXCLUDED.account_sid, friendly_name = EXCLUDED.friendly_name,
       unique_name = EXCLUDED.unique_name, attributes = EXCLUDED.attributes,
@@ -1065,7 +1079,19 @@ memberships_upserted AS (
            last_read_message_index, url, links)
     SELECT i.service, i.user_sid, i.conversation_sid, i.participant_sid, i.notification_level,
            i.unread_messages_count, i.last_read_message_index, i.url, i.links
-    FROM item i WHERE NOT i.fresh
+    FROM item i
+    -- An unchanged live row is left out before the upsert: ON CONFLICT ... WHERE would lock it
+    -- (a row lock is a write, and WAL) only to find nothing to update. A concurrent change
+    -- after this statement's snapshot is still met by the upsert's own check.
+    WHERE NOT i.fresh AND NOT EXISTS (
+        SELECT FROM memberships o
+        WHERE o.chat_service_sid = i.service AND o.user_sid = i.user_sid
+          AND o.conversation_sid = i.conversation_sid AND o.removed_at IS NULL
+          AND (o.participant_sid, o.notification_level, o.unread_messages_count,
+               o.last_read_message_index, o.url, o.links)
+              IS NOT DISTINCT FROM (i.participant_sid, i.notification_level,
+               i.unread_messages_count, i.last_read_message_index, i.url, i.links)
+        OFFSET 0)
     ORDER BY 1, 2, 3
     ON CONFLICT (chat_service_sid, user_sid, conversation_sid) DO UPDATE SET
       participant_sid = EXCLUDED.participant_sid,
