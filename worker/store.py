@@ -952,9 +952,10 @@ class _BatchPage(msgspec.Struct, gc=False):
 # nothing), read the rows out of the batch's JSON document, upsert its conversations once each
 # (newest date_updated wins; sorted, so writers lock shared rows in one order; only those the
 # writer did not already write at that date_updated this pass), insert the memberships of a
-# user that has none yet and upsert the others', quarantine the rejected items, mark removed
-# what a complete listing did not list (unless an item could not be identified), and advance
-# every cursor with its page's counts.
+# user that has none yet and upsert the others' (a row stored as the page has it is left out
+# of either upsert, unlocked), quarantine the rejected items, mark removed what a complete
+# listing did not list (unless an item could not be identified), and advance every cursor
+# with its page's counts.
 # Per page, the removal and the upsert touch disjoint rows (the listing's own SIDs are listed).
 _PAGES_SQL = """
 WITH page AS (
@@ -1031,7 +1032,10 @@ conversations_upserted AS (
         FROM conversation i
         ORDER BY i.service, i.conversation_sid, i.date_updated DESC NULLS LAST
     ) n
-    -- A row stored as it is here is left out before the upsert (as memberships' below).
+    -- A row stored as it is here is left out before the upsert (as memberships' are, below).
+    -- Judged by the snapshot: had another batch committed a version since, newest-wins makes
+    -- this batch's effect the one it would have had committing first (the old code, locking,
+    -- could overwrite that version with this one only where date_updated ties or is null).
     WHERE NOT EXISTS (
         SELECT FROM conversations o
         WHERE o.chat_service_sid = n.service AND o.conversation_sid = n.conversation_sid
@@ -1080,9 +1084,12 @@ memberships_upserted AS (
     SELECT i.service, i.user_sid, i.conversation_sid, i.participant_sid, i.notification_level,
            i.unread_messages_count, i.last_read_message_index, i.url, i.links
     FROM item i
-    -- An unchanged live row is left out before the upsert: ON CONFLICT ... WHERE would lock it
-    -- (a row lock is a write, and WAL) only to find nothing to update. A concurrent change
-    -- after this statement's snapshot is still met by the upsert's own check.
+    -- A live row stored as the page has it is left out before the upsert: ON CONFLICT ...
+    -- WHERE would lock it (a row lock is a write, and WAL) only to find nothing to update. It
+    -- is judged by this statement's snapshot, not re-read under a lock, which is safe: every
+    -- other writer of a user's memberships takes its cursor first, and guard holds it locked.
+    -- OFFSET 0 keeps the probe a subplan run per row, never an anti-join reading the table
+    -- whole; like guard's lookups, it takes the primary key once the plan sees rows.
     WHERE NOT i.fresh AND NOT EXISTS (
         SELECT FROM memberships o
         WHERE o.chat_service_sid = i.service AND o.user_sid = i.user_sid
