@@ -154,6 +154,12 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
         results["convsync"] = run.to_json()
         say(f"convsync: {run.pages_ok} pages in {run.pass_seconds:.2f}s, exit {run.exit_code}")
         _check(run, "convsync")
+        # The same pass again over what it stored: nothing changed upstream, as most of a
+        # deployment's passes after its first (figures only: the targets are the first pass's).
+        again = await asyncio.to_thread(run_sync, sim, main_db, c)
+        results["convsync_unchanged"] = again.to_json()
+        say(f"convsync again: {again.pages_ok} pages in {again.pass_seconds:.2f}s")
+        _check(again, "convsync (unchanged pass)")
 
         if args.profile:
             tmp = Path(os.environ.get("TMPDIR", "/tmp")) / f"convsync-bench-{stamp_of(results)}"
@@ -352,6 +358,20 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             f"{_num(s['in_flight']['window_avg'])} avg, {s['in_flight']['max']} max",
         )
     )
+    u = r.get("convsync_unchanged")
+    if u:
+        rows.append(
+            (
+                "convsync, an unchanged pass",
+                _num(u["pages_ok"]),
+                _num(u["pass_seconds"], 2),
+                _num(u["pages_per_second"]),
+                f"the same pass again: {u['summary'].get('rows_unchanged', 0):,} rows "
+                f"unchanged; {u['cpu_ms_per_page']:.2f} ms CPU/page; its PostgreSQL backends "
+                f"{u['postgres_ms_per_page']:.2f} ms CPU/page, "
+                f"{u['commits_per_page']:.3f} commits/page",
+            )
+        )
     n = r.get("naive", {})
     if "skipped" in n:
         rows.append(("naive: twilio SDK + row upserts", "-", "-", "-", f"skipped: {n['skipped']}"))

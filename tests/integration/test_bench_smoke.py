@@ -15,8 +15,8 @@ from tests.conftest import PgServer
 from tests.harness import REPO
 
 EXPECTED = {
-    "timestamp", "config", "machine", "ceiling", "convsync", "naive", "dlt", "hidden_ceiling",
-    "mid", "big", "targets", "seconds",
+    "timestamp", "config", "machine", "ceiling", "convsync", "convsync_unchanged", "naive",
+    "dlt", "hidden_ceiling", "mid", "big", "targets", "seconds",
 }  # fmt: skip
 
 
@@ -51,6 +51,11 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
     assert run["exit_code"] == 0
     assert run["summary"]["status"] == "succeeded"
     assert run["pages_ok"] == figures["ceiling"]["pages"] > 0
+    again = figures["convsync_unchanged"]  # the same pass over what the first stored
+    assert again["summary"]["status"] == "succeeded"
+    assert again["pages_ok"] == run["pages_ok"]
+    assert (again["summary"]["rows_inserted"], again["summary"]["rows_updated"]) == (0, 0)
+    assert again["summary"]["rows_unchanged"] == run["summary"]["rows_inserted"] > 0
     # The child's own peak (wait4), in MB: a Python with the worker's libraries loaded holds
     # more than 30 MB, the target is 150; more than three times the users costs little more.
     rss, big_rss = run["peak_rss_mb"], figures["big"]["peak_rss_mb"]
