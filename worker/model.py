@@ -555,7 +555,7 @@ class ConversationsPage:
     ``members`` is a JSON array with one array per storable item, its membership fields in
     ``MEMBER_FIELDS`` order; ``sids`` their conversation SIDs, in the same order. The
     conversation fields of item ``i`` are encoded only when a batch writes that conversation
-    (``conversation_json``): most pages list conversations already stored, and every byte sent
+    (``conversation_fields``): most pages list conversations already stored, and every byte sent
     is a byte PostgreSQL parses.
     """
 
@@ -574,9 +574,10 @@ class ConversationsPage:
         """What this page proves the user still has (see ``ParsedConversationsPage``)."""
         return seen_sids(self.sids, self.rejected)
 
-    def conversation_json(self, index: int) -> bytes:
-        """The conversation fields of item ``index``, as a JSON array (``CONVERSATION_FIELDS``)."""
-        return _ENCODER.encode(_conversation(self.sources[index]))
+    def conversation_fields(self, index: int) -> tuple[Any, ...]:
+        """The conversation fields of item ``index`` (``CONVERSATION_FIELDS``), encoded with
+        the batch's document (one encoder call a batch, not one an item)."""
+        return _conversation(self.sources[index])
 
 
 def decode_typed_page(key: str, body: bytes) -> tuple[list[Any], str | None] | None:

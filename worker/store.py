@@ -731,7 +731,7 @@ class Store:
                 w.next_page_path,
                 w.claim.run_id,
                 msgspec.Raw(w.page.members),
-                [msgspec.Raw(w.page.conversation_json(i)) for i in indices],
+                [w.page.conversation_fields(i) for i in indices],
                 ",".join(w.page.seen_sids),
                 [_RejectedItem(r.item, r.reason) for r in w.page.rejected] or None,
                 w.source_path,
@@ -940,7 +940,7 @@ class _BatchPage(msgspec.Struct, gc=False):
     next_path: str | None
     run_id: int
     members: msgspec.Raw  # the page's membership fields (ConversationsPage.members)
-    conversations: list[msgspec.Raw]  # the conversations it writes (conversation_json)
+    conversations: list[tuple[Any, ...]]  # those it writes (conversation_fields)
     seen: str
     rejected: list[_RejectedItem] | None
     source: str

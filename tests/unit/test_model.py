@@ -243,7 +243,11 @@ def test_attributes_travel_to_the_database_as_json_values_not_strings() -> None:
 def _conversation_fields(page: model.ConversationsPage, index: int) -> dict[str, Any]:
     """Item ``index``'s conversation fields as sent (a positional array), by name."""
     return dict(
-        zip(model.CONVERSATION_FIELDS, json.loads(page.conversation_json(index)), strict=True)
+        zip(
+            model.CONVERSATION_FIELDS,
+            json.loads(msgspec.json.encode(page.conversation_fields(index))),
+            strict=True,
+        )
     )
 
 
