@@ -20,7 +20,7 @@ from typing import Any
 from bench.ceiling import walk
 from bench.convsync_run import WORKER_PYTHON, SyncRun, run_sync
 from bench.pg import Databases
-from bench.sim import REPO, SimProcess, machine_busy, process_cpu
+from bench.sim import REPO, SimProcess, cpu_wait, machine_busy, process_cpu
 
 RESULTS = REPO / "bench" / "results"
 
@@ -137,12 +137,16 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
         await walk(sim.url, sim.account_sid, sim.auth_token, c)
         sim.reset_stats()
         cpu, busy, own = sim.cpu(), machine_busy(), process_cpu(os.getpid())
+        waited, sim_waited = cpu_wait(os.getpid()), cpu_wait(sim.pid)  # the client runs here
         ceiling = await walk(sim.url, sim.account_sid, sim.auth_token, c)
         own_cores = own.utilisation(process_cpu(os.getpid()))
+        waited, sim_waited = cpu_wait(os.getpid()) - waited, cpu_wait(sim.pid) - sim_waited
         results["ceiling"] = {
             **ceiling.__dict__,
             "pages_per_second": ceiling.pages_per_second,
             "cpu_ms_per_page": 1000 * own_cores * ceiling.seconds / max(1, ceiling.pages),
+            "cpu_wait_ms_per_page": 1000 * waited / max(1, ceiling.pages),
+            "sim_wait_ms_per_page": 1000 * sim_waited / max(1, ceiling.pages),
             "sim_cpu_cores": cpu.utilisation(sim.cpu()),
             "machine_busy_cores": busy.utilisation(machine_busy()),
             "sim_stats": sim.stats(),
@@ -338,8 +342,10 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             _num(c["pages"]),
             _num(c["seconds"], 2),
             _num(c["pages_per_second"]),
-            f"client {c['cpu_ms_per_page']:.2f} ms CPU/page; simulator "
-            f"{c['sim_cpu_cores']:.2f} cores; machine {c['machine_busy_cores']:.2f} busy",
+            f"client {c['cpu_ms_per_page']:.2f} ms CPU/page, waited "
+            f"{c['cpu_wait_ms_per_page']:.2f} ms/page for a CPU; simulator "
+            f"{c['sim_cpu_cores']:.2f} cores, waited {c['sim_wait_ms_per_page']:.2f} ms/page; "
+            f"machine {c['machine_busy_cores']:.2f} busy",
         )
     )
     s = r["convsync"]
@@ -352,7 +358,10 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             f"{s['rows']:,} rows, {s['rows_per_second']:,.0f} rows/s; process "
             f"{s['wall_seconds']:.2f}s wall, {s['cpu_ms_per_page']:.2f} ms CPU/page; "
             f"its PostgreSQL backends {s['postgres_ms_per_page']:.2f} ms CPU/page, "
-            f"{s['commits_per_page']:.3f} commits/page; "
+            f"{s['commits_per_page']:.3f} commits/page; waited for a CPU: the process "
+            f"{s['cpu_wait_ms_per_page']:.2f} ms/page, its backends "
+            f"{s['postgres_wait_ms_per_page']:.2f}, the simulator "
+            f"{s['sim_wait_ms_per_page']:.2f}; "
             f"postgres {s['postgres_cpu_cores']:.2f}, simulator {s['sim_cpu_cores']:.2f}, "
             f"machine {s['machine_busy_cores']:.2f} busy cores; in flight "
             f"{_num(s['in_flight']['window_avg'])} avg, {s['in_flight']['max']} max",

@@ -24,9 +24,11 @@ import asyncpg
 
 from bench.sim import (
     REPO,
+    BackendTimes,
     SimProcess,
     count,
-    database_backends_cpu,
+    cpu_wait,
+    database_backends,
     machine_busy,
     peak_rss_kb,
     postgres_cpu,
@@ -62,8 +64,13 @@ class SyncRun:
     peak_rss_mb: float
     cpu_seconds: float
     sim_cpu_cores: float  # the simulator process's CPU use over the run, in cores
+    sim_wait_seconds: float  # the simulator's time waiting for a CPU over the run
     postgres_cpu_cores: float  # every local postgres process (other users' too), in cores
     postgres_backend_cpu_seconds: float  # the pass's own database's backends (sampled /proc)
+    # Seconds runnable but waiting for a CPU (run-queue wait, /proc/<pid>/schedstat): the
+    # child's (its main thread, sampled until it exits), and its database's backends'.
+    cpu_wait_seconds: float
+    postgres_backend_wait_seconds: float
     commits: int  # transactions committed in the pass's database (pg_stat_database)
     machine_busy_cores: float  # all processes on the machine, in cores
     requests: int
@@ -86,6 +93,18 @@ class SyncRun:
     @property
     def postgres_ms_per_page(self) -> float:
         return 1000 * self.postgres_backend_cpu_seconds / self.pages_ok if self.pages_ok else 0.0
+
+    @property
+    def cpu_wait_ms_per_page(self) -> float:
+        return 1000 * self.cpu_wait_seconds / self.pages_ok if self.pages_ok else 0.0
+
+    @property
+    def sim_wait_ms_per_page(self) -> float:
+        return 1000 * self.sim_wait_seconds / self.pages_ok if self.pages_ok else 0.0
+
+    @property
+    def postgres_wait_ms_per_page(self) -> float:
+        return 1000 * self.postgres_backend_wait_seconds / self.pages_ok if self.pages_ok else 0.0
 
     @property
     def commits_per_page(self) -> float:
@@ -115,6 +134,9 @@ class SyncRun:
             share_429=self.share_429,
             cpu_ms_per_page=self.cpu_ms_per_page,
             postgres_ms_per_page=self.postgres_ms_per_page,
+            cpu_wait_ms_per_page=self.cpu_wait_ms_per_page,
+            postgres_wait_ms_per_page=self.postgres_wait_ms_per_page,
+            sim_wait_ms_per_page=self.sim_wait_ms_per_page,
             commits_per_page=self.commits_per_page,
         )
         return out
@@ -199,11 +221,12 @@ def run_sync(
     env = {**child_env(sim, db_url, concurrency), **(extra_env or {})}
     migrate(env)
     database = urlsplit(db_url).path.lstrip("/")
-    backends: dict[int, float] = {}  # each backend's CPU seconds, as last sampled
+    backends: dict[int, BackendTimes] = {}  # each backend's, as last sampled
     commits_before = asyncio.run(commits(db_url))
     sim.reset_stats()
     started = time.monotonic()
     sim_cpu, pg_cpu, busy = sim.cpu(), postgres_cpu(), machine_busy()
+    sim_waited = cpu_wait(sim.pid)
     # Logs go to a file: a pipe nobody reads while the pass runs would block the child.
     log_file = open(log_to, "w+b") if log_to else tempfile.TemporaryFile("w+b")  # noqa: SIM115
     try:
@@ -223,6 +246,7 @@ def run_sync(
         deadline = started + timeout
         next_backends = started
         peak_kb = 0
+        waited = 0.0
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -233,9 +257,10 @@ def run_sync(
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
             if now >= next_backends:
-                backends.update(database_backends_cpu(database))
+                backends.update(database_backends(database))
                 next_backends = now + 0.25
             peak_kb = max(peak_kb, peak_rss_kb(proc.pid))
+            waited = cpu_wait(proc.pid) or waited  # 0 once it is gone: the last sample stays
             if spy_pending and profile_to and (sim.stats()["requests"] or now > started + 2):
                 spy, spy_pending = _attach_py_spy(proc.pid, profile_to), False  # pass under way
             time.sleep(0.005)
@@ -246,6 +271,7 @@ def run_sync(
     finally:
         log_file.close()
     sim_cpu_cores = sim_cpu.utilisation(sim.cpu())
+    sim_waited = cpu_wait(sim.pid) - sim_waited
     pg_cores, busy_cores = pg_cpu.utilisation(postgres_cpu()), busy.utilisation(machine_busy())
     stats = sim.stats()
     if spy is not None:
@@ -261,8 +287,11 @@ def run_sync(
         peak_rss_mb=peak_kb / 1024,
         cpu_seconds=usage.ru_utime + usage.ru_stime,
         sim_cpu_cores=sim_cpu_cores,
+        sim_wait_seconds=sim_waited,
         postgres_cpu_cores=pg_cores,
-        postgres_backend_cpu_seconds=sum(backends.values()),
+        postgres_backend_cpu_seconds=sum(b.cpu for b in backends.values()),
+        cpu_wait_seconds=waited,
+        postgres_backend_wait_seconds=sum(b.waited for b in backends.values()),
         commits=committed,
         machine_busy_cores=busy_cores,
         requests=int(stats["requests"]),

@@ -91,11 +91,31 @@ def peak_rss_kb(pid: int) -> int:
     return 0
 
 
-def database_backends_cpu(database: str) -> dict[int, float]:
-    """CPU seconds so far of each live PostgreSQL backend connected to ``database`` (found by
-    its process title, ``postgres: ... user database host(port) state``)."""
+def cpu_wait(pid: int) -> float:
+    """Seconds ``pid``'s live threads have spent runnable but waiting for a CPU (the run-queue
+    wait: the second field of ``/proc/<pid>/task/<tid>/schedstat``); 0 where /proc has none."""
+    waited = 0
+    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+        try:
+            waited += int(task.read_text().split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+    return waited / 1e9
+
+
+@dataclass(frozen=True)
+class BackendTimes:
+    """A PostgreSQL backend's CPU seconds so far, and its seconds waiting for a CPU."""
+
+    cpu: float
+    waited: float
+
+
+def database_backends(database: str) -> dict[int, BackendTimes]:
+    """Each live PostgreSQL backend connected to ``database`` (found by its process title,
+    ``postgres: ... user database host(port) state``), by pid: its times so far."""
     ticks = os.sysconf("SC_CLK_TCK")
-    found: dict[int, float] = {}
+    found: dict[int, BackendTimes] = {}
     for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
         try:
             title = cmdline.read_bytes()
@@ -104,7 +124,8 @@ def database_backends_cpu(database: str) -> dict[int, float]:
             fields = (cmdline.parent / "stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        found[int(cmdline.parent.name)] = (int(fields[11]) + int(fields[12])) / ticks
+        pid = int(cmdline.parent.name)
+        found[pid] = BackendTimes((int(fields[11]) + int(fields[12])) / ticks, cpu_wait(pid))
     return found
 
 
