@@ -29,8 +29,8 @@ P = ParamSpec("P")
 
 # A pinned connection idle this long goes back to the pool (``PinnedConnection``).
 IDLE_CONNECTION_SECONDS = 5.0
-# The smallest pool whose connections are pinned: up to three callers keep one (a pass's two
-# writers and the daemon's re-lister), and claims, lease renewals and discovery need two more.
+# The smallest pool whose connections are pinned: up to two callers keep one (a pass's writer
+# and the daemon's re-lister), and claims, lease renewals and discovery need more beside them.
 # A smaller pool lends each connection call by call, or the others would wait for a writer.
 PIN_FROM_POOL_SIZE = 5
 

@@ -57,7 +57,6 @@ log = structlog.get_logger(__name__)
 _stdlib_log = logging.getLogger(__name__)  # where ``log`` goes (worker/logs.py)
 T = TypeVar("T")
 
-WRITERS = 2  # group-commit batches in flight at once
 # Errors that end the pass, recorded as its error: fatal ones, and a services listing that
 # could not be read or stored (nothing of the pass can go on without it).
 PASS_ENDING_ERRORS: tuple[type[BaseException], ...] = (
@@ -245,9 +244,9 @@ class SyncPass:
         helpers = [
             asyncio.ensure_future(self.held.renew_forever()),
             asyncio.ensure_future(self.shutdown.cancel_after_grace(tasks)),
+            # One writer: the next batch fills while one commits (worker/writer.py).
+            asyncio.ensure_future(self.writer.run()),
         ]
-        # Two batches in flight: one fills while the other commits.
-        helpers += [asyncio.ensure_future(self.writer.run()) for _ in range(WRITERS)]
         try:
             # Fail fast: the first loop to raise cancels the rest.
             for finished in asyncio.as_completed(tasks):

@@ -1,15 +1,16 @@
 """Group commit: the pages of many users' listings, written a batch per transaction.
 
 User loops hand their pages to one ``PageWriter`` and wait for their page's outcome before
-fetching the next one, so a listing still advances one committed page at a time. The writer's
-loops take whatever pages are waiting (up to ``max_pages``, after lingering at most
-``max_wait`` seconds for a batch to fill; half of them when another writer is free, so that
-the two halves commit side by side) and write them with one statement
-(``Store.save_pages``): one round trip and one commit for the batch, each page still guarded by
-its own claim and page number; each writer keeps its pooled connection while batches follow
-each other (in a pool big enough to lend it: ``PinnedConnection``). A stale page is answered
-``LeaseLost`` alone; a page whose values PostgreSQL refuses is isolated by halving the batch, so
-it never costs the other pages.
+fetching the next one, so a listing still advances one committed page at a time. The writer
+takes whatever pages are waiting (up to ``max_pages``, after lingering at most ``max_wait``
+seconds for a batch to fill) and writes them with one statement (``Store.save_pages``): one
+round trip and one commit for the batch, each page still guarded by its own claim and page
+number. One batch is written at a time, on a pooled connection the writer keeps while batches
+follow each other (in a pool big enough to lend it: ``PinnedConnection``); the pages that come
+meanwhile make the next batch. (Two writers side by side cost more than they hid: smaller
+batches, two backends competing for the cores with the worker and each other's rows.) A stale
+page is answered ``LeaseLost`` alone; a page whose values PostgreSQL refuses is isolated by
+halving the batch, so it never costs the other pages.
 
 A conversation is shared by its members, so most pages list conversations another user's page
 already brought. The writer remembers the ``date_updated`` it committed for the conversations
@@ -46,8 +47,8 @@ KNOWN_CONVERSATIONS = 32_768  # ~8 MB: a bounded memory, whatever the size of th
 
 
 class PageWriter:
-    """Writes pages handed over by ``write`` in batches; run ``run`` in as many tasks as
-    batches should be in flight at once (each holds one pooled connection while it writes)."""
+    """Writes pages handed over by ``write`` in batches, while ``run`` runs (in one task: it
+    holds one pooled connection while batches follow each other)."""
 
     def __init__(
         self,
@@ -70,7 +71,6 @@ class PageWriter:
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
-        self._idle = 0  # writers waiting for a page
         # SID -> date_updated written: this generation, and the one before it
         self._known: dict[str, datetime] = {}
         self._older: dict[str, datetime] = {}
@@ -114,22 +114,13 @@ class PageWriter:
         pending = self._carried
         self._carried = []
         if not pending:
-            self._idle += 1
-            try:
-                pending = [await self._queue.get()]
-            finally:
-                self._idle -= 1
+            pending = [await self._queue.get()]
         if self.max_wait > 0 and self._queue.qsize() + len(pending) < self.max_pages:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.max_wait)
-        limit = self.max_pages
-        if self._idle:  # another writer is free: it takes the other half, in parallel
-            limit = min(limit, (self._queue.qsize() + len(pending) + 1) // 2)
-        while len(pending) < limit and not self._queue.empty():
+        while len(pending) < self.max_pages and not self._queue.empty():
             pending.append(self._queue.get_nowait())
-        if self._idle and not self._queue.empty():
-            self._queue.put_nowait(self._queue.get_nowait())  # wakes the free writer
         batch: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         claims: set[str] = set()
         for entry in pending:

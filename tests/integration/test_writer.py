@@ -89,25 +89,6 @@ async def test_pages_of_many_users_commit_in_few_statements(store: Store, db_url
     assert await scalar(db_url, done) == len(USERS)
 
 
-async def test_a_burst_is_shared_between_the_writers_that_are_free(
-    store: Store, db_url: str
-) -> None:
-    claims = await claim_everyone(store)
-    writer = writer_for(store)
-    runners = [asyncio.create_task(writer.run()) for _ in range(2)]
-    await asyncio.sleep(0)  # both writers wait for a page
-    try:
-        writes = [page_of(c, item(u, "CH" + u[2:])) for u, c in claims.items()]
-        outcomes = await asyncio.gather(*(writer.write(w) for w in writes))
-    finally:
-        for runner in runners:
-            runner.cancel()
-    assert [o.inserted for o in outcomes] == [1] * len(USERS)
-    # One statement each, side by side, rather than one writer taking the whole burst.
-    assert (writer.batches, writer.pages) == (2, len(USERS))
-    assert await scalar(db_url, "SELECT count(*) FROM memberships") == len(USERS)
-
-
 async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     store: Store, db_url: str
 ) -> None:
