@@ -67,8 +67,8 @@ class SyncRun:
     sim_wait_seconds: float  # the simulator's time waiting for a CPU over the run
     postgres_cpu_cores: float  # every local postgres process (other users' too), in cores
     postgres_backend_cpu_seconds: float  # the pass's own database's backends (sampled /proc)
-    # Seconds runnable but waiting for a CPU (run-queue wait, /proc/<pid>/schedstat): the
-    # child's (its main thread, sampled until it exits), and its database's backends'.
+    # Seconds runnable but waiting for a CPU (run-queue wait, each thread's schedstat): the
+    # child's (sampled every 0.25 s until it exits), and its database's backends'.
     cpu_wait_seconds: float
     postgres_backend_wait_seconds: float
     commits: int  # transactions committed in the pass's database (pg_stat_database)
@@ -258,9 +258,10 @@ def run_sync(
                 break
             if now >= next_backends:
                 backends.update(database_backends(database))
+                # The most seen: a thread that ends takes its own wait out of the sum.
+                waited = max(waited, cpu_wait(proc.pid))
                 next_backends = now + 0.25
             peak_kb = max(peak_kb, peak_rss_kb(proc.pid))
-            waited = cpu_wait(proc.pid) or waited  # 0 once it is gone: the last sample stays
             if spy_pending and profile_to and (sim.stats()["requests"] or now > started + 2):
                 spy, spy_pending = _attach_py_spy(proc.pid, profile_to), False  # pass under way
             time.sleep(0.005)

@@ -94,11 +94,15 @@ def peak_rss_kb(pid: int) -> int:
 def cpu_wait(pid: int) -> float:
     """Seconds ``pid``'s live threads have spent runnable but waiting for a CPU (the run-queue
     wait: the second field of ``/proc/<pid>/task/<tid>/schedstat``); 0 where /proc has none."""
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except OSError:  # gone, or no /proc
+        return 0.0
     waited = 0
-    for task in Path(f"/proc/{pid}/task").glob("*/schedstat"):
+    for thread in threads:
         try:
-            waited += int(task.read_text().split()[1])
-        except (OSError, IndexError, ValueError):
+            waited += int(Path(f"/proc/{pid}/task/{thread}/schedstat").read_text().split()[1])
+        except (OSError, IndexError, ValueError):  # a thread that ended meanwhile
             continue
     return waited / 1e9
 

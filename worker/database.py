@@ -30,8 +30,9 @@ P = ParamSpec("P")
 # A pinned connection idle this long goes back to the pool (``PinnedConnection``).
 IDLE_CONNECTION_SECONDS = 5.0
 # The smallest pool whose connections are pinned: up to two callers keep one (a pass's writer
-# and the daemon's re-lister), and claims, lease renewals and discovery need more beside them.
-# A smaller pool lends each connection call by call, or the others would wait for a writer.
+# and the daemon's re-lister's), and a pass's other callers need up to three at once beside
+# them (its two discovery loops' users pages, the feeder's claims, lease renewals). A smaller
+# pool lends each connection call by call, or the others would wait for a writer.
 PIN_FROM_POOL_SIZE = 5
 
 # A server that refuses writes: a demoted primary still in DNS, a standby in recovery. Pooled

@@ -71,6 +71,7 @@ class PageWriter:
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
+        self._room = max_pages  # pages the batch being filled still takes
         # SID -> date_updated written: this generation, and the one before it
         self._known: dict[str, datetime] = {}
         self._older: dict[str, datetime] = {}
@@ -83,7 +84,7 @@ class PageWriter:
         """Queue a page and wait until it is committed (or refused: the refusal is raised)."""
         done: asyncio.Future[PageOutcome] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait((write, done))
-        if self._queue.qsize() >= self.max_pages:
+        if self._queue.qsize() >= self._room:
             self._full.set()
         return await done
 
@@ -115,7 +116,8 @@ class PageWriter:
         self._carried = []
         if not pending:
             pending = [await self._queue.get()]
-        if self.max_wait > 0 and self._queue.qsize() + len(pending) < self.max_pages:
+        self._room = self.max_pages - len(pending)
+        if self.max_wait > 0 and self._queue.qsize() < self._room:
             self._full.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._full.wait(), self.max_wait)

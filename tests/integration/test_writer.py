@@ -89,6 +89,50 @@ async def test_pages_of_many_users_commit_in_few_statements(store: Store, db_url
     assert await scalar(db_url, done) == len(USERS)
 
 
+async def test_a_batch_that_fills_while_it_lingers_commits_at_once(store: Store) -> None:
+    claims = await claim_everyone(store)
+    writer = PageWriter(RetryingStore(store, 0.0, Metrics()), 60, max_pages=2, max_wait=60)
+    runner = asyncio.create_task(writer.run())
+    try:
+        first, second = (page_of(claims[u], item(u, "CH" + u[2:])) for u in USERS[:2])
+        waiting = asyncio.create_task(writer.write(first))
+        for _ in range(100):  # every ready callback runs: the writer takes it and lingers
+            await asyncio.sleep(0)
+        assert not waiting.done()
+        # The second page fills the batch: it commits now, not after the 60 s linger.
+        outcomes = await asyncio.wait_for(asyncio.gather(waiting, writer.write(second)), 20)
+    finally:
+        runner.cancel()
+    assert [o.inserted for o in outcomes] == [1, 1]
+    assert (writer.batches, writer.pages) == (1, 2)
+
+
+async def test_a_users_second_page_waits_for_the_next_batch(store: Store, db_url: str) -> None:
+    # Both pages of one claim at once (they never come so from a listing, which waits for its
+    # page's commit): in one statement the second would find the cursor not yet at its page.
+    claims = await claim_everyone(store)
+    user = USERS[0]
+    claim = claims[user]
+    writer = writer_for(store)
+    runner = asyncio.create_task(writer.run())
+    try:
+        one = dataclasses.replace(page_of(claim, item(user, SHARED)), next_page_path="/page2")
+        two = PageWrite(claim, 1, "/page2", page_of(claim, item(user, "CH" + user[2:])).page, None)
+        outcomes = await asyncio.gather(writer.write(one), writer.write(two))
+    finally:
+        runner.cancel()
+    assert [o.inserted for o in outcomes] == [1, 1]
+    assert writer.batches == 2
+    done = "SELECT state FROM sync_cursors WHERE user_sid = $1"
+    conn = await asyncpg.connect(db_url)
+    try:
+        assert await conn.fetchval(done, user) == "done"
+        live = "SELECT count(*) FROM memberships WHERE user_sid = $1 AND removed_at IS NULL"
+        assert await conn.fetchval(live, user) == 2  # the last page's check removed nothing
+    finally:
+        await conn.close()
+
+
 async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     store: Store, db_url: str
 ) -> None:
@@ -352,7 +396,7 @@ async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goe
 
 @pytest.fixture
 async def pinning_store(db_url: str) -> AsyncIterator[Store]:
-    """A pool big enough for its writers to keep their connections."""
+    """A pool big enough for its writer to keep its connection."""
     store = await Store.connect(db_url, PIN_FROM_POOL_SIZE)
     yield store
     await store.close()
