@@ -86,25 +86,28 @@ class SyncRun:
     def pages_per_second(self) -> float:
         return self.pages_ok / self.pass_seconds if self.pass_seconds else 0.0
 
+    def _ms_per_page(self, seconds: float) -> float:
+        return 1000 * seconds / self.pages_ok if self.pages_ok else 0.0
+
     @property
     def cpu_ms_per_page(self) -> float:
-        return 1000 * self.cpu_seconds / self.pages_ok if self.pages_ok else 0.0
+        return self._ms_per_page(self.cpu_seconds)
 
     @property
     def postgres_ms_per_page(self) -> float:
-        return 1000 * self.postgres_backend_cpu_seconds / self.pages_ok if self.pages_ok else 0.0
+        return self._ms_per_page(self.postgres_backend_cpu_seconds)
 
     @property
     def cpu_wait_ms_per_page(self) -> float:
-        return 1000 * self.cpu_wait_seconds / self.pages_ok if self.pages_ok else 0.0
+        return self._ms_per_page(self.cpu_wait_seconds)
 
     @property
     def sim_wait_ms_per_page(self) -> float:
-        return 1000 * self.sim_wait_seconds / self.pages_ok if self.pages_ok else 0.0
+        return self._ms_per_page(self.sim_wait_seconds)
 
     @property
     def postgres_wait_ms_per_page(self) -> float:
-        return 1000 * self.postgres_backend_wait_seconds / self.pages_ok if self.pages_ok else 0.0
+        return self._ms_per_page(self.postgres_backend_wait_seconds)
 
     @property
     def commits_per_page(self) -> float:
