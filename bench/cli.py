@@ -288,6 +288,18 @@ def _at_least(value: float | None, bound: float) -> bool | None:
     return None if value is None else value >= bound
 
 
+def _writer_note(run: dict[str, Any]) -> str:
+    """How busy the group-commit writer was over the pass, and its batches (when logged)."""
+    w = run.get("writer") or {}
+    if not w.get("writer_batches") or not run["pass_seconds"]:
+        return ""
+    busy, batches = w["writer_busy_seconds"], w["writer_batches"]
+    return (
+        f"; its writer busy {busy / run['pass_seconds']:.0%} of the pass, "
+        f"{w['writer_pages'] / batches:.1f} pages and {1000 * busy / batches:.1f} ms a batch"
+    )
+
+
 def _limiter_note(limiter: dict[str, int]) -> str:
     """Where the pass left the concurrency limit, and how often it moved (when logged)."""
     if "concurrency_limit" not in limiter:
@@ -358,8 +370,8 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             f"{s['rows']:,} rows, {s['rows_per_second']:,.0f} rows/s; process "
             f"{s['wall_seconds']:.2f}s wall, {s['cpu_ms_per_page']:.2f} ms CPU/page; "
             f"its PostgreSQL backends {s['postgres_ms_per_page']:.2f} ms CPU/page, "
-            f"{s['commits_per_page']:.3f} commits/page; waited for a CPU: the process "
-            f"{s['cpu_wait_ms_per_page']:.2f} ms/page, its backends "
+            f"{s['commits_per_page']:.3f} commits/page{_writer_note(s)}; waited for a CPU: "
+            f"the process {s['cpu_wait_ms_per_page']:.2f} ms/page, its backends "
             f"{s['postgres_wait_ms_per_page']:.2f}, the simulator "
             f"{s['sim_wait_ms_per_page']:.2f}; "
             f"postgres {s['postgres_cpu_cores']:.2f}, simulator {s['sim_cpu_cores']:.2f}, "

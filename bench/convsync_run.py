@@ -37,6 +37,8 @@ from bench.sim import (
 # The interpreter of the worker's children: the environment ./dev bench makes with the image's
 # runtime lock alone (the worker comes from the checkout, their working directory), else this
 # one. The benchmark's own extras bring rich, which structlog imports when it is installed.
+LIMITER_KEYS = ("concurrency_limit", "limit_decreases", "limit_probes")
+WRITER_KEYS = ("writer_batches", "writer_pages", "writer_busy_seconds")
 WORKER_PYTHON = os.environ.get("CONVSYNC_BENCH_WORKER_PYTHON") or sys.executable
 
 
@@ -81,6 +83,7 @@ class SyncRun:
     stderr_tail: str = ""
     profile: dict[str, Any] | None = None
     limiter: dict[str, int] = field(default_factory=dict)  # from the pass_finished log line
+    writer: dict[str, float] = field(default_factory=dict)  # its group commit, from the same
 
     @property
     def pages_per_second(self) -> float:
@@ -309,8 +312,10 @@ def run_sync(
         ),
         summary=summary,
         stderr_tail=stderr[-2000:] if proc.returncode else "",
-        limiter=_limiter_report(stderr),
     )
+    finished = _pass_finished(stderr)
+    run.limiter = {k: int(finished[k]) for k in LIMITER_KEYS if k in finished}
+    run.writer = {k: float(finished[k]) for k in WRITER_KEYS if k in finished}
     if profile_to is not None and profile_to.exists():
         from bench.profile import summarise
 
@@ -322,18 +327,18 @@ def run_sync(
     return run
 
 
-def _limiter_report(log_tail: str) -> dict[str, int]:
-    """The concurrency limit where the pass left it, and its cuts and probes during the pass
-    (the child's ``pass_finished`` JSON line); empty when the tail holds none."""
-    keys = ("concurrency_limit", "limit_decreases", "limit_probes")
+def _pass_finished(log_tail: str) -> dict[str, Any]:
+    """The child's ``pass_finished`` JSON line (the concurrency limit where the pass left it,
+    its cuts and probes, its group commit's batches and busy seconds); empty when the tail
+    holds none."""
     for line in reversed(log_tail.splitlines()):
         if '"pass_finished"' not in line:
             continue
         try:
-            event = json.loads(line)
+            event: dict[str, Any] = json.loads(line)
         except ValueError:
             continue
-        return {key: int(event[key]) for key in keys if key in event}
+        return event
     return {}
 
 

@@ -68,6 +68,7 @@ class PageWriter:
         self.async_commit = async_commit
         self._idle_seconds = idle_seconds
         self._commit_seconds = db.metrics.histogram("convsync_page_commit_seconds")
+        self._busy_total = db.metrics.series("convsync_writer_busy_seconds_total")
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
@@ -79,6 +80,7 @@ class PageWriter:
         self._opened = db.store.connections_opened  # the pool's count the memory holds for
         self.batches = 0
         self.pages = 0
+        self.busy_seconds = 0.0  # in batch statements, refused ones and retries included
 
     async def write(self, write: PageWrite) -> PageOutcome:
         """Queue a page and wait until it is committed (or refused: the refusal is raised)."""
@@ -164,6 +166,7 @@ class PageWriter:
         try:
             outcomes, opened = await self._db.call(connection.run, save)
         except VALUES_REFUSED_ERRORS as error:
+            self._busy(time.perf_counter() - began)
             if len(batch) == 1:
                 if not batch[0][1].done():
                     batch[0][1].set_exception(error)
@@ -172,9 +175,10 @@ class PageWriter:
             await self._commit(batch[:half], connection)
             await self._commit(batch[half:], connection)
             return
+        took = time.perf_counter() - began
+        self._busy(took)
         self.batches += 1
         self.pages += len(batch)
-        took = time.perf_counter() - began
 
         remember = opened == self._opened  # no connection opened since it ran
         for (write, done), outcome in zip(batch, outcomes, strict=True):
@@ -190,6 +194,10 @@ class PageWriter:
                 )
             else:
                 done.set_result(outcome)
+
+    def _busy(self, seconds: float) -> None:
+        self.busy_seconds += seconds
+        self._busy_total.inc(seconds)
 
     def _conversations_to_write(self, writes: list[PageWrite]) -> list[list[int]]:
         """Per page, the items whose conversation the batch writes: all but those committed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import structlog.testing
 
 from convsync_tools.simdata import Dataset
@@ -62,6 +63,14 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
     assert (finished["limit_decreases"], finished["limit_probes"]) == (
         limiter.decreases,
         limiter.probes,
+    )
+    # And how busy its group commit was: every page of the pass went through its batches,
+    # whose statements ran one after another within the pass.
+    assert finished["writer_pages"] == summary.pages
+    assert 1 <= finished["writer_batches"] <= summary.pages
+    assert 0 < finished["writer_busy_seconds"] <= summary.seconds
+    assert metrics.series("convsync_writer_busy_seconds_total").value == pytest.approx(
+        finished["writer_busy_seconds"], abs=0.001
     )
 
 

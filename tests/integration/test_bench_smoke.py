@@ -73,6 +73,10 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
         if limited["answered_429"]:
             assert limited["limiter"]["limit_decreases"] >= 1
     assert run["commits"] > 0
+    # its group commit, from the same line: every page of the pass, in statements within it
+    assert run["writer"]["writer_pages"] == run["summary"]["pages"]
+    assert 1 <= run["writer"]["writer_batches"] <= run["writer"]["writer_pages"]
+    assert 0 < run["writer"]["writer_busy_seconds"] <= run["pass_seconds"]
     assert run["postgres_backend_cpu_seconds"] > 0
     if cpu_wait(os.getpid()) > 0:  # a kernel that keeps run-queue waits: seconds, not ns
         assert 0 < run["cpu_wait_seconds"] < run["wall_seconds"]
