@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.ceiling import walk
-from bench.convsync_run import WORKER_PYTHON, SyncRun, run_sync
+from bench.convsync_run import WORKER_PYTHON, SyncRun, run_floor, run_sync
 from bench.pg import Databases
 from bench.sim import REPO, SimProcess, cpu_wait, machine_busy, process_cpu
 
@@ -152,6 +152,9 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
             "sim_stats": sim.stats(),
         }
         say(f"ceiling: {ceiling.pages} pages in {ceiling.seconds:.2f}s")
+        floor = await asyncio.to_thread(run_floor, sim, c)
+        results["floor"] = floor.to_json()
+        say(f"floor: {floor.walk.pages} pages in {floor.walk.seconds:.2f}s")
 
         main_db = await dbs.create("main")
         run = await asyncio.to_thread(run_sync, sim, main_db, c)
@@ -360,6 +363,18 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             f"machine {c['machine_busy_cores']:.2f} busy",
         )
     )
+    f = r.get("floor")
+    if f:
+        rows.append(
+            (
+                "floor: convsync's client, no db",
+                _num(f["pages"]),
+                _num(f["seconds"], 2),
+                _num(f["pages_per_second"]),
+                f"its Twilio client and page checks alone, in a process timed as convsync's: "
+                f"{f['cpu_ms_per_page']:.2f} ms CPU/page",
+            )
+        )
     s = r["convsync"]
     rows.append(
         (

@@ -22,6 +22,7 @@ from urllib.parse import urlsplit
 
 import asyncpg
 
+from bench.ceiling import WalkResult
 from bench.sim import (
     REPO,
     BackendTimes,
@@ -34,11 +35,12 @@ from bench.sim import (
     postgres_cpu,
 )
 
+# What the bench reads of the child's pass_finished line: its limiter, its group commit.
+LIMITER_KEYS = ("concurrency_limit", "limit_decreases", "limit_probes")
+WRITER_KEYS = ("writer_batches", "writer_pages", "writer_busy_seconds")
 # The interpreter of the worker's children: the environment ./dev bench makes with the image's
 # runtime lock alone (the worker comes from the checkout, their working directory), else this
 # one. The benchmark's own extras bring rich, which structlog imports when it is installed.
-LIMITER_KEYS = ("concurrency_limit", "limit_decreases", "limit_probes")
-WRITER_KEYS = ("writer_batches", "writer_pages", "writer_busy_seconds")
 WORKER_PYTHON = os.environ.get("CONVSYNC_BENCH_WORKER_PYTHON") or sys.executable
 
 
@@ -325,6 +327,43 @@ def run_sync(
 
         run.profile = summarise_cprofile(cprofile_to)
     return run
+
+
+@dataclass(frozen=True)
+class FloorRun:
+    """The floor's child process: its walk, and its CPU as ``os.wait4`` counts it."""
+
+    walk: WalkResult
+    cpu_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.walk.__dict__,
+            "pages_per_second": self.walk.pages_per_second,
+            "cpu_seconds": self.cpu_seconds,
+            "cpu_ms_per_page": 1000 * self.cpu_seconds / max(1, self.walk.pages),
+        }
+
+
+def run_floor(sim: SimProcess, concurrency: int, timeout: float = 600) -> FloorRun:
+    """``python -m bench.floor`` against ``sim``, with the worker's interpreter and settings."""
+    env = child_env(sim, "", concurrency)
+    del env["DATABASE_URL"]  # it never connects
+    with tempfile.TemporaryFile("w+b") as out:
+        proc = subprocess.Popen(
+            [WORKER_PYTHON, "-m", "bench.floor"], env=env, cwd=REPO, stdout=out, stderr=out
+        )
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            proc.kill()
+            raise
+        out.seek(0)
+        lines = out.read().decode(errors="replace").splitlines()
+    if os.waitstatus_to_exitcode(status) != 0 or not lines:
+        raise RuntimeError("the floor's walk failed: " + "\n".join(lines[-20:]))
+    walked = WalkResult(**json.loads(lines[-1]))
+    return FloorRun(walked, usage.ru_utime + usage.ru_stime)
 
 
 def _pass_finished(log_tail: str) -> dict[str, Any]:

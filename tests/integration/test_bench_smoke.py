@@ -16,7 +16,7 @@ from tests.conftest import PgServer
 from tests.harness import REPO
 
 EXPECTED = {
-    "timestamp", "config", "machine", "ceiling", "convsync", "convsync_unchanged", "naive",
+    "timestamp", "config", "machine", "ceiling", "floor", "convsync", "convsync_unchanged", "naive",
     "dlt", "hidden_ceiling", "mid", "big", "targets", "seconds",
 }  # fmt: skip
 
@@ -73,6 +73,11 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
         if limited["answered_429"]:
             assert limited["limiter"]["limit_decreases"] >= 1
     assert run["commits"] > 0
+    # the floor walked the same pages in its own process, timed whole as convsync's is
+    floor = figures["floor"]
+    assert floor["pages"] == figures["ceiling"]["pages"] == run["pages_ok"]
+    assert floor["rows"] == run["rows"]
+    assert 0 < floor["cpu_ms_per_page"] < 1000
     # its group commit, from the same line: every page of the pass, in statements within it
     assert run["writer"]["writer_pages"] == run["summary"]["pages"]
     assert 1 <= run["writer"]["writer_batches"] <= run["writer"]["writer_pages"]
