@@ -1,4 +1,5 @@
-"""convsync end to end: ``python -m worker migrate`` then ``python -m worker sync`` as children.
+"""convsync end to end: ``python -m worker migrate`` then ``python -m worker sync`` as children;
+and the floor (``python -m bench.floor``: convsync's client alone, no database), timed alike.
 
 Figures come from three independent places: the child's own rusage (``os.wait4``: peak RSS,
 CPU seconds), the ``sync_runs`` row the pass recorded (seconds, rows), and the simulator's
@@ -85,7 +86,7 @@ class SyncRun:
     stderr_tail: str = ""
     profile: dict[str, Any] | None = None
     limiter: dict[str, int] = field(default_factory=dict)  # from the pass_finished log line
-    writer: dict[str, float] = field(default_factory=dict)  # its group commit, from the same
+    writer: dict[str, int | float] = field(default_factory=dict)  # its group commit, likewise
 
     @property
     def pages_per_second(self) -> float:
@@ -150,12 +151,14 @@ class SyncRun:
         return out
 
 
-def child_env(sim: SimProcess, db_url: str, concurrency: int) -> dict[str, str]:
-    """The environment of a convsync child: only what it needs, plus PATH and the like."""
+def child_env(sim: SimProcess, db_url: str | None, concurrency: int) -> dict[str, str]:
+    """The environment of a convsync child: only what it needs, plus PATH and the like (no
+    DATABASE_URL when ``db_url`` is None)."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "PYTHONPATH", "VIRTUAL_ENV")
     env = {k: v for k, v in os.environ.items() if k in keep}
+    if db_url is not None:
+        env["DATABASE_URL"] = db_url
     env.update(
-        DATABASE_URL=db_url,
         TWILIO_ACCOUNT_SID=sim.account_sid,
         TWILIO_AUTH_TOKEN=sim.auth_token,
         TWILIO_CONVERSATIONS_BASE_URL=sim.url,
@@ -317,7 +320,7 @@ def run_sync(
     )
     finished = _pass_finished(stderr)
     run.limiter = {k: int(finished[k]) for k in LIMITER_KEYS if k in finished}
-    run.writer = {k: float(finished[k]) for k in WRITER_KEYS if k in finished}
+    run.writer = {k: finished[k] for k in WRITER_KEYS if k in finished}
     if profile_to is not None and profile_to.exists():
         from bench.profile import summarise
 
@@ -346,23 +349,35 @@ class FloorRun:
 
 
 def run_floor(sim: SimProcess, concurrency: int, timeout: float = 600) -> FloorRun:
-    """``python -m bench.floor`` against ``sim``, with the worker's interpreter and settings."""
-    env = child_env(sim, "", concurrency)
-    del env["DATABASE_URL"]  # it never connects
-    with tempfile.TemporaryFile("w+b") as out:
+    """``python -m bench.floor`` against ``sim``, with the worker's interpreter and settings;
+    RuntimeError if it fails, or is killed after ``timeout`` seconds."""
+    env = child_env(sim, None, concurrency)
+    with tempfile.TemporaryFile("w+b") as out, tempfile.TemporaryFile("w+b") as err:
         proc = subprocess.Popen(
-            [WORKER_PYTHON, "-m", "bench.floor"], env=env, cwd=REPO, stdout=out, stderr=out
+            [WORKER_PYTHON, "-m", "bench.floor"], env=env, cwd=REPO, stdout=out, stderr=err
         )
+        deadline = time.monotonic() + timeout
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            while not (waited := os.wait4(proc.pid, os.WNOHANG))[0]:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the floor's walk took more than {timeout:g}s")
+                time.sleep(0.05)
         except BaseException:
             proc.kill()
+            waited = os.wait4(proc.pid, 0)
             raise
+        finally:
+            proc.returncode = os.waitstatus_to_exitcode(waited[1])
         out.seek(0)
-        lines = out.read().decode(errors="replace").splitlines()
-    if os.waitstatus_to_exitcode(status) != 0 or not lines:
-        raise RuntimeError("the floor's walk failed: " + "\n".join(lines[-20:]))
-    walked = WalkResult(**json.loads(lines[-1]))
+        err.seek(0)
+        printed, logged = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    try:
+        if proc.returncode != 0:
+            raise ValueError(f"exit {proc.returncode}")
+        walked = WalkResult(**json.loads(printed))
+    except (ValueError, TypeError) as error:
+        raise RuntimeError(f"the floor's walk failed ({error}): {logged[-2000:]}") from None
+    usage = waited[2]
     return FloorRun(walked, usage.ru_utime + usage.ru_stime)
 
 

@@ -2,10 +2,11 @@
 its own checks of every conversations page, walking the pages convsync walks, with no database.
 
 ``python -m bench.floor`` runs in a process of its own, configured by the worker's environment
-variables and timed whole by its parent (``bench.convsync_run.run_floor``) as ``convsync
-sync`` is (start-up included), so that
-what a pass costs beyond it is its database work: claims, the group commit, the cursors.
-Prints one JSON line: pages, conversation pages, users, rows, seconds.
+variables, and is timed whole by its parent (``bench.convsync_run.run_floor``) as ``convsync
+sync`` is, start-up included. What a pass costs beyond it is what the database brings: its
+imports and connections, claims, the group commit, the cursors. Discovery here is one loop
+over each service's users pages (the pass runs two, prefetching). Prints one JSON line:
+pages, conversation pages, users, rows, seconds.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ from typing import Any
 from bench.ceiling import WalkResult
 from worker import client as api
 from worker.client import TwilioClient
-from worker.config import load_settings
+from worker.config import Settings, load_settings
+from worker.logs import configure_logging
 from worker.loop import run
 from worker.model import decode_conversations_page, decode_users_page, parse_services_page
 
 
 class _Floor:
+    """The walk's state: the client, and what it fetched."""
+
     def __init__(self, client: TwilioClient, page_size: int) -> None:
         self.client = client
         self.page_size = page_size
@@ -62,6 +66,7 @@ class _Floor:
             await queue.put(None)
 
     async def work(self, queue: asyncio.Queue[tuple[str, str] | None]) -> None:
+        """Walk the queued users' conversations listings, one user at a time."""
         while (job := await queue.get()) is not None:
             service, user = job
             path: str | None = api.user_conversations_path(service, user, self.page_size)
@@ -75,9 +80,8 @@ class _Floor:
             self.users += 1
 
 
-async def walk() -> WalkResult:
+async def walk_without_database(settings: Settings) -> WalkResult:
     """Every page of every user's conversations listing, at ``CONVSYNC_CONCURRENCY``."""
-    settings = load_settings()
     async with TwilioClient(settings) as client:
         floor = _Floor(client, settings.page_size)
         queue: asyncio.Queue[tuple[str, str] | None] = asyncio.Queue(4 * settings.concurrency)
@@ -91,7 +95,10 @@ async def walk() -> WalkResult:
 
 
 def main() -> int:
-    result = run(walk(), load_settings().event_loop)
+    settings = load_settings()
+    # As the worker logs (its retries, say), to stderr: stdout carries the result alone.
+    configure_logging(settings.log_level, settings.log_format, settings.secrets(), sys.stderr)
+    result = run(walk_without_database(settings), settings.event_loop)
     print(json.dumps(result.__dict__))
     return 0
 

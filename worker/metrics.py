@@ -72,8 +72,9 @@ FAMILIES = (
            "Seconds the statement writing a page's batch took, once per page it committed.",
            buckets=COMMIT_BUCKETS),
     Family("convsync_writer_busy_seconds_total", "counter",
-           "Seconds the group-commit writer spent in batch statements: a rate near 1 means "
-           "the database's writes pace the pass."),
+           "Seconds a group-commit writer was held by its batches (statement, connection wait, "
+           "retries), by writer (pass, relist): a rate near 1, that writer is the bottleneck.",
+           ("writer",)),
     Family("convsync_rows_total", "counter", "Membership rows by outcome.", ("outcome",)),
     Family("convsync_users_total", "counter", "Users finished, by outcome.", ("outcome",)),
     Family("convsync_pass_duration_seconds", "gauge", "Duration of the last finished pass."),

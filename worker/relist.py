@@ -78,6 +78,7 @@ class Relister:
             max_pages=settings.batch_pages,
             known_conversations=0,
             async_commit=settings.async_commit,
+            role="relist",
         )
         self.listings = ListingContext(self.db, self.writer, metrics, settings.page_size)
         self.wake = asyncio.Event()  # set when a webhook was recorded by this process

@@ -181,8 +181,8 @@ class SyncPass:
                 concurrency_limit=limiter.limit,  # where Twilio's 429s left it (worker/limiter.py)
                 limit_decreases=limiter.decreases - decreases,
                 limit_probes=limiter.probes - probes,
-                # This process's group commit: busy near the pass's seconds means the
-                # database's writes paced the pass (worker/writer.py).
+                # This process's group commit: busy near the pass's seconds, the writer was
+                # the pass's bottleneck (worker/writer.py).
                 writer_batches=self.writer.batches,
                 writer_pages=self.writer.pages,
                 writer_busy_seconds=round(self.writer.busy_seconds, 3),

@@ -60,6 +60,7 @@ class PageWriter:
         known_conversations: int = KNOWN_CONVERSATIONS,
         idle_seconds: float = IDLE_CONNECTION_SECONDS,
         async_commit: bool = False,
+        role: str = "pass",  # its metrics' label: a pass's writer, or the re-lister's
     ) -> None:
         self._db = db
         self._lease = lease_seconds
@@ -68,7 +69,7 @@ class PageWriter:
         self.async_commit = async_commit
         self._idle_seconds = idle_seconds
         self._commit_seconds = db.metrics.histogram("convsync_page_commit_seconds")
-        self._busy_total = db.metrics.series("convsync_writer_busy_seconds_total")
+        self._busy_total = db.metrics.series("convsync_writer_busy_seconds_total", writer=role)
         self._queue: asyncio.Queue[tuple[PageWrite, asyncio.Future[PageOutcome]]] = asyncio.Queue()
         self._carried: list[tuple[PageWrite, asyncio.Future[PageOutcome]]] = []
         self._full = asyncio.Event()
@@ -78,9 +79,10 @@ class PageWriter:
         self._older: dict[str, datetime] = {}
         self._generation = known_conversations // 2  # 0: remember none
         self._opened = db.store.connections_opened  # the pool's count the memory holds for
-        self.batches = 0
-        self.pages = 0
-        self.busy_seconds = 0.0  # in batch statements, refused ones and retries included
+        self.batches = 0  # batch statements that ran (a refused one, halved, is not counted)
+        self.pages = 0  # pages committed (a stale page, answered LeaseLost, is not)
+        # Seconds held by batches: their statements, waits for a connection, retries.
+        self.busy_seconds = 0.0
 
     async def write(self, write: PageWrite) -> PageOutcome:
         """Queue a page and wait until it is committed (or refused: the refusal is raised)."""
@@ -164,9 +166,13 @@ class PageWriter:
 
         began = time.perf_counter()
         try:
-            outcomes, opened = await self._db.call(connection.run, save)
+            try:
+                outcomes, opened = await self._db.call(connection.run, save)
+            finally:  # refused, failed or cancelled, the writer was held all the same
+                took = time.perf_counter() - began
+                self.busy_seconds += took
+                self._busy_total.inc(took)
         except VALUES_REFUSED_ERRORS as error:
-            self._busy(time.perf_counter() - began)
             if len(batch) == 1:
                 if not batch[0][1].done():
                     batch[0][1].set_exception(error)
@@ -175,10 +181,8 @@ class PageWriter:
             await self._commit(batch[:half], connection)
             await self._commit(batch[half:], connection)
             return
-        took = time.perf_counter() - began
-        self._busy(took)
         self.batches += 1
-        self.pages += len(batch)
+        self.pages += sum(outcome is not None for outcome in outcomes)
 
         remember = opened == self._opened  # no connection opened since it ran
         for (write, done), outcome in zip(batch, outcomes, strict=True):
@@ -194,10 +198,6 @@ class PageWriter:
                 )
             else:
                 done.set_result(outcome)
-
-    def _busy(self, seconds: float) -> None:
-        self.busy_seconds += seconds
-        self._busy_total.inc(seconds)
 
     def _conversations_to_write(self, writes: list[PageWrite]) -> list[list[int]]:
         """Per page, the items whose conversation the batch writes: all but those committed

@@ -165,6 +165,8 @@ async def test_a_refused_page_fails_alone_and_a_stale_page_writes_nothing(
     assert all(not isinstance(r, BaseException) for r in results[:10]), results
     assert isinstance(results[10], asyncpg.DataError)
     assert isinstance(results[11], LeaseLost)
+    assert writer.pages == 10  # committed: neither the refused page nor the stale one
+    assert writer.busy_seconds > 0
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 10
     states = "SELECT user_sid, state FROM sync_cursors ORDER BY user_sid"
     conn = await asyncpg.connect(db_url)
@@ -384,6 +386,9 @@ async def test_a_batch_lost_with_the_database_fails_its_pages_and_the_writer_goe
             )
             with pytest.raises(DatabaseUnavailable):
                 await writing
+            # The lost batch held the writer while it waited: that time counts as busy.
+            assert (writer.batches, writer.pages) == (0, 0)
+            assert writer.busy_seconds > 0
         finally:
             await admin.close()
         # The writer survived the lost batch: the same page, written again, commits.
