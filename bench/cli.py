@@ -317,6 +317,13 @@ def _limiter_note(limiter: dict[str, int]) -> str:
     )
 
 
+def _row(
+    label: str, pages: Any, seconds: float, per_second: float, note: str, *, rate_digits: int = 1
+) -> tuple[str, str, str, str, str]:
+    """A row of the walks' table: pages, seconds and pages/s formatted, then its note."""
+    return (label, _num(pages), _num(seconds, 2), _num(per_second, rate_digits), note)
+
+
 def _num(value: Any, digits: int = 1) -> str:
     if value is None:
         return "-"
@@ -356,11 +363,11 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
     rows: list[tuple[str, str, str, str, str]] = [("", "pages", "seconds", "pages/s", "notes")]
     c = r["ceiling"]
     rows.append(
-        (
+        _row(
             "ceiling (bare aiohttp)",
-            _num(c["pages"]),
-            _num(c["seconds"], 2),
-            _num(c["pages_per_second"]),
+            c["pages"],
+            c["seconds"],
+            c["pages_per_second"],
             f"client {c['cpu_ms_per_page']:.2f} ms CPU/page, waited "
             f"{c['cpu_wait_ms_per_page']:.2f} ms/page for a CPU; simulator "
             f"{c['sim_cpu_cores']:.2f} cores, waited {c['sim_wait_ms_per_page']:.2f} ms/page; "
@@ -372,22 +379,22 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
         rows.append(("floor: convsync's client, no db", "-", "-", "-", f["skipped"]))
     elif f:
         rows.append(
-            (
+            _row(
                 "floor: convsync's client, no db",
-                _num(f["pages"]),
-                _num(f["seconds"], 2),
-                _num(f["pages_per_second"]),
+                f["pages"],
+                f["seconds"],
+                f["pages_per_second"],
                 f"its Twilio client and page checks alone, in a process timed as convsync's: "
                 f"{f['cpu_ms_per_page']:.2f} ms CPU/page",
             )
         )
     s = r["convsync"]
     rows.append(
-        (
+        _row(
             "convsync end to end",
-            _num(s["pages_ok"]),
-            _num(s["pass_seconds"], 2),
-            _num(s["pages_per_second"]),
+            s["pages_ok"],
+            s["pass_seconds"],
+            s["pages_per_second"],
             f"{s['rows']:,} rows, {s['rows_per_second']:,.0f} rows/s; process "
             f"{s['wall_seconds']:.2f}s wall, {s['cpu_ms_per_page']:.2f} ms CPU/page; "
             f"its PostgreSQL backends {s['postgres_ms_per_page']:.2f} ms CPU/page, "
@@ -403,11 +410,11 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
     u = r.get("convsync_unchanged")
     if u:
         rows.append(
-            (
+            _row(
                 "convsync, an unchanged pass",
-                _num(u["pages_ok"]),
-                _num(u["pass_seconds"], 2),
-                _num(u["pages_per_second"]),
+                u["pages_ok"],
+                u["pass_seconds"],
+                u["pages_per_second"],
                 f"the same pass again: {u['summary'].get('rows_unchanged', 0):,} rows "
                 f"unchanged; {u['cpu_ms_per_page']:.2f} ms CPU/page; its PostgreSQL backends "
                 f"{u['postgres_ms_per_page']:.2f} ms CPU/page, "
@@ -419,13 +426,14 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
         rows.append(("naive: twilio SDK + row upserts", "-", "-", "-", f"skipped: {n['skipped']}"))
     else:
         rows.append(
-            (
+            _row(
                 "naive: twilio SDK + row upserts",
-                _num(n["pages"]),
-                _num(n["seconds"], 2),
-                _num(n["pages_per_second"], 2),
+                n["pages"],
+                n["seconds"],
+                n["pages_per_second"],
                 f"{n['users']} users, {n['rows']:,} rows (a subset; rate per page "
                 f"extrapolates: {s['pages_ok'] / n['pages_per_second']:,.0f} s for all)",
+                rate_digits=2,
             )
         )
     d = r.get("dlt", {})
@@ -434,11 +442,11 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
     else:
         steps = ", ".join(f"{k} {v:.1f}s" for k, v in d["steps"].items())
         rows.append(
-            (
+            _row(
                 "dlt rest_api (merge)",
-                _num(d["pages"]),
-                _num(d["seconds"], 2),
-                _num(d["pages_per_second"]),
+                d["pages"],
+                d["seconds"],
+                d["pages_per_second"],
                 f"{d['workers']} workers; {steps}; peak RSS {d['peak_rss_mb']:.0f} MB",
             )
         )
