@@ -15,7 +15,6 @@ import asyncio
 import json
 import sys
 import time
-from typing import Any
 
 from bench.ceiling import WalkResult
 from worker import client as api
@@ -36,21 +35,14 @@ class _Floor:
 
     async def service_sids(self) -> list[str]:
         """The services listed (as the pass discovers them: its parser, every page in order)."""
-        return [
-            r.chat_service_sid
-            for items in await self.listing(api.services_path(self.page_size), "services")
-            for r in parse_services_page(items).rows
-        ]
-
-    async def listing(self, path: str | None, key: str) -> list[list[Any]]:
-        """The items of every page of a listing, page by page."""
-        pages: list[list[Any]] = []
+        sids: list[str] = []
+        path: str | None = api.services_path(self.page_size)
         while path is not None:
-            page = await self.client.get_page(path, key)
+            page = await self.client.get_page(path, "services")
             self.pages += 1
-            pages.append(page.items)
+            sids += [row.chat_service_sid for row in parse_services_page(page.items).rows]
             path = page.next_page_path
-        return pages
+        return sids
 
     async def discover(self, queue: asyncio.Queue[tuple[str, str] | None], workers: int) -> None:
         """Each service's users, queued page by page as the pass's discovery streams them."""
