@@ -39,11 +39,15 @@ class AdaptiveLimiter:
         initial: int | None = None,
         *,
         probe_every: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.maximum = maximum
         self._limit = min(maximum, initial or maximum)
         self._probe_every = probe_every
+        self._clock = clock
         self._in_flight = 0
+        self._held = 0.0  # slot-seconds up to _counted_at (see slot_seconds)
+        self._counted_at = clock()
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._calm = 0  # successes since the last 429 or probe
         self._used = 0  # the most requests in flight at once since then
@@ -61,10 +65,24 @@ class AdaptiveLimiter:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def slot_seconds(self) -> float:
+        """Seconds slots were held, summed over slots (requests in flight, integrated over
+        time): its growth over a span, divided by the span, is the average in flight by this
+        limiter's count, to set beside what Twilio counted."""
+        return self._held + self._in_flight * (self._clock() - self._counted_at)
+
+    def _count(self, change: int) -> None:
+        """Change the requests in flight, accounting the slot-seconds held until now."""
+        now = self._clock()
+        self._held += self._in_flight * (now - self._counted_at)
+        self._counted_at = now
+        self._in_flight += change
+
     async def acquire(self) -> None:
         """Wait until a request may start."""
         if self._in_flight < self._limit and not self._waiters:
-            self._in_flight += 1
+            self._count(+1)
         else:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -101,11 +119,11 @@ class AdaptiveLimiter:
         self._release_slot()
 
     def _release_slot(self) -> None:
-        self._in_flight -= 1
+        self._count(-1)
         while self._waiters and self._in_flight < self._limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self._in_flight += 1
+                self._in_flight += 1  # handed over at once: no time passed since _count
                 waiter.set_result(None)
 
 

@@ -151,7 +151,8 @@ class SyncPass:
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             started = time.monotonic()
             limiter = self.client.limiter
-            decreases, probes = limiter.decreases, limiter.probes  # the client may outlive passes
+            # (The client may outlive passes: its limiter's counts are taken as differences.)
+            decreases, probes, slots = limiter.decreases, limiter.probes, limiter.slot_seconds
             try:
                 services = await self.discover_services()
                 log.info("pass_started", resumed=info.resumed, services=len(services))
@@ -181,6 +182,10 @@ class SyncPass:
                 concurrency_limit=limiter.limit,  # where Twilio's 429s left it (worker/limiter.py)
                 limit_decreases=limiter.decreases - decreases,
                 limit_probes=limiter.probes - probes,
+                # Over the pass's seconds: the requests it kept in flight on average, by the
+                # limiter's count (a slot is held from before a request is sent until its
+                # body is read, so Twilio counts less of it).
+                limiter_slot_seconds=round(limiter.slot_seconds - slots, 3),
                 # This process's group commit: busy near the pass's seconds, the writer was
                 # the pass's bottleneck (worker/writer.py).
                 writer_batches=self.writer.batches,

@@ -153,6 +153,28 @@ async def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     assert limiter.in_flight == 1
 
 
+async def test_slot_seconds_sum_the_time_each_slot_was_held_handed_over_or_not() -> None:
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(maximum=2, clock=clock)
+    clock.now = 5.0  # before any request: nothing held
+    assert limiter.slot_seconds == 0
+    await fill(limiter, 2)  # two slots from t=5
+    waiting = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    clock.now = 6.0
+    assert limiter.slot_seconds == 2  # read while held: 2 x 1 s
+    limiter.release()  # at t=6, its slot handed to the waiter at once
+    await waiting
+    clock.now = 8.5
+    limiter.release(overloaded=True)  # a 429's slot counts the same
+    clock.now = 9.0
+    limiter.release(dropped=True)
+    clock.now = 20.0  # nothing in flight: nothing more
+    assert limiter.in_flight == 0
+    # 2 slots for 1 s, then 2 (one handed over) for 2.5 s, then 1 for 0.5 s
+    assert limiter.slot_seconds == pytest.approx(2 * 1 + 2 * 2.5 + 1 * 0.5)
+
+
 class FakeClock:
     """Time that moves only when the bucket sleeps."""
 
