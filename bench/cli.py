@@ -307,13 +307,31 @@ def _writer_note(run: dict[str, Any]) -> str:
     )
 
 
-def _limiter_note(limiter: dict[str, int]) -> str:
-    """Where the pass left the concurrency limit, and how often it moved (when logged)."""
+def _limiter_note(run: dict[str, Any]) -> str:
+    """Where the pass left the concurrency limit, how often it moved, and how its slots were
+    held (when logged)."""
+    limiter = run.get("limiter") or {}
     if "concurrency_limit" not in limiter:
         return ""
     return (
         f"; limit {limiter['concurrency_limit']} at the end, "
         f"{limiter.get('limit_decreases', 0)} cuts, {limiter.get('limit_probes', 0)} probes"
+        + _slots_note(run)
+    )
+
+
+def _slots_note(run: dict[str, Any]) -> str:
+    """How many slots the pass's limiter held on average, and how much of their time the
+    simulator counted in flight (a slot is held from before its request is sent until its body
+    is read)."""
+    held = (run.get("limiter") or {}).get("limiter_slot_seconds")
+    if not held or not run["pass_seconds"]:
+        return ""
+    # The simulator's own count, time-weighted over its active window: its slot-seconds.
+    counted = run["in_flight"]["window_avg"] * run["in_flight"]["window_seconds"]
+    return (
+        f"; its limiter held {held / run['pass_seconds']:.1f} slots on average, "
+        f"{counted / held:.0%} of their time counted by the simulator"
     )
 
 
@@ -404,7 +422,8 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             f"{s['sim_wait_ms_per_page']:.2f}; "
             f"postgres {s['postgres_cpu_cores']:.2f}, simulator {s['sim_cpu_cores']:.2f}, "
             f"machine {s['machine_busy_cores']:.2f} busy cores; in flight "
-            f"{_num(s['in_flight']['window_avg'])} avg, {s['in_flight']['max']} max",
+            f"{_num(s['in_flight']['window_avg'])} avg, {s['in_flight']['max']} max"
+            + _slots_note(s),
         )
     )
     u = r.get("convsync_unchanged")
@@ -480,7 +499,8 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
              f"{k['answered_429']:,} ({100 * k['share_429']:.2f}%)",
              _num(k["in_flight"]["window_avg"], 2),
              f"max {k['in_flight']['max']}; whole run {k['in_flight']['run_avg']:.2f}; "
-             f"{k['pages_per_second']:,.0f} pages/s{_limiter_note(k.get('limiter') or {})}")
+             f"{k['pages_per_second']:,.0f} pages/s"
+             + _limiter_note(k))
             for k in limited
         ])  # fmt: skip
     lines.append("")

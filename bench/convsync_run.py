@@ -37,7 +37,7 @@ from bench.sim import (
 )
 
 # What the bench reads of the child's pass_finished line: its limiter, its group commit.
-LIMITER_KEYS = ("concurrency_limit", "limit_decreases", "limit_probes")
+LIMITER_KEYS = ("concurrency_limit", "limit_decreases", "limit_probes", "limiter_slot_seconds")
 WRITER_KEYS = ("writer_batches", "writer_pages", "writer_busy_seconds")
 # The interpreter of the worker's children: the environment ./dev bench makes with the image's
 # runtime lock alone (the worker comes from the checkout, their working directory), else this
@@ -85,7 +85,7 @@ class SyncRun:
     summary: dict[str, Any] = field(default_factory=dict)
     stderr_tail: str = ""
     profile: dict[str, Any] | None = None
-    limiter: dict[str, int] = field(default_factory=dict)  # from the pass_finished log line
+    limiter: dict[str, float] = field(default_factory=dict)  # from the pass_finished log line
     writer: dict[str, int | float] = field(default_factory=dict)  # its group commit, likewise
 
     @property
@@ -319,7 +319,7 @@ def run_sync(
         stderr_tail=stderr[-2000:] if proc.returncode else "",
     )
     finished = _pass_finished(stderr)
-    run.limiter = {k: int(finished[k]) for k in LIMITER_KEYS if k in finished}
+    run.limiter = {k: finished[k] for k in LIMITER_KEYS if k in finished}
     run.writer = {k: finished[k] for k in WRITER_KEYS if k in finished}
     if profile_to is not None and profile_to.exists():
         from bench.profile import summarise

@@ -72,6 +72,9 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
         assert 1 <= limited["limiter"]["concurrency_limit"] <= figures["config"]["concurrency"]
         if limited["answered_429"]:
             assert limited["limiter"]["limit_decreases"] >= 1
+        # and how long its slots were held: at least what the simulator counted in flight
+        counted = limited["in_flight"]["window_avg"] * limited["in_flight"]["window_seconds"]
+        assert 0 < counted <= limited["limiter"]["limiter_slot_seconds"]
     assert run["commits"] > 0
     # the floor walked the same pages in its own process, timed whole as convsync's is
     floor = figures["floor"]
