@@ -327,7 +327,8 @@ def _slots_note(run: dict[str, Any]) -> str:
     held = (run.get("limiter") or {}).get("limiter_slot_seconds")
     if not held or not run["pass_seconds"]:
         return ""
-    # The simulator's own count, time-weighted over its active window: its slot-seconds.
+    # The simulator's own count, time-weighted over its active window: its admitted
+    # request-seconds (requests it answered 429 are not counted).
     counted = run["in_flight"]["window_avg"] * run["in_flight"]["window_seconds"]
     return (
         f"; its limiter held {held / run['pass_seconds']:.1f} slots on average, "

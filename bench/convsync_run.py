@@ -383,8 +383,8 @@ def run_floor(sim: SimProcess, concurrency: int, timeout: float = 600) -> FloorR
 
 def _pass_finished(log_tail: str) -> dict[str, Any]:
     """The child's ``pass_finished`` JSON line (the concurrency limit where the pass left it,
-    its cuts and probes, its group commit's batches and busy seconds); empty when the tail
-    holds none."""
+    its cuts, probes and slot-seconds, its group commit's batches and busy seconds); empty when
+    the tail holds none."""
     for line in reversed(log_tail.splitlines()):
         if '"pass_finished"' not in line:
             continue

@@ -67,13 +67,14 @@ class AdaptiveLimiter:
 
     @property
     def slot_seconds(self) -> float:
-        """Seconds slots were held, summed over slots (requests in flight, integrated over
-        time): its growth over a span, divided by the span, is the average in flight by this
-        limiter's count, to set beside what Twilio counted."""
+        """Seconds slots were held, summed over slots (the slots taken, integrated over time;
+        a slot is taken before its request is sent and given back once its body is read): its
+        growth over a span, divided by the span, is the average in flight by this limiter's
+        count, to set beside what Twilio counted."""
         return self._held + self._in_flight * (self._clock() - self._counted_at)
 
     def _count(self, change: int) -> None:
-        """Change the requests in flight, accounting the slot-seconds held until now."""
+        """Take (+1) or give back (-1) a slot, accounting the slot-seconds held until now."""
         now = self._clock()
         self._held += self._in_flight * (now - self._counted_at)
         self._counted_at = now
@@ -123,7 +124,7 @@ class AdaptiveLimiter:
         while self._waiters and self._in_flight < self._limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self._in_flight += 1  # handed over at once: no time passed since _count
+                self._count(+1)
                 waiter.set_result(None)
 
 

@@ -182,9 +182,9 @@ class SyncPass:
                 concurrency_limit=limiter.limit,  # where Twilio's 429s left it (worker/limiter.py)
                 limit_decreases=limiter.decreases - decreases,
                 limit_probes=limiter.probes - probes,
-                # Over the pass's seconds: the requests it kept in flight on average, by the
-                # limiter's count (a slot is held from before a request is sent until its
-                # body is read, so Twilio counts less of it).
+                # The client's limiter's slot-seconds during the pass (a daemon's re-lists,
+                # sharing it, included); over the pass's seconds, the requests it kept in
+                # flight on average by its own count (worker/limiter.py).
                 limiter_slot_seconds=round(limiter.slot_seconds - slots, 3),
                 # This process's group commit: busy near the pass's seconds, the writer was
                 # the pass's bottleneck (worker/writer.py).

@@ -78,6 +78,7 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
     # holds more than its bound.
     counted = stats.active_avg_in_flight * stats.active_seconds
     assert 0 < counted <= finished["limiter_slot_seconds"] <= BOUND * summary.seconds
+    assert finished["limiter_slot_seconds"] == pytest.approx(limiter.slot_seconds, abs=0.001)
 
 
 def _note_limits(limiter: AdaptiveLimiter) -> list[tuple[int, int]]:

@@ -176,7 +176,7 @@ async def test_slot_seconds_sum_the_time_each_slot_was_held_handed_over_or_not()
 
 
 class FakeClock:
-    """Time that moves only when the bucket sleeps."""
+    """Time that moves only when the bucket sleeps, or a test moves it."""
 
     def __init__(self) -> None:
         self.now = 0.0
@@ -212,20 +212,28 @@ async def test_token_bucket_refills_while_idle_up_to_its_capacity() -> None:
 
 @pytest.mark.parametrize("cancel_first", [True, False])
 async def test_a_waiter_cancelled_around_its_admission_leaves_no_trace(cancel_first: bool) -> None:
-    limiter = AdaptiveLimiter(maximum=1)
+    clock = FakeClock()
+    limiter = AdaptiveLimiter(maximum=1, clock=clock)
     await limiter.acquire()
     task = asyncio.create_task(limiter.acquire())
     await asyncio.sleep(0)
+    clock.now = 1.0
     if cancel_first:
         task.cancel()
         limiter.release(dropped=True)  # pops the already-cancelled waiter
     else:
         limiter.release(dropped=True)  # admits the waiter...
         task.cancel()  # ...which is cancelled before it runs
+    clock.now = 3.0
     with pytest.raises(asyncio.CancelledError):
         await task
     assert limiter.in_flight == 0
+    # The first slot for 1 s; an admitted waiter's slot is held until its cancellation lands.
+    assert limiter.slot_seconds == (1.0 if cancel_first else 3.0)
+    clock.now = 10.0
     await asyncio.wait_for(limiter.acquire(), 1)
+    clock.now = 10.5
+    assert limiter.slot_seconds == (1.5 if cancel_first else 3.5)
 
 
 async def rounds_against(limiter: AdaptiveLimiter, ceiling: int, requests: int) -> int:
