@@ -245,6 +245,30 @@ async def test_a_conversation_is_written_once_per_version(store: Store, db_url: 
     assert await scalar(db_url, "SELECT count(*) FROM memberships") == 3
 
 
+async def test_an_undated_conversation_is_written_each_time_beside_remembered_ones(
+    store: Store, db_url: str
+) -> None:
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    runner = asyncio.create_task(writer.run())
+    undated = "CH" + "e" * 32
+    try:
+        first, second = USERS[:2]
+        await writer.write(
+            page_of(claims[first], item(first, SHARED), item(first, undated, date_updated=None))
+        )
+        await store.pool.execute("UPDATE conversations SET friendly_name = 'kept'")
+        # The same versions again: the dated one is remembered and left out; an undated one
+        # overwrites any, so it is written again (not mistaken for one never committed).
+        await writer.write(
+            page_of(claims[second], item(second, SHARED), item(second, undated, date_updated=None))
+        )
+    finally:
+        runner.cancel()
+    rows = await store.pool.fetch("SELECT conversation_sid, friendly_name FROM conversations")
+    assert dict(rows) == {SHARED: "kept", undated: "own"}
+
+
 async def test_a_writer_forgets_what_it_committed_once_a_connection_was_opened_since(
     store: Store, db_url: str
 ) -> None:
