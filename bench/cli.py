@@ -118,6 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         asyncio.run(dbs.drop_all())
         dbs.close()
     results["seconds"] = time.monotonic() - started
+    results["budget"] = budget(results)
     targets = evaluate(args, results)
     results["targets"] = [t.to_json() for t in targets]
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -289,6 +290,56 @@ def evaluate(args: argparse.Namespace, r: dict[str, Any]) -> list[Target]:
                    limited["share_429"] < 0.02),
         ]  # fmt: skip
     return targets
+
+
+def budget(r: dict[str, Any]) -> dict[str, Any]:
+    """What the machine allows, from the run's own figures: the CPU a page of the end-to-end
+    run cost its three processes, and the pages/s the machine's CPUs could give at that cost
+    (an upper bound: nothing else running, no core ever idle), as a share of the ceiling; what
+    the floor (the client alone) costs beside the worker's target; the pages/s the naive target
+    asks for, as a share of the ceiling."""
+    s, ceiling = r["convsync"], r["ceiling"]["pages_per_second"]
+    simulator_ms = 1000 * s["sim_cpu_cores"] * s["wall_seconds"] / s["pages_ok"]
+    cpu = {
+        "worker": s["cpu_ms_per_page"],
+        "postgres": s["postgres_ms_per_page"],
+        "simulator": simulator_ms,
+    }
+    total = sum(cpu.values())
+    most = 1000 * r["machine"]["cpus"] / total
+    naive = r.get("naive", {}).get("pages_per_second")
+    floor = r.get("floor", {}).get("cpu_ms_per_page")
+    return {
+        "cpu_ms_per_page": {**cpu, "total": total},
+        "cpu_bound_pages_per_second": most,
+        "cpu_bound_of_ceiling": most / ceiling,
+        "floor_cpu_ms_per_page": floor,
+        "naive_target_of_ceiling": 50 * naive / ceiling if naive else None,
+    }
+
+
+def _budget_lines(r: dict[str, Any]) -> list[str]:
+    """``budget``'s figures, beside the targets they bound."""
+    b = r["budget"]
+    cpu = b["cpu_ms_per_page"]
+    lines = [
+        "",
+        "what this machine allows (the run's own figures)",
+        f"  end to end: a page cost {cpu['total']:.2f} ms of CPU (worker {cpu['worker']:.2f}, "
+        f"its PostgreSQL backends {cpu['postgres']:.2f}, simulator {cpu['simulator']:.2f}): "
+        f"{r['machine']['cpus']} CPUs give at most {b['cpu_bound_pages_per_second']:,.0f} "
+        f"pages/s at that cost, {b['cpu_bound_of_ceiling']:.2f} of the ceiling (target 0.9)",
+    ]
+    if b["floor_cpu_ms_per_page"] is not None:
+        lines.append(
+            f"  worker CPU: its Twilio client alone (the floor) costs "
+            f"{b['floor_cpu_ms_per_page']:.2f} ms a page (target 0.5 for the whole worker)"
+        )
+    if b["naive_target_of_ceiling"] is not None:
+        lines.append(
+            f"  naive: 50x the SDK loop is {b['naive_target_of_ceiling']:.2f} of the ceiling"
+        )
+    return lines
 
 
 def _at_least(value: float | None, bound: float) -> bool | None:
@@ -509,6 +560,7 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
         [("target", "value", "bound", "verdict", "")]
         + [(t.name, _num(t.value, 2), t.bound, _verdict(t.met), "") for t in targets]
     )
+    lines += _budget_lines(r)
     p = r.get("profile_pyspy")
     if p and p.get("samples"):
         lines += ["", f"py-spy ({p['samples']} samples, running or waiting for a CPU): self"]
