@@ -36,7 +36,8 @@ from bench.sim import (
     postgres_cpu,
 )
 
-# What the bench reads of the child's pass_finished line: its limiter, its group commit.
+# What the bench reads of the child's pass_finished line: its limiter, its group commit (and
+# its CPU over the pass, ``SyncRun.pass_cpu_seconds``).
 LIMITER_KEYS = ("concurrency_limit", "limit_decreases", "limit_probes", "limiter_slot_seconds")
 WRITER_KEYS = ("writer_batches", "writer_pages", "writer_busy_seconds")
 # The interpreter of the worker's children: the environment ./dev bench makes with the image's
@@ -87,6 +88,7 @@ class SyncRun:
     profile: dict[str, Any] | None = None
     limiter: dict[str, float] = field(default_factory=dict)  # from the pass_finished log line
     writer: dict[str, int | float] = field(default_factory=dict)  # its group commit, likewise
+    pass_cpu_seconds: float | None = None  # the child's CPU over the pass alone, likewise
 
     @property
     def pages_per_second(self) -> float:
@@ -321,6 +323,7 @@ def run_sync(
     finished = _pass_finished(stderr)
     run.limiter = {k: finished[k] for k in LIMITER_KEYS if k in finished}
     run.writer = {k: finished[k] for k in WRITER_KEYS if k in finished}
+    run.pass_cpu_seconds = finished.get("cpu_seconds")
     if profile_to is not None and profile_to.exists():
         from bench.profile import summarise
 

@@ -149,7 +149,7 @@ class SyncPass:
         self.state.run_id = info.run_id
         await release_dead_local_claims(db, self.owner)
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
-            started = time.monotonic()
+            started, cpu = time.monotonic(), time.process_time()
             limiter = self.client.limiter
             # (The client may outlive passes: its limiter's counts are taken as differences.)
             decreases, probes, slots = limiter.decreases, limiter.probes, limiter.slot_seconds
@@ -191,6 +191,9 @@ class SyncPass:
                 writer_batches=self.writer.batches,
                 writer_pages=self.writer.pages,
                 writer_busy_seconds=round(self.writer.busy_seconds, 3),
+                # This process's CPU over the pass, every thread's (a daemon's webhooks and
+                # re-lists included): per page, what the pass cost the worker, start-up apart.
+                cpu_seconds=round(time.process_time() - cpu, 3),
             )
             return summary
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import structlog.testing
 
@@ -32,7 +34,9 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
             ) as client:
                 limits = _note_limits(client.limiter)
                 with structlog.testing.capture_logs() as events:
+                    cpu = time.process_time()
                     summary = await SyncPass(settings, store, client, metrics=metrics).run()
+                    cpu = time.process_time() - cpu
                 limiter = client.limiter
         finally:
             await store.close()
@@ -79,6 +83,9 @@ async def test_concurrency_settles_under_a_hidden_ceiling(db_url: str) -> None:
     counted = stats.active_avg_in_flight * stats.active_seconds
     assert 0 < counted <= finished["limiter_slot_seconds"] <= BOUND * summary.seconds
     assert finished["limiter_slot_seconds"] == pytest.approx(limiter.slot_seconds, abs=0.001)
+    # And what the pass cost this process in CPU: some, and no more than the process spent
+    # around it (the simulator's thread included there).
+    assert 0 < finished["cpu_seconds"] <= cpu + 0.001
 
 
 def _note_limits(limiter: AdaptiveLimiter) -> list[tuple[int, int]]:
