@@ -192,7 +192,8 @@ class SyncPass:
                 writer_pages=self.writer.pages,
                 writer_busy_seconds=round(self.writer.busy_seconds, 3),
                 # This process's CPU over the pass, every thread's (a daemon's webhooks and
-                # re-lists included): per page, what the pass cost the worker, start-up apart.
+                # re-lists meanwhile included; a resumed pass's since this process took it up):
+                # per page, what the pass cost the worker, start-up apart.
                 cpu_seconds=round(time.process_time() - cpu, 3),
             )
             return summary
