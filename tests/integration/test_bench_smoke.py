@@ -16,8 +16,9 @@ from tests.conftest import PgServer
 from tests.harness import REPO
 
 EXPECTED = {
-    "timestamp", "config", "machine", "ceiling", "floor", "convsync", "convsync_unchanged", "naive",
-    "dlt", "hidden_ceiling", "mid", "big", "targets", "seconds", "budget",
+    "timestamp", "config", "machine", "ceiling", "ceiling_again", "floor", "convsync",
+    "convsync_unchanged", "naive", "dlt", "hidden_ceiling", "mid", "big", "targets", "seconds",
+    "budget",
 }  # fmt: skip
 
 
@@ -52,6 +53,11 @@ def test_quick_benchmark_writes_its_figures(pg_server: PgServer, tmp_path: Path)
     assert run["exit_code"] == 0
     assert run["summary"]["status"] == "succeeded"
     assert run["pages_ok"] == figures["ceiling"]["pages"] > 0
+    # the ceiling walked again after the pass, which is compared with the mean of the two
+    assert figures["ceiling_again"]["pages"] == figures["ceiling"]["pages"]
+    walks = (figures["ceiling"]["pages_per_second"], figures["ceiling_again"]["pages_per_second"])
+    (end_to_end,) = (t for t in figures["targets"] if t["name"].startswith("end to end / ceil"))
+    assert end_to_end["value"] == pytest.approx(run["pages_per_second"] / (sum(walks) / 2))
     again = figures["convsync_unchanged"]  # the same pass over what the first stored
     assert again["summary"]["status"] == "succeeded"
     assert again["pages_ok"] == run["pages_ok"]

@@ -1,13 +1,15 @@
-"""The benchmark's estimate of what the machine allows (``bench.cli.budget``), on figures of
-one run made up here: its arithmetic, and the figures it leaves out when a phase did not run."""
+"""The benchmark's estimate of what the machine allows (``bench.cli.budget``) and the ceiling
+the pass is compared with, on figures of one run made up here: their arithmetic, and the
+figures left out when a phase did not run."""
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 import pytest
 
-from bench.cli import _budget_lines, budget
+from bench.cli import _budget_lines, budget, ceiling_pages_per_second, evaluate
 
 
 def run(**convsync: Any) -> dict[str, Any]:
@@ -56,3 +58,18 @@ def test_what_a_run_did_not_measure_is_left_out() -> None:
         "what this machine allows, at this run's costs (an estimate)"
     ]
     assert budget(run(pages_ok=0))["cpu_bound_pages_per_second"] is None
+
+
+def test_the_pass_is_compared_with_the_mean_of_the_walks_on_either_side() -> None:
+    figures = {**run(pages_per_second=720.0, peak_rss_mb=60.0, cpu_ms_per_page=0.6),
+               "ceiling_again": {"pages_per_second": 1000.0}}  # fmt: skip
+    assert ceiling_pages_per_second(figures) == pytest.approx(900.0)  # (800 + 1000) / 2
+    assert ceiling_pages_per_second(run()) == 800.0  # a run with one walk: that walk
+    # what the machine allows, as a share of the same mean
+    assert budget(figures)["cpu_bound_of_ceiling"] == pytest.approx(800 / 900)
+    assert budget(figures)["naive_target_of_ceiling"] == pytest.approx(50 * 16 / 900)
+    args = argparse.Namespace(users=4000, big_users=0, mid_users=0, hidden_ceiling=0)
+    (end_to_end, *_) = evaluate(args, figures)
+    assert end_to_end.name == "end to end / ceiling (pages/s)"
+    assert end_to_end.value == pytest.approx(0.8)  # 720 / 900: short of 0.9, though 0.9 of 800
+    assert end_to_end.met is False
