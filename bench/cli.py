@@ -151,12 +151,12 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
         # The ceiling is walked on both sides of the end-to-end pass: the machine's speed
         # drifts within a run, and the pass is compared with the mean of the two walks.
         main_db = await dbs.create("main")
-        results["ceiling"] = await _ceiling(sim, c)
+        results["ceiling"] = await _ceiling(sim, c, "ceiling")
         run = await asyncio.to_thread(run_sync, sim, main_db, c)
         results["convsync"] = run.to_json()
         say(f"convsync: {run.pages_ok} pages in {run.pass_seconds:.2f}s, exit {run.exit_code}")
         _check(run, "convsync")
-        results["ceiling_again"] = await _ceiling(sim, c)
+        results["ceiling_again"] = await _ceiling(sim, c, "ceiling again")
         # The same pass again over what it stored: nothing changed upstream, as most of a
         # deployment's passes after its first (figures only: the targets are the first pass's).
         again = await asyncio.to_thread(run_sync, sim, main_db, c)
@@ -221,7 +221,7 @@ async def _measure(args: argparse.Namespace, dbs: Databases, results: dict[str, 
             _check(run_other, f"convsync ({users} users)")
 
 
-async def _ceiling(sim: SimProcess, concurrency: int) -> dict[str, Any]:
+async def _ceiling(sim: SimProcess, concurrency: int, label: str) -> dict[str, Any]:
     """One walk of the bare client (``bench/ceiling.py``) with its CPU and the machine's."""
     sim.reset_stats()
     cpu, busy, own = sim.cpu(), machine_busy(), process_cpu(os.getpid())
@@ -229,7 +229,7 @@ async def _ceiling(sim: SimProcess, concurrency: int) -> dict[str, Any]:
     ceiling = await walk(sim.url, sim.account_sid, sim.auth_token, concurrency)
     own_cores = own.utilisation(process_cpu(os.getpid()))
     waited, sim_waited = cpu_wait(os.getpid()) - waited, cpu_wait(sim.pid) - sim_waited
-    say(f"ceiling: {ceiling.pages} pages in {ceiling.seconds:.2f}s")
+    say(f"{label}: {ceiling.pages} pages in {ceiling.seconds:.2f}s")
     return {
         **ceiling.__dict__,
         "pages_per_second": ceiling.pages_per_second,
@@ -321,8 +321,9 @@ def budget(r: dict[str, Any]) -> dict[str, Any]:
     ``pass_finished`` line: start-up apart, as pages/s are), its PostgreSQL backends' and the
     simulator's over the child's run (both idle but for the pass). At that cost the machine's
     CPUs give at most ``cpu_bound_pages_per_second``, every core busy all the time: as a share of
-    the ceiling, beside the 0.9 asked. Also the floor's CPU a page (the client alone) and the
-    pages/s the naive target asks for, as a share of the ceiling. None where a figure is missing.
+    the ceiling (the walks' mean, ``ceiling_pages_per_second``), beside the 0.9 asked. Also the
+    floor's CPU a page (the client alone) and the pages/s the naive target asks for, as a share
+    of the ceiling. None where a figure is missing.
     """
     s, ceiling, cpus = r["convsync"], ceiling_pages_per_second(r), r["machine"]["cpus"]
     pages, worker_cpu = s["pages_ok"], s.get("pass_cpu_seconds")
