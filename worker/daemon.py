@@ -215,6 +215,7 @@ class Daemon:
         app.router.add_get("/healthz", self.healthz)
         app.router.add_get("/readyz", self.readyz)
         app.router.add_get("/metrics", self.metrics)
+        metrics.registry  # noqa: B018  # prometheus_client imported now, not in the first scrape
         if self.receiver is not None:
             app.router.add_post(WEBHOOK_PATH, self.receiver.handle)
         return app

@@ -9,10 +9,12 @@ standard process and Python collectors; a ``Metrics()`` of one's own (a test, th
 not. Counters expose no ``_created`` series.
 
 The values are kept here, plain numbers, and handed to prometheus_client when scraped (its
-custom-collector form). Its own metric objects take a lock for every value they change and walk
-a histogram's buckets in Python: with every update switched off, the benchmark's worker spent
-3.3% less CPU a page (ten paired passes); kept here, updates cost about half as much. Updates
-and scrapes happen on one thread, the event loop's.
+custom-collector form); prometheus_client is imported when a registry is first read, so a
+process never scraped (``convsync sync``) does not pay for it. Its own metric objects take a
+lock for every value they change and walk a histogram's buckets in Python: with every update
+switched off, the benchmark's worker spent 3.3% less CPU a page (ten paired passes); kept
+here, updates cost about half as much. Updates and scrapes happen on one thread, the event
+loop's.
 """
 
 from __future__ import annotations
@@ -21,23 +23,11 @@ import bisect
 import itertools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from prometheus_client import (
-    CollectorRegistry,
-    GCCollector,
-    PlatformCollector,
-    ProcessCollector,
-)
-from prometheus_client.core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
-from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import Collector
-from prometheus_client.utils import floatToGoString
+if TYPE_CHECKING:
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.core import Metric
 
 Kind = Literal["counter", "gauge", "histogram"]
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -145,16 +135,19 @@ class Histogram:
 
     def cumulative(self) -> list[tuple[str, float]]:
         """Per upper bound, as prometheus_client names it, the observations at most it."""
+        from prometheus_client.utils import floatToGoString
+
         bounds = [*map(floatToGoString, self.bounds), "+Inf"]
         return list(zip(bounds, itertools.accumulate(self.counts), strict=True))
 
 
 class Metrics:
     """Every family of ``FAMILIES``, its series kept here, exposed by a ``CollectorRegistry``
-    of its own."""
+    of its own (``registry``)."""
 
     def __init__(self, *, process: bool = False) -> None:
-        self.registry = CollectorRegistry()
+        self._process = process
+        self._registry: CollectorRegistry | None = None
         self._specs = {f.name: f for f in FAMILIES}
         # per family: its series by label values (in the family's label order)
         self._values: dict[str, dict[tuple[str, ...], Series]] = {}
@@ -169,11 +162,14 @@ class Metrics:
             (label,) = self._specs[name].labels
             for value in values:
                 self._find(name, {label: value})
-        self.registry.register(_Exposition(self))
-        if process:
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+
+    @property
+    def registry(self) -> CollectorRegistry:
+        """prometheus_client's registry, made when first read (a scrape, a reading): a process
+        never scraped (``convsync sync``) does not import prometheus_client, 35-45 ms of CPU."""
+        if self._registry is None:
+            self._registry = _registry(self, process=self._process)
+        return self._registry
 
     def _find(self, name: str, labels: dict[str, str]) -> Series | Histogram:
         """The series ``name{labels}``, made on first use; ValueError unless ``labels`` are
@@ -233,11 +229,19 @@ class Metrics:
     def render(self, accept: str | None = None) -> tuple[bytes, str]:
         """The exposition (Prometheus text, or OpenMetrics if ``accept`` asks) and its
         Content-Type."""
+        from prometheus_client.exposition import choose_encoder
+
         encode, content_type = choose_encoder(accept or "")
         return encode(self.registry), content_type
 
     def families(self) -> Iterator[Metric]:
         """Every family and its series, as prometheus_client exposes them."""
+        from prometheus_client.core import (
+            CounterMetricFamily,
+            GaugeMetricFamily,
+            HistogramMetricFamily,
+        )
+
         for spec in FAMILIES:
             labels = list(spec.labels)
             if spec.kind == "histogram":
@@ -253,14 +257,28 @@ class Metrics:
             yield family
 
 
-class _Exposition(Collector):
-    """The collector a ``Metrics`` registers: its families, read when scraped."""
+def _registry(metrics: Metrics, *, process: bool) -> CollectorRegistry:
+    """A registry exposing ``metrics``' families, read when scraped; with ``process``, the
+    standard process, platform and garbage collector collectors too."""
+    from prometheus_client import (
+        CollectorRegistry,
+        GCCollector,
+        PlatformCollector,
+        ProcessCollector,
+    )
+    from prometheus_client.registry import Collector
 
-    def __init__(self, metrics: Metrics) -> None:
-        self._metrics = metrics
+    class Exposition(Collector):
+        def collect(self) -> Iterator[Metric]:
+            return metrics.families()
 
-    def collect(self) -> Iterator[Metric]:
-        return self._metrics.families()
+    registry = CollectorRegistry()
+    registry.register(Exposition())
+    if process:
+        ProcessCollector(registry=registry)
+        PlatformCollector(registry=registry)
+        GCCollector(registry=registry)
+    return registry
 
 
 metrics = Metrics(process=True)
