@@ -166,7 +166,8 @@ class Metrics:
     @property
     def registry(self) -> CollectorRegistry:
         """prometheus_client's registry, made when first read (a scrape, a reading): a process
-        never scraped (``convsync sync``) does not import prometheus_client, 35-45 ms of CPU."""
+        never scraped (``convsync sync``) does not import prometheus_client (0.05 G of the 1.47 G
+        instructions its imports took, under callgrind)."""
         if self._registry is None:
             self._registry = _registry(self, process=self._process)
         return self._registry

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
 
 import pytest
 from prometheus_client.openmetrics.parser import (
@@ -132,3 +134,23 @@ def test_each_kind_takes_only_its_own_updates() -> None:
     registry.inc("convsync_requests_in_flight", -1.0)  # a gauge may
     assert registry.value("convsync_requests_in_flight") == -1.0
     assert registry.value("convsync_pages_total", kind="users") == 0
+
+
+def test_a_pass_imports_prometheus_client_only_when_metrics_are_read() -> None:
+    """``convsync sync`` is never scraped: its imports leave prometheus_client out, and the
+    registry, made when first read, still renders what was counted before it existed."""
+    code = (
+        "import sys\n"
+        "import worker.cli, worker.sync\n"
+        "from worker.metrics import Metrics\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported by the pass'\n"
+        "m = Metrics()\n"
+        "m.inc('convsync_pages_total', 2, kind='conversations')\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported by an update'\n"
+        "body, _ = m.render()\n"
+        "assert b'convsync_pages_total{kind=\"conversations\"} 2.0' in body, body\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
