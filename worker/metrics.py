@@ -219,9 +219,18 @@ class Metrics:
         self.histogram(name, **labels).observe(value)
 
     def value(self, name: str, **labels: str) -> float:
-        """Current value of a counter or gauge (0 when never set)."""
-        found: float | None = self.registry.get_sample_value(name, labels)
-        return 0.0 if found is None else found
+        """Current value of a counter or gauge (0 when never set), read where it is kept (the
+        progress line reads some every frame); any other sample (a histogram's ``_count``,
+        ``_sum``, ``_bucket``) as prometheus_client exposes it."""
+        kept = self._values.get(name)
+        if kept is None:
+            found: float | None = self.registry.get_sample_value(name, labels)
+            return 0.0 if found is None else found
+        spec = self._specs[name]
+        if set(labels) != set(spec.labels):
+            return 0.0  # no series has these labels, as no exposed sample would
+        series = kept.get(tuple(str(labels[label]) for label in spec.labels))
+        return 0.0 if series is None else series.value
 
     def total(self, name: str) -> float:
         """Sum of a counter over all its labels."""

@@ -137,16 +137,23 @@ def test_each_kind_takes_only_its_own_updates() -> None:
 
 
 def test_a_pass_imports_prometheus_client_only_when_metrics_are_read() -> None:
-    """``convsync sync`` is never scraped: its imports leave prometheus_client out, and the
-    registry, made when first read, still renders what was counted before it existed."""
+    """``convsync sync`` is never scraped: its imports, its updates and the progress line's
+    readings (every frame, on a terminal) leave prometheus_client out, and a registry made
+    afterwards renders what was counted before it existed."""
     code = (
-        "import sys\n"
+        "import sys, io\n"
         "import worker.cli, worker.sync\n"
+        "from worker.limiter import AdaptiveLimiter\n"
         "from worker.metrics import Metrics\n"
+        "from worker.progress import ProgressLine\n"
         "assert 'prometheus_client' not in sys.modules, 'imported by the pass'\n"
         "m = Metrics()\n"
         "m.inc('convsync_pages_total', 2, kind='conversations')\n"
-        "assert 'prometheus_client' not in sys.modules, 'imported by an update'\n"
+        "m.inc('convsync_users_total', outcome='synced')\n"
+        "line = ProgressLine(None, AdaptiveLimiter(4), lambda: None, io.StringIO(), m)\n"
+        "frame = line.frame(1.0)\n"
+        "assert (frame.pages, frame.users_done) == (2, 1), frame\n"
+        "assert 'prometheus_client' not in sys.modules, 'imported by an update or a reading'\n"
         "body, _ = m.render()\n"
         "assert b'convsync_pages_total{kind=\"conversations\"} 2.0' in body, body\n"
     )
