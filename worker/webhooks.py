@@ -126,7 +126,7 @@ def parse_event(form: Mapping[str, str]) -> Event | None:
         return None
     if event_type in PARTICIPANT_EVENTS:
         identity = form.get("Identity") or None
-        if identity is None:
+        if identity is None or "\x00" in identity:  # none, or none PostgreSQL's text holds
             return None
         return Event(event_type, service, conversation, identity, "participant")
     if conversation is None:

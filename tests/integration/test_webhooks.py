@@ -296,6 +296,18 @@ async def test_a_forged_or_replayed_webhook_changes_nothing(
         assert resent.status == 200
         await until(lambda: _none_left(db_url), timeout=10, what="the resent one served")
         assert conversation_pages(server) > pages_before
+        # Signed, but naming an identity no text column holds (a NUL): ignored, not a
+        # database failure (503) that Twilio would retry.
+        params = [
+            ("EventType", "onParticipantAdded"),
+            ("ChatServiceSid", service),
+            ("ConversationSid", conversation),
+            ("Identity", "some\x00one"),
+        ]
+        signed = twilio_signature(server.sim.config.auth_token, url, params)
+        status, answer = await post_form(url, params, {"X-Twilio-Signature": signed})
+        assert (status, answer) == (200, {"status": "ignored"})
+        assert await targets_left(db_url) == 0
         values = await metric_values(replica.url)
     finally:
         assert replica.stop() == 0
