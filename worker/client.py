@@ -340,9 +340,12 @@ class TwilioClient:
             return url
         if url.startswith(self._prefix) and "#" not in url and not url.endswith("?"):
             return url[len(self._prefix) - 1 :]  # what the parse below returns, without it
-        if _origin(url) != self._origin:
+        try:
+            origin, parts = _origin(url), urlsplit(url)
+        except ValueError:  # a port that is not a number, an unclosed IPv6 bracket
+            raise MalformedPage("its next_page_url is not a valid URL") from None
+        if origin != self._origin:
             raise MalformedPage("next_page_url points outside the configured API base URL")
-        parts = urlsplit(url)
         return parts.path + (f"?{parts.query}" if parts.query else "")
 
 
@@ -425,7 +428,7 @@ def _twilio_error(raw: bytes, secrets: tuple[str, ...]) -> tuple[int | None, str
     credentials sent)."""
     try:
         body = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # not JSON, or nested too deeply to read
         return None, None
     if not isinstance(body, dict):
         return None, None

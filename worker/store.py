@@ -275,7 +275,7 @@ class Store:
                    FROM totals t
                    WHERE r.run_id = $1 AND r.status = 'running'""",
                 run_id,
-                error,
+                None if error is None else error_text(error),
             )
         return await self.pass_summary(run_id)
 
@@ -483,7 +483,7 @@ class Store:
             claim.run_id,
             claim.chat_service_sid,
             claim.token,
-            error[:2000],
+            error_text(error),
         )
 
     async def restart_discovery(self, claim: DiscoveryClaim, pages_written: int) -> bool:
@@ -782,7 +782,7 @@ class Store:
             claim.chat_service_sid,
             claim.user_sid,
             claim.token,
-            error[:2000],
+            error_text(error),
         )
 
     async def mark_user_gone(self, claim: UserClaim) -> None:
@@ -861,6 +861,15 @@ class Store:
 
 
 # --- statements shared by the methods above ---------------------------------------------------
+
+
+def error_text(error: str) -> str:
+    """An error message as a text column holds it, cut to 2,000 characters. Upstream text
+    quoted in it (Twilio's message, a next_page_url) may hold a NUL or, through JSON's
+    escapes, a lone surrogate, which PostgreSQL's text refuses: they are kept, escaped
+    (``\\x00``, ``\\ud800``), so that recording the failure cannot fail too."""
+    escaped = error.replace("\x00", "\\x00").encode("utf-8", "backslashreplace")
+    return escaped.decode("utf-8")[:2000]
 
 
 def new_claim_token(owner: str) -> str:

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.store import UserClaim
+from worker.store import UserClaim, error_text
 from worker.webhooks import Event, Recorded
 
 WEBHOOK_EVENTS_KEPT_SECONDS = 86_400.0  # idempotency keys remembered this long
@@ -214,7 +214,7 @@ class TargetQueue:
             target.user_ref,
             target.token,
             seconds,
-            error,
+            None if error is None else error_text(error),
         )
 
     async def drop(self, target: Target) -> None:

@@ -20,7 +20,7 @@ import zlib
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from aiohttp import web
 
@@ -28,6 +28,7 @@ from convsync_tools.simdata import Dataset
 
 MIB = 1 << 20
 GIB = 1 << 30
+NUL_MESSAGE = "refused\x00 here \ud800 too"  # what a nul_error says
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,10 @@ class Trick:
     its Content-Length), ``gzip_bomb`` / ``deflate_bomb`` (1 GiB compressed to a few MB),
     ``many_items`` (10,000 items), ``huge_field`` (a 20 MB friendly_name in item 0),
     ``newline_sid`` (item ``item``'s SID followed by "\\n"; ``extra``: as an added item),
-    ``echo_401`` (every request: 401 whose message echoes the credentials it was sent).
+    ``echo_401`` (every request: 401 whose message echoes the credentials it was sent),
+    ``nul_error`` (a 409 whose message holds a NUL and a lone surrogate, which PostgreSQL's
+    text refuses), ``nested_error`` (a 409 whose body nests 100,000 arrays),
+    ``bad_port_next`` (a next_page_url whose port is not a number).
     """
 
     kind: str
@@ -182,6 +186,14 @@ class Hostile:
             body["meta"]["next_page_url"] = (
                 self.page_url(path, size, page + 1) if (page + 1) * size < len(items) else None
             )
+            return _json(body)
+        if trick.kind == "nul_error":
+            return _twilio_error(409, 50000, NUL_MESSAGE)
+        if trick.kind == "nested_error":
+            return web.Response(status=409, body=b"[" * 100_000, content_type="application/json")
+        if trick.kind == "bad_port_next":
+            origin = urlsplit(self.base_url)
+            meta["next_page_url"] = f"{origin.scheme}://{origin.hostname}:abc{path}?Page=1"
             return _json(body)
         if trick.kind == "endless_body":
             return await self.stream(request, path, b'{"%s": [' % key.encode(), GIB, None)

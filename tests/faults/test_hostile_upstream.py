@@ -1,8 +1,9 @@
 """A hostile upstream, for real: `convsync sync` as a child process against an aiohttp server on
 127.0.0.1 (tests/faults/hostile.py) that loops its paging, leaves its listing, never ends a
 listing or a body, offers 200 MB pages, compression bombs, 10,000 items for PageSize=50, a 20 MB
-field and SIDs ending in a newline, or echoes the credentials in a 401; and `convsync run`'s
-HTTP port given 300 half-sent requests.
+field and SIDs ending in a newline, answers an error whose message holds a NUL and a lone
+surrogate or whose body nests 100,000 arrays, links to a next page whose port is not a number,
+or echoes the credentials in a 401; and `convsync run`'s HTTP port given 300 half-sent requests.
 
 Every case shows: the pass ends by itself within a bound, with the documented exit code and no
 traceback in any output; peak RSS (the child's ru_maxrss) stays under 200 MB, also while a 1 GB
@@ -85,11 +86,55 @@ class Case:
     # reason an item was quarantined
     failed: Callable[[World], str] | None = None
     listing_failed: bool = False
+    pass_failed: bool = False  # the services listing failed: the pass ended with ``error``
     error: str = ""
     quarantined: str = ""
     bad_users: Callable[[World], list[str]] = lambda w: []
     env: dict[str, str] = field(default_factory=dict)
     requests_at_most: int | None = None  # to the tricked path: no retries, no loop followed
+
+
+# The listings a trick can be set on: services, the service's users, the victim's conversations.
+PATHS: dict[str, Callable[[World], str]] = {
+    "services": lambda w: Hostile.services_path(),
+    "users": lambda w: Hostile.users_path(w.service),
+    "conversations": lambda w: w.conversations(w.victim),
+}
+
+# What a listing's first page refused for the trick's reason fails: the pass (services), the
+# users listing, or the victim's listing; and the error each leaves. A NUL and a lone surrogate
+# are kept in the error, escaped as PostgreSQL's text can hold them.
+REFUSED_BECAUSE = {
+    "nul_error": "HTTP 409 code 50000: refused\\x00 here \\ud800 too",
+    "nested_error": "HTTP 409",
+    "bad_port_next": "its next_page_url is not a valid URL",
+}
+
+
+def first_page_refused(name: str, where: str, kind: str) -> Case:
+    """The first page of the listing ``where`` (a key of PATHS) answers the trick ``kind``."""
+
+    def tricked(w: World) -> dict[str, Trick]:
+        return {PATHS[where](w): Trick(kind)}
+
+    def victim(w: World) -> str:
+        return w.victim
+
+    def nobody_listed(w: World) -> list[str]:
+        return w.users
+
+    user_listing = where == "conversations"
+    return Case(
+        name,
+        tricked,
+        exit_code=1,
+        failed=victim if user_listing else None,
+        listing_failed=where == "users",
+        pass_failed=where == "services",
+        error=REFUSED_BECAUSE[kind],
+        bad_users=nobody_listed if not user_listing else lambda w: [],
+        requests_at_most=1,
+    )
 
 
 CASES = [
@@ -176,6 +221,22 @@ CASES = [
         error="above CONVSYNC_MAX_RESPONSE_BYTES",
         requests_at_most=1,
     ),
+    *(
+        first_page_refused(f"error_message_with_nul_and_lone_surrogate_{where}", where, kind)
+        for where, kind in (
+            ("services", "nul_error"),
+            ("users", "nul_error"),
+            ("conversations", "nul_error"),
+        )
+    ),
+    *(
+        first_page_refused(f"{name}_{where}", where, kind)
+        for name, kind in (
+            ("error_body_nested_too_deeply", "nested_error"),
+            ("next_page_url_with_a_port_not_a_number", "bad_port_next"),
+        )
+        for where in ("services", "conversations")
+    ),
     Case(
         "service_sid_ending_in_newline",
         lambda w: {Hostile.services_path(): Trick("newline_sid", extra=True)},
@@ -254,6 +315,10 @@ async def test_a_hostile_upstream_costs_one_listing_or_item_never_the_pass(
     )
     listing_errors = await fetch(db_url, "SELECT error FROM sync_discovery WHERE error IS NOT NULL")
     failed = case.failed(world) if case.failed else None
+    if case.pass_failed:
+        passes = await fetch(db_url, "SELECT status, error FROM sync_runs")
+        assert [p["status"] for p in passes] == ["failed"], passes
+        assert case.error in passes[0]["error"], passes
     if case.listing_failed:
         assert [r["error"] for r in listing_errors if case.error in r["error"]], listing_errors
     else:
