@@ -111,7 +111,8 @@ class TargetQueue:
                    WHERE due_at <= now() AND (claimed_by IS NULL OR lease_until < now()
                                               OR ($4 AND starts_with(claimed_by, $1 || '.')))
                    ORDER BY due_at LIMIT $3 FOR UPDATE SKIP LOCKED)
-               UPDATE relist_targets t SET claimed_by = $1 || '.' || md5(t.user_ref),
+               UPDATE relist_targets t SET claimed_by = $1 || '.'
+                          || md5(t.chat_service_sid || '/' || t.user_ref),
                       lease_until = now() + make_interval(secs => $2),
                       claimed_generation = t.generation, attempts = t.attempts + 1
                FROM due d

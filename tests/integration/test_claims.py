@@ -12,6 +12,7 @@ from tests.harness import scalar
 from worker.errors import LeaseLost, PassBusy
 from worker.model import ConversationsPage
 from worker.store import Store
+from worker.targets import TargetQueue
 
 SERVICE = "IS" + "1" * 32
 USER = "US" + "2" * 32
@@ -147,3 +148,18 @@ async def test_claim_tokens_never_hold_a_slash_in_the_owner(store: Store) -> Non
     assert claim.token.count("/") == 1
     await store.release_all("team/replica-1")
     assert await store.pool.fetchval("SELECT claimed_by FROM sync_cursors") is None
+
+
+async def test_one_identity_due_in_two_services_gets_two_relist_claims(store: Store) -> None:
+    # A claim token stands for one target: the re-lister's held claims are a set, so two
+    # targets sharing a token would lose the second's lease renewal when the first ends.
+    other_service = "IS" + "4" * 32
+    for service in (SERVICE, other_service):
+        await store.pool.execute(
+            "INSERT INTO relist_targets (chat_service_sid, user_ref, due_at) VALUES ($1, $2, now())",
+            service,
+            "alice",
+        )
+    targets = await TargetQueue(store.pool).claim_due("replica-1", 60, 10)
+    assert sorted(t.chat_service_sid for t in targets) == [SERVICE, other_service]
+    assert len({t.token for t in targets}) == 2
