@@ -201,15 +201,26 @@ class PageWriter:
 
     def _conversations_to_write(self, writes: list[PageWrite]) -> list[list[int]]:
         """Per page, the items whose conversation the batch writes: all but those committed
-        at the same ``date_updated`` already."""
+        at the same ``date_updated`` already, unless the batch has an undated version of it
+        too (that one alone would overwrite the row; beside it, the dated one wins)."""
         known, older = self._known, self._older
+        pages = [w.page for w in writes]
+        undated = {
+            sid
+            for p in pages
+            if None in p.updated
+            for sid, updated in zip(p.sids, p.updated, strict=True)
+            if updated is None
+        }
         return [
             [
                 index
                 for index, (sid, updated) in enumerate(zip(p.sids, p.updated, strict=True))
-                if updated is None or (known.get(sid) or older.get(sid)) != updated
+                if updated is None
+                or (known.get(sid) or older.get(sid)) != updated
+                or sid in undated
             ]
-            for p in (w.page for w in writes)
+            for p in pages
         ]
 
     def _forget(self, opened: int) -> None:

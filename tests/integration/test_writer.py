@@ -269,6 +269,30 @@ async def test_an_undated_conversation_is_written_each_time_beside_remembered_on
     assert dict(rows) == {SHARED: "kept", undated: "own"}
 
 
+async def test_a_batch_with_an_undated_version_writes_the_remembered_one_beside_it(
+    store: Store, db_url: str
+) -> None:
+    # In one batch, an undated version and the remembered dated one of a conversation: the
+    # batch writes what it would write remembering nothing (the dated version, as undated
+    # ones sort last), never the undated one alone.
+    claims = await claim_everyone(store)
+    writer = writer_for(store)
+    runner = asyncio.create_task(writer.run())
+    try:
+        first, second, third = USERS[:3]
+        await writer.write(page_of(claims[first], item(first, SHARED)))
+        undated = item(second, SHARED, date_updated=None, friendly_name="undated")
+        dated = item(third, SHARED, friendly_name="dated")  # the remembered date_updated
+        await asyncio.gather(
+            writer.write(page_of(claims[second], undated)),
+            writer.write(page_of(claims[third], dated)),
+        )
+        assert writer.batches == 2
+    finally:
+        runner.cancel()
+    assert await scalar(db_url, "SELECT friendly_name FROM conversations") == "dated"
+
+
 async def test_a_writer_forgets_what_it_committed_once_a_connection_was_opened_since(
     store: Store, db_url: str
 ) -> None:
