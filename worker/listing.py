@@ -33,6 +33,7 @@ from worker.errors import (
     FatalError,
     Interrupted,
     LeaseLost,
+    ListingRefused,
     PageRefused,
     PageTokenRejected,
     UserGone,
@@ -68,8 +69,9 @@ class Listing(abc.ABC):
         """Give the claim back, cursor kept, to be continued at once."""
 
     @abc.abstractmethod
-    async def fail(self, message: str) -> None:
-        """Record the listing failed (its rows kept, nothing marked removed)."""
+    async def fail(self, message: str, *, restart: bool = False) -> None:
+        """Record the listing failed (its rows kept, nothing marked removed); ``restart``: its
+        next walk starts at page one, not at its cursor."""
 
     async def gone(self, message: str) -> None:
         """Record that the listing's owner no longer exists (404); by default, a failure."""
@@ -104,7 +106,9 @@ async def walk(listing: Listing, fetch: Fetch, max_pages: int, stop: asyncio.Eve
         log.error(
             "listing_failed", listing=listing.kind, error=message, error_kind=type(error).__name__
         )
-        await listing.fail(message)
+        # Refused past its bound or for a loop, a walk continued from its cursor would be
+        # refused again at once (or walk the loop again), pass after pass: it starts over.
+        await listing.fail(message, restart=isinstance(error, ListingRefused))
     except Exception as error:
         # A bug must cost one listing, not the pass (and not every later pass).
         log.exception("listing_crashed", listing=listing.kind)

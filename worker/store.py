@@ -772,17 +772,25 @@ class Store:
             claim.token,
         )
 
-    async def mark_user_failed(self, claim: UserClaim, error: str) -> None:
-        """The user failed this pass: its cursor stays, for the next pass to continue."""
+    async def mark_user_failed(
+        self, claim: UserClaim, error: str, *, restart: bool = False
+    ) -> None:
+        """The user failed this pass: its cursor stays, for the next pass to continue (or, with
+        ``restart``, is reset: the next pass lists the user from page one, nothing removed)."""
         await self.pool.execute(
             """UPDATE sync_cursors SET state = 'failed', last_error = $4, last_error_at = now(),
-                      claimed_by = NULL, lease_until = NULL
+                      claimed_by = NULL, lease_until = NULL,
+                      next_page_path = CASE WHEN $5 THEN NULL ELSE next_page_path END,
+                      listing_pages = CASE WHEN $5 THEN 0 ELSE listing_pages END,
+                      seen_conversations = CASE WHEN $5 THEN '{}' ELSE seen_conversations END,
+                      listing_started_at = CASE WHEN $5 THEN NULL ELSE listing_started_at END
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3
                  AND state = 'pending'""",
             claim.chat_service_sid,
             claim.user_sid,
             claim.token,
             error_text(error),
+            restart,
         )
 
     async def mark_user_gone(self, claim: UserClaim) -> None:

@@ -424,8 +424,9 @@ class UsersListing(Listing):
     async def release(self) -> None:
         await self.sync.db.call(self.sync.store.release_discovery, self.claim)
 
-    async def fail(self, message: str) -> None:
-        # Without its last page the listing proves nothing gone: nobody is marked.
+    async def fail(self, message: str, *, restart: bool = False) -> None:
+        # Without its last page the listing proves nothing gone: nobody is marked. (The next
+        # pass lists users from page one whatever ``restart`` says.)
         await self.sync.db.call(self.sync.store.fail_discovery, self.claim, message)
 
     async def done(self) -> None:
@@ -496,10 +497,11 @@ class ConversationsListing(Listing):
     async def release(self) -> None:
         await self.sync.db.call(self.sync.store.release_user, self.claim)
 
-    async def fail(self, message: str) -> None:
+    async def fail(self, message: str, *, restart: bool = False) -> None:
         self.outcome = "failed"
         self.sync.metrics.inc("convsync_users_total", outcome="failed")
-        await self.sync.db.call(self.sync.store.mark_user_failed, self.claim, message)
+        store = self.sync.store
+        await self.sync.db.call(store.mark_user_failed, self.claim, message, restart=restart)
 
     async def gone(self, message: str) -> None:
         self.outcome = "gone"

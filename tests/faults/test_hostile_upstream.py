@@ -367,6 +367,34 @@ async def test_a_hostile_upstream_costs_one_listing_or_item_never_the_pass(
     )
 
 
+async def test_a_listing_refused_for_its_bound_starts_again_at_page_one_next_pass(
+    dataset: Dataset, db_url: str
+) -> None:
+    # Continued from its cursor, a listing refused past CONVSYNC_MAX_PAGES (or for a loop)
+    # would be refused again, before any fetch, in every later pass: its user never synced
+    # again, whatever the upstream did since.
+    world = World.of(dataset)
+    hostile = Hostile(dataset, AUTH_TOKEN)
+    heavy = world.conversations(world.heavy)
+    hostile.tricks[heavy] = Trick("endless_tokens")
+    with HostileServer(hostile) as upstream:
+        env = hostile_env(upstream.url, db_url, dataset, CONVSYNC_MAX_PAGES="25")
+        refused = await asyncio.to_thread(run_measured, ["sync"], env, WITHIN)
+        hostile.tricks.clear()  # the upstream mends its paging
+        hostile.served.requests.clear()
+        mended = await asyncio.to_thread(run_measured, ["sync"], env, WITHIN)
+        base = upstream.url
+    for result, what in ((refused, "refused"), (mended, "mended")):
+        assert_clean(result, what)
+    assert refused.returncode == 1, refused.stderr[-3000:]
+    assert mended.returncode == 0, mended.stderr[-3000:]
+    pages = -(-dataset.membership_count(world.service, world.heavy) // PAGE)
+    assert hostile.served.requests[heavy] == pages  # from page one, each page once
+    stored = await stored_by_user(db_url)
+    items = dataset.memberships(world.service, world.heavy, base)
+    assert stored[world.heavy] == {expected_row(i) for i in items}
+
+
 # --- a 401 that echoes the credentials ----------------------------------------------------------
 
 TAG = secrets.token_hex(4)

@@ -156,7 +156,8 @@ async def test_one_identity_due_in_two_services_gets_two_relist_claims(store: St
     other_service = "IS" + "4" * 32
     for service in (SERVICE, other_service):
         await store.pool.execute(
-            "INSERT INTO relist_targets (chat_service_sid, user_ref, due_at) VALUES ($1, $2, now())",
+            """INSERT INTO relist_targets (chat_service_sid, user_ref, due_at)
+               VALUES ($1, $2, now())""",
             service,
             "alice",
         )
