@@ -89,7 +89,10 @@ class Relister:
         self._failed = asyncio.Event()
 
     async def run(self) -> None:
-        """Claim and serve due targets until stopped; in-flight re-lists get the grace."""
+        """Claim and serve due targets until stopped; in-flight re-lists get the grace.
+        Raises what stopped it; run again (the daemon does, after a pause), it starts afresh."""
+        self.failure = None
+        self._failed.clear()
         stop = self.shutdown.stop
         serving: set[asyncio.Task[None]] = set()
         helpers = [

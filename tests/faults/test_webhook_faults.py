@@ -125,3 +125,76 @@ async def test_webhooks_while_the_database_is_read_only_get_503_and_lose_nothing
         record(webhook_503_while_read_only=refused)
     finally:
         assert replica.stop() == 0
+
+
+def _identity(server: SimulatorServer, service: str, user: str) -> str:
+    data = server.sim.dataset
+    return str(next(u["identity"] for u in data.expected_users(service) if u["sid"] == user))
+
+
+async def _participant_updated(
+    server: SimulatorServer, url: str, service: str, user: str, conversation: str
+) -> None:
+    params = [
+        ("AccountSid", server.sim.config.account_sid),
+        ("EventType", "onParticipantUpdated"),
+        ("ChatServiceSid", service),
+        ("ConversationSid", conversation),
+        ("Identity", _identity(server, service, user)),
+    ]
+    headers = {"X-Twilio-Signature": twilio_signature(server.sim.config.auth_token, url, params)}
+    status, body = await post_form(url, params, headers)
+    assert (status, body["status"]) == (200, "accepted"), body
+
+
+@outlasts_the_hour
+async def test_a_relist_that_lost_the_database_past_its_wait_leaves_the_relister_serving(
+    server: SimulatorServer, db_url: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # A re-list's page write meets a read-only database for longer than
+    # CONVSYNC_DB_WAIT_SECONDS: the re-lister stops, and once the database is back it must
+    # serve that target (after its lease) and those recorded since, not stop again at once.
+    await clear_of_the_hour()
+    env = webhook_env(
+        server,
+        db_url,
+        CONVSYNC_WEBHOOK_COALESCE_SECONDS="0",
+        CONVSYNC_DB_WAIT_SECONDS="1",
+        CONVSYNC_LEASE_SECONDS="3",
+        # one re-list at a time: while it runs the re-lister only waits for it, so its page
+        # write is what meets the read-only database (not the next claim of a target)
+        CONVSYNC_RELIST_CONCURRENCY="1",
+    )
+    replica = Replica(env, tmp_path / "run.log")
+    try:
+        await first_pass_done(db_url)
+        url = f"{replica.url}{PATH}"
+        data = server.sim.dataset
+        service = data.service_sids()[0]
+        users = [u for u in data.user_sids(service) if data.membership_count(service, u)]
+        cut_off, later = users[0], users[1]
+        conversation = data.memberships(service, cut_off)[0]["conversation_sid"]
+        data.set_unread(service, cut_off, conversation, 31, 4)
+        server.sim.reset_stats()
+        server.sim.hold()  # the re-list's page waits at the upstream
+        await _participant_updated(server, url, service, cut_off, conversation)
+        assert await asyncio.to_thread(server.sim.wait_until, lambda s: s.in_flight >= 1, 20)
+        failover = Failover(admin, db_url)
+        await failover.demote()
+        try:
+            server.sim.release()  # its page comes back to a database that refuses writes
+
+            async def stopped() -> bool:
+                return any(e["event"] == "relister_stopped" for e in replica.events())
+
+            await until(stopped, timeout=30, what="the re-lister stopped")
+        finally:
+            await failover.promote()
+        other = data.memberships(service, later)[0]["conversation_sid"]
+        data.set_unread(service, later, other, 32, 5)
+        await _participant_updated(server, url, service, later, other)
+        await until(lambda: mirrors(server, db_url), timeout=40, what="both re-lists")
+        assert await targets_left(db_url) == 0
+    finally:
+        server.sim.release()
+        assert replica.stop() == 0
