@@ -35,7 +35,9 @@ class Backoff:
     cap: float = 20.0
 
     def delay(self, retry_num: int) -> float:
-        return random.uniform(0, min(self.cap, self.base * 2 ** (retry_num - 1)))
+        # The exponent is bounded first: retries bounded only by seconds can number thousands,
+        # and 2.0 ** 1024 is past a float's range.
+        return random.uniform(0, min(self.cap, self.base * 2.0 ** min(retry_num - 1, 64)))
 
 
 async def retrying(
