@@ -6,6 +6,7 @@ import base64
 import dataclasses
 import importlib.util
 import ipaddress
+import math
 import os
 import re
 import secrets
@@ -22,6 +23,10 @@ from worker.sids import SID_PATTERNS
 SERVICE_SID, USER_SID = SID_PATTERNS["IS"], SID_PATTERNS["US"]
 ACCOUNT_SID, API_KEY_SID = SID_PATTERNS["AC"], SID_PATTERNS["SK"]
 MAX_PAGE_SIZE = 50
+# The bound of a float setting that names none (seconds, requests a second): 10^8 seconds is
+# three years, past any sensible value and well within what PostgreSQL's intervals and
+# asyncio's timers hold.
+FLOAT_SETTING_BOUND = 100_000_000
 SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")
 SESSION_ATTRS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
 Number = TypeVar("Number", int, float)
@@ -365,6 +370,10 @@ def _number(
         value = cast(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
+    if not math.isfinite(value):  # nan passes every comparison; inf overflows what uses it
+        raise ConfigError(f"{name} must be a finite number, got {raw!r}")
+    if high is None and cast is float:
+        high = cast(FLOAT_SETTING_BOUND)
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name} must be {bound}, got {raw}")
@@ -391,7 +400,13 @@ def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
         raise ConfigError(f"{name} is not a valid URL") from None
     if parts.scheme not in ("postgres", "postgresql"):
         raise ConfigError(f"{name} must start with postgresql://")
-    for key, value in parse_qsl(parts.query, keep_blank_values=True):
+    try:  # every field key=value, as asyncpg requires (its error would quote the rest)
+        fields = parse_qsl(parts.query, keep_blank_values=True, strict_parsing=bool(parts.query))
+    except ValueError:
+        raise ConfigError(
+            f"{name}: its query is malformed (a password holding ?, & or # must be percent-encoded)"
+        ) from None
+    for key, value in fields:
         allowed = {"sslmode": SSL_MODES, "target_session_attrs": SESSION_ATTRS}.get(key)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"{name}: {key} must be one of {', '.join(allowed)}")

@@ -36,6 +36,15 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"CONVSYNC_DB_WAIT_SECONDS": "-1"}, "CONVSYNC_DB_WAIT_SECONDS"),
         ({"CONVSYNC_HTTP_HOST": "my host"}, "CONVSYNC_HTTP_HOST"),
         ({"CONVSYNC_HTTP_HEADER_TIMEOUT": "0"}, "CONVSYNC_HTTP_HEADER_TIMEOUT"),
+        # nan passes every comparison and inf, like a huge value, overflows an interval or a
+        # timer later: each is refused here, named
+        ({"CONVSYNC_REQUEST_TIMEOUT": "nan"}, "CONVSYNC_REQUEST_TIMEOUT must be a finite"),
+        ({"CONVSYNC_WEBHOOK_COALESCE_SECONDS": "nan"}, "CONVSYNC_WEBHOOK_COALESCE_SECONDS"),
+        ({"CONVSYNC_INTERVAL": "inf"}, "CONVSYNC_INTERVAL must be a finite"),
+        ({"CONVSYNC_DB_WAIT_SECONDS": "inf"}, "CONVSYNC_DB_WAIT_SECONDS"),
+        ({"CONVSYNC_SHUTDOWN_GRACE": "-inf"}, "CONVSYNC_SHUTDOWN_GRACE"),
+        ({"CONVSYNC_LEASE_SECONDS": "1e17"}, "CONVSYNC_LEASE_SECONDS must be between"),
+        ({"CONVSYNC_RATE_LIMIT": "NaN"}, "CONVSYNC_RATE_LIMIT"),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], named: str) -> None:
@@ -105,6 +114,19 @@ def test_secrets_hidden_in_urls_are_found_even_in_an_invalid_one() -> None:
         }
     )
     assert {"p%40ss", "p@ss", "q%26w", "q&w", "base-secret"} <= set(found)
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "postgresql://root:12?tailpart9@127.0.0.1:5432/db",  # an unencoded ? in the password
+        "postgresql://root@127.0.0.1/db?password=s3cr&tailpart9",  # an unencoded &
+    ],
+)
+def test_a_url_asyncpg_would_refuse_is_refused_without_its_secret(url: str) -> None:
+    with pytest.raises(ConfigError, match="DATABASE_URL: its query is malformed") as refused:
+        load_settings({"DATABASE_URL": url})
+    assert "tailpart9" not in str(refused.value)
 
 
 def test_every_variable_read_is_declared() -> None:
