@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     status = commands.add_parser("status", help="the last passes and users failing or mid-listing")
     status.add_argument("--json", action="store_true", help="machine-readable output")
-    status.add_argument("--limit", type=int, default=10, help="passes to show")
+    status.add_argument("--limit", type=_count, default=10, help="passes to show")
     commands.add_parser("simulate", help="serve the bundled Twilio simulator (see --help)")
     commands.add_parser("run", help="long-running: scheduled passes, /healthz, /metrics")
     demo = commands.add_parser("demo", help="simulator + local Postgres + one pass + queries")
@@ -172,12 +172,21 @@ async def _database(settings: Settings) -> str:
         raise ConfigError(f"DATABASE_URL was refused: {type(error).__name__}") from None
     except asyncpg.ClientConfigurationError as error:
         raise ConfigError(f"DATABASE_URL is not usable: {redact(str(error))}") from None
+    except ValueError:  # asyncpg's parse of it; its message may quote any part of the URL
+        raise ConfigError("DATABASE_URL is not usable: asyncpg cannot parse it") from None
     except (OSError, TimeoutError, asyncpg.PostgresError) as error:
         raise DatabaseUnreachable(
             f"cannot reach the database in DATABASE_URL: {type(error).__name__}"
         ) from None
     await conn.close()
     return dsn
+
+
+async def _require_migrated(conn: asyncpg.Connection) -> None:
+    """ConfigError (exit 2) naming the first migration the database still lacks, if any."""
+    missing = await pending_migrations(conn)
+    if missing:
+        raise ConfigError(f"the database is not migrated ({missing[0]}...): run convsync migrate")
 
 
 async def sync_command(
@@ -201,11 +210,7 @@ async def sync_command(
     store = await Store.connect(dsn, settings.db_pool_size)
     try:
         async with store.pool.acquire() as conn:
-            missing = await pending_migrations(conn)
-        if missing:
-            raise ConfigError(
-                f"the database is not migrated ({missing[0]}...): run convsync migrate"
-            )
+            await _require_migrated(conn)
         with stops.graceful(settings.shutdown_grace) as shutdown:
             async with TwilioClient(settings, stop=shutdown.stop) as client:
                 sync = SyncPass(settings, store, client, scope, shutdown=shutdown)
@@ -227,6 +232,7 @@ async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
     dsn = await _database(settings)
     conn = await asyncpg.connect(dsn)
     try:
+        await _require_migrated(conn)
         passes = await recent_passes(conn, limit)
         users = await troubled_users(conn)
         relists = await pending_relists(conn)
@@ -278,6 +284,13 @@ async def status_command(settings: Settings, as_json: bool, limit: int) -> int:
     return EXIT_OK
 
 
+def _count(text: str) -> int:
+    """An argument that counts something: a whole number, 0 or more."""
+    if not (text.isascii() and text.isdigit()):
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, got {text!r}")
+    return int(text)
+
+
 def _json_default(value: Any) -> str:
     if isinstance(value, datetime):
         return value.isoformat()
@@ -293,7 +306,7 @@ def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
         return "" if value is None else str(value)[:60]
 
     body = [[cell(r.get(c)) for c in columns] for r in rows]
-    widths = [max(len(c), *(len(b[i]) for b in body)) for i, c in enumerate(columns)]
+    widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(columns)]
     lines = ["  ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(b, widths, strict=True)) for b in body]
     return "\n".join(lines) if body else "(no passes yet)"

@@ -121,6 +121,18 @@ async def test_failed_users_exit_1_and_show_in_status(server: SimulatorServer, d
     assert victim in table.stdout
 
 
+def test_status_before_any_pass_and_before_any_migration(db_url: str, empty_db_url: str) -> None:
+    fresh = convsync(["status"], {"DATABASE_URL": db_url})
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert "(no passes yet)" in fresh.stdout
+    bare = convsync(["status"], {"DATABASE_URL": empty_db_url})
+    assert bare.returncode == 2, bare.stderr[-2000:]
+    assert "run convsync migrate" in failure(bare.stderr)["error"]
+    negative = convsync(["status", "--limit", "-1"], {"DATABASE_URL": db_url})
+    assert negative.returncode == 2
+    assert "Traceback" not in negative.stderr
+
+
 def test_two_migrations_at_once_both_succeed(empty_db_url: str) -> None:
     env = {"DATABASE_URL": empty_db_url}
     children = [spawn_convsync(["migrate"], env) for _ in range(2)]
