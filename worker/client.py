@@ -205,7 +205,7 @@ class TwilioClient:
             # Another user's listing, say: its items would be stored as this user's.
             raise MalformedPage(
                 f"page {_path_only(path)}: its next_page_url leaves the listing "
-                f"(to {_path_only(next_path)[:200]})"
+                f"(to {redact(_path_only(next_path), self._secrets)[:200]})"
             )
         asked = _page_size(path)
         bound = min(asked, self._max_items) if asked else self._max_items

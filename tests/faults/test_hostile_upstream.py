@@ -44,6 +44,7 @@ PAGE = 50
 RSS_LIMIT_MB = 200
 WITHIN = 60.0  # seconds a pass may take, whatever the upstream does
 AUTH_TOKEN = "hostile-auth-token"
+TOKEN_PART = AUTH_TOKEN[:9]  # no part of it may show anywhere either
 USER = VIEW_COLUMNS.index("user_sid")
 
 
@@ -92,6 +93,12 @@ class Case:
     bad_users: Callable[[World], list[str]] = lambda w: []
     env: dict[str, str] = field(default_factory=dict)
     requests_at_most: int | None = None  # to the tricked path: no retries, no loop followed
+
+
+def token_at_the_cut(w: World) -> str:
+    """The neighbour's listing path, padded so that the auth token starts at character 189."""
+    path = w.conversations(w.neighbour) + "/"
+    return path + "x" * (189 - len(path)) + AUTH_TOKEN
 
 
 # The listings a trick can be set on: services, the service's users, the victim's conversations.
@@ -168,6 +175,16 @@ CASES = [
         lambda w: {
             w.conversations(w.victim): Trick("foreign_next", target=w.conversations(w.neighbour))
         },
+        exit_code=1,
+        failed=lambda w: w.victim,
+        error="its next_page_url leaves the listing",
+        requests_at_most=1,
+    ),
+    Case(
+        # the error quotes the foreign path cut to 200 characters: the token is redacted
+        # before the cut, not split by it into a fragment redaction no longer recognises
+        "next_page_url_quoting_the_auth_token_across_the_cut",
+        lambda w: {w.conversations(w.victim): Trick("foreign_next", target=token_at_the_cut(w))},
         exit_code=1,
         failed=lambda w: w.victim,
         error="its next_page_url leaves the listing",
@@ -301,6 +318,7 @@ async def test_a_hostile_upstream_costs_one_listing_or_item_never_the_pass(
         result = await asyncio.to_thread(run_measured, ["sync"], env, WITHIN)
         base = upstream.url
     assert_clean(result, case.name)
+    assert TOKEN_PART not in result.output
     assert result.returncode == case.exit_code, (case.name, result.stderr[-3000:])
     assert result.seconds < WITHIN
     assert result.peak_rss_mb < RSS_LIMIT_MB, f"{case.name}: {result.peak_rss_mb:.0f} MB"
@@ -314,6 +332,7 @@ async def test_a_hostile_upstream_costs_one_listing_or_item_never_the_pass(
         db_url, "SELECT user_sid, last_error FROM sync_cursors WHERE state = 'failed'"
     )
     listing_errors = await fetch(db_url, "SELECT error FROM sync_discovery WHERE error IS NOT NULL")
+    assert not [r for r in failed_users if TOKEN_PART in r["last_error"]], failed_users
     failed = case.failed(world) if case.failed else None
     if case.pass_failed:
         passes = await fetch(db_url, "SELECT status, error FROM sync_runs")
