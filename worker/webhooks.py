@@ -78,11 +78,15 @@ def url_forms(url: str) -> list[str]:
     host = parts.hostname or ""
     if ":" in host:
         host = f"[{host}]"
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or past 65535: the URL as given, which then fails
+        return [url]
     if parts.username is not None or default is None:
         return [url]
-    if parts.port is None:
+    if port is None:
         other = parts._replace(netloc=f"{host}:{default}")
-    elif parts.port == default:
+    elif port == default:
         other = parts._replace(netloc=host)
     else:
         return [url]
@@ -188,9 +192,12 @@ class WebhookReceiver:
             params = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=False)
         except UnicodeDecodeError:
             return self._refuse("other", 400, "body is not UTF-8")
-        url = self._public_url or str(request.url)
         form = dict(params)
         label = event_label(form.get("EventType", ""))
+        try:
+            url = self._public_url or str(request.url)
+        except ValueError:  # built from a Host header that names no host:port
+            return self._refuse(label, 400, "Host header invalid")
         if not signature_valid(
             self._auth_token, url, params, request.headers.get("X-Twilio-Signature")
         ):

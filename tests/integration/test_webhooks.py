@@ -282,6 +282,11 @@ async def test_a_forged_or_replayed_webhook_changes_nothing(
             url, [*params, ("ConversationSid", conversation)], {"X-Twilio-Signature": signed}
         )
         assert status == 403
+        # Sent to a Host that names no host:port (no CONVSYNC_WEBHOOK_URL to sign against):
+        # refused, nothing raised.
+        for host in ("x:abc", "x:99999"):
+            status, _ = await post_form(url, params, {"X-Twilio-Signature": signed, "Host": host})
+            assert status in (400, 403), host
         # Too large to be read, let alone checked: 413 before any signature is computed.
         huge = [("EventType", "onMessageAdded"), ("Body", "x" * 70_000)]
         status, _ = await post_form(url, huge, {"X-Twilio-Signature": signed})
@@ -316,7 +321,7 @@ async def test_a_forged_or_replayed_webhook_changes_nothing(
         for (name, labels), v in values.items()
         if name == "convsync_webhooks_total" and ("outcome", "refused") in labels
     )
-    assert refused == 4
+    assert refused == 6
     duplicate = values[
         (
             "convsync_webhooks_total",
@@ -325,6 +330,7 @@ async def test_a_forged_or_replayed_webhook_changes_nothing(
     ]
     assert duplicate == 1
     log = (tmp_path / "run.log").read_text()
+    assert "Traceback" not in log
     for delivery in server.sim.webhook_deliveries():
         if delivery.signature:
             assert delivery.signature not in log, "a signature reached the logs"
