@@ -30,7 +30,7 @@ from worker import client as api
 from worker.client import TwilioClient
 from worker.config import Settings
 from worker.database import CONNECTION_ERRORS, RetryingStore
-from worker.errors import DatabaseUnavailable, FatalError, UserGone, UserSyncError
+from worker.errors import DatabaseUnavailable, FatalError, Interrupted, UserGone, UserSyncError
 from worker.leases import HeldClaims
 from worker.listing import walk
 from worker.logs import redact
@@ -215,6 +215,9 @@ class Relister:
             log.info("relist_dropped", reason="no such identity")
             self.metrics.inc("convsync_relists_total", outcome="unknown_user")
             await self.db.call(self.queue.drop, target)
+            return None
+        except Interrupted:  # stopping while the look-up waited to retry: due again at once
+            await self.db.call(self.queue.postpone, target, 0.0)
             return None
         except UserSyncError as error:
             message = redact(str(error))

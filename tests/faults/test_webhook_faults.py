@@ -16,7 +16,7 @@ import pytest
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import Failover, record
-from tests.harness import Replica, assert_mirrors, convsync, scalar, until
+from tests.harness import Replica, assert_mirrors, convsync, fetch, scalar, until
 from tests.integration.test_webhooks import (
     a_membership,
     clear_of_the_hour,
@@ -198,3 +198,48 @@ async def test_a_relist_that_lost_the_database_past_its_wait_leaves_the_relister
     finally:
         server.sim.release()
         assert replica.stop() == 0
+
+
+@outlasts_the_hour
+async def test_a_stop_while_an_identity_look_up_waits_to_retry_keeps_its_target_quietly(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    # SIGTERM while the re-lister's look-up of an unknown identity waits out a 503: the
+    # target is given back, due at once, and the shutdown logs no crash.
+    await clear_of_the_hour()
+    env = webhook_env(server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="0")
+    replica = Replica(env, tmp_path / "run.log")
+    stopped = False
+    try:
+        await first_pass_done(db_url)
+        url = f"{replica.url}{PATH}"
+        service, _user, conversation = a_membership(server)
+        server.sim.reset_stats()
+        server.sim.fail_next("/Users/newcomer", 503, count=1000)
+        params = [
+            ("AccountSid", server.sim.config.account_sid),
+            ("EventType", "onParticipantAdded"),
+            ("ChatServiceSid", service),
+            ("ConversationSid", conversation),
+            ("Identity", "newcomer"),
+        ]
+        signed = twilio_signature(server.sim.config.auth_token, url, params)
+        status, body = await post_form(url, params, {"X-Twilio-Signature": signed})
+        assert (status, body["status"]) == (200, "accepted"), body
+        refused = await asyncio.to_thread(
+            server.sim.wait_until, lambda s: s.by_status[503] >= 1, 20
+        )
+        assert refused, "the look-up never reached the upstream"
+        assert replica.stop() == 0
+        stopped = True
+    finally:
+        server.sim.clear_faults()
+        if not stopped:
+            replica.stop()
+    log = (tmp_path / "run.log").read_text()
+    assert "relister_crashed" not in log
+    assert "Traceback" not in log
+    targets = await fetch(
+        db_url, "SELECT claimed_by, due_at <= now() AS due, last_error FROM relist_targets"
+    )
+    assert [dict(t) for t in targets] == [{"claimed_by": None, "due": True, "last_error": None}]
