@@ -164,7 +164,9 @@ class Relister:
         except Exception:
             log.exception("relist_crashed")
             with contextlib.suppress(*CONNECTION_ERRORS):
-                await self.queue.postpone(target, FAILED_RETRY_SECONDS, "internal error")
+                await self.queue.postpone(
+                    target, FAILED_RETRY_SECONDS, "internal error", failed=True
+                )
         finally:
             self.held.discard(target.token)
 
@@ -186,9 +188,9 @@ class Relister:
             if listing.outcome == "released":  # stopped or taken over: again, at once
                 await self.db.call(self.queue.postpone, target, 0.0)
                 return
-            if listing.outcome == "failed" and target.attempts < MAX_ATTEMPTS:
-                log.warning("relist_postponed", attempts=target.attempts)
-                await self.db.call(self.queue.postpone, target, FAILED_RETRY_SECONDS)
+            if listing.outcome == "failed" and target.attempts + 1 < MAX_ATTEMPTS:
+                log.warning("relist_postponed", attempts=target.attempts + 1)
+                await self.db.call(self.queue.postpone, target, FAILED_RETRY_SECONDS, failed=True)
                 return
             delay = await self.db.call(self.queue.served, target)
             if delay is not None:

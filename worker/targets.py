@@ -76,7 +76,7 @@ class Target:
     user_ref: str
     token: str
     requested_at: datetime
-    attempts: int  # times claimed, this one included
+    attempts: int  # its re-lists that failed so far
 
 
 class TargetQueue:
@@ -114,7 +114,7 @@ class TargetQueue:
                UPDATE relist_targets t SET claimed_by = $1 || '.'
                           || md5(t.chat_service_sid || '/' || t.user_ref),
                       lease_until = now() + make_interval(secs => $2),
-                      claimed_generation = t.generation, attempts = t.attempts + 1
+                      claimed_generation = t.generation
                FROM due d
                WHERE t.chat_service_sid = d.chat_service_sid AND t.user_ref = d.user_ref
                RETURNING t.chat_service_sid, t.user_ref, t.claimed_by, t.requested_at,
@@ -204,18 +204,23 @@ class TargetQueue:
                 )
         return None if gone is None else float(gone)
 
-    async def postpone(self, target: Target, seconds: float, error: str | None = None) -> None:
-        """Give the target back, due again in ``seconds``."""
+    async def postpone(
+        self, target: Target, seconds: float, error: str | None = None, *, failed: bool = False
+    ) -> None:
+        """Give the target back, due again in ``seconds``; ``failed``: its re-list failed (one
+        more of its ``attempts``; waiting behind another walker is not one)."""
         await self.pool.execute(
             """UPDATE relist_targets SET claimed_by = NULL, lease_until = NULL,
                       due_at = now() + make_interval(secs => $4),
-                      last_error = coalesce($5, last_error)
+                      last_error = coalesce($5, last_error),
+                      attempts = attempts + $6::int
                WHERE chat_service_sid = $1 AND user_ref = $2 AND claimed_by = $3""",
             target.chat_service_sid,
             target.user_ref,
             target.token,
             seconds,
             None if error is None else error_text(error),
+            int(failed),
         )
 
     async def drop(self, target: Target) -> None:

@@ -164,3 +164,22 @@ async def test_one_identity_due_in_two_services_gets_two_relist_claims(store: St
     targets = await TargetQueue(store.pool).claim_due("replica-1", 60, 10)
     assert sorted(t.chat_service_sid for t in targets) == [SERVICE, other_service]
     assert len({t.token for t in targets}) == 2
+
+
+async def test_a_relist_target_counts_its_failures_not_its_waits(store: Store) -> None:
+    # Waiting behind another walker (a pass holding the user) is no failed attempt: a target
+    # that waited a few seconds still gets its retries after a failure.
+    await store.pool.execute(
+        "INSERT INTO relist_targets (chat_service_sid, user_ref, due_at) VALUES ($1, $2, now())",
+        SERVICE,
+        USER,
+    )
+    queue = TargetQueue(store.pool)
+    for _ in range(6):
+        [busy] = await queue.claim_due("replica-1", 60, 10)
+        await queue.postpone(busy, 0.0)
+    [target] = await queue.claim_due("replica-1", 60, 10)
+    assert target.attempts == 0
+    await queue.postpone(target, 0.0, "HTTP 500", failed=True)
+    [target] = await queue.claim_due("replica-1", 60, 10)
+    assert target.attempts == 1
