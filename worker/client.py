@@ -163,8 +163,9 @@ class TwilioClient:
         credentials = settings.require_credentials()
         self._base_url = settings.base_url
         self._origin = _origin(settings.base_url)
-        base = urlsplit(settings.base_url)
-        self._prefix = f"{base.scheme}://{base.netloc}/"  # next_page_urls as Twilio writes them
+        # next_page_urls as the API writes them: the base URL, its path prefix (a proxy's) too
+        self._prefix = settings.base_url + "/"
+        self._base_path = urlsplit(settings.base_url).path  # "" unless a prefix, no final "/"
         self._authorization = "Basic " + credentials.basic
         self._secrets = (credentials.password, credentials.basic)  # an error body may echo them
         self._max_body = settings.max_response_bytes
@@ -335,7 +336,8 @@ class TwilioClient:
         return UnexpectedResponse(f"{_path_only(path)}: {detail}")
 
     def _relative(self, url: str) -> str:
-        """Path and query of a next_page_url, which must point at the configured API."""
+        """The API path and query of a next_page_url (below the base URL's path prefix, if
+        any), which must point at the configured API."""
         if url.startswith("/"):
             return url
         if url.startswith(self._prefix) and "#" not in url and not url.endswith("?"):
@@ -344,9 +346,9 @@ class TwilioClient:
             origin, parts = _origin(url), urlsplit(url)
         except ValueError:  # a port that is not a number, an unclosed IPv6 bracket
             raise MalformedPage("its next_page_url is not a valid URL") from None
-        if origin != self._origin:
+        if origin != self._origin or not parts.path.startswith(self._base_path + "/"):
             raise MalformedPage("next_page_url points outside the configured API base URL")
-        return parts.path + (f"?{parts.query}" if parts.query else "")
+        return parts.path[len(self._base_path) :] + (f"?{parts.query}" if parts.query else "")
 
 
 def _json_object(path: str, raw: bytes) -> dict[str, Any]:

@@ -431,7 +431,7 @@ def validate_base_url(url: str, name: str = "TWILIO_CONVERSATIONS_BASE_URL") -> 
         raise ConfigError(
             f"{name} must not hold credentials: set TWILIO_API_KEY_SID and TWILIO_API_KEY_SECRET"
         )
-    if parts.query or parts.fragment:
+    if parts.query or parts.fragment or "?" in url or "#" in url:  # even an empty one
         raise ConfigError(f"{name} must not have a query or a fragment")
     return url
 

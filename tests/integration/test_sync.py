@@ -12,11 +12,23 @@ from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import TypeVar, cast
 
+import aiohttp
 import pytest
+from aiohttp import web
 
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
-from tests.harness import assert_mirrors, fetch, heavy_user, run_pass, settings_for
+from tests.harness import (
+    assert_mirrors,
+    diff,
+    expected_row,
+    fetch,
+    free_port,
+    heavy_user,
+    run_pass,
+    settings_for,
+    view_rows,
+)
 from worker.listing import Listing
 from worker.migrate import apply_migrations
 from worker.model import UserRow
@@ -355,3 +367,38 @@ async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
         )
     assert (summary.status, summary.users_synced) == ("succeeded", 2)
     assert counts["held"] == 1, "the feeder looked while both users were pending"
+
+
+async def test_a_base_url_with_a_path_prefix_follows_next_page_urls_below_it(
+    server: SimulatorServer, db_url: str
+) -> None:
+    # An egress proxy serving the API under /twilio, its URLs rewritten to its own: listings
+    # of several pages follow next_page_urls below the prefix, never above it.
+    upstream = server.url
+    proxied = f"http://127.0.0.1:{free_port()}/twilio"
+    async with aiohttp.ClientSession() as http:
+
+        async def forward(request: web.Request) -> web.Response:
+            path = request.path_qs.removeprefix("/twilio")
+            headers = {"Authorization": request.headers.get("Authorization", "")}
+            async with http.get(upstream + path, headers=headers) as answer:
+                body = (await answer.read()).replace(upstream.encode(), proxied.encode())
+                return web.Response(
+                    status=answer.status, body=body, content_type="application/json"
+                )
+
+        app = web.Application()
+        app.router.add_get("/twilio/{tail:.*}", forward)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        port = int(proxied.split(":")[2].split("/")[0])
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            settings = settings_for(server, db_url, TWILIO_CONVERSATIONS_BASE_URL=proxied)
+            summary = await run_pass(settings)
+        finally:
+            await runner.cleanup()
+    assert summary.status == "succeeded"
+    assert summary.pages > summary.users_synced, "some listings have several pages"
+    expected = [expected_row(i) for i in server.sim.dataset.expected_memberships(proxied)]
+    assert diff(expected, await view_rows(db_url)) == ""

@@ -30,6 +30,8 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"DATABASE_URL": "postgresql://h/db?target_session_attrs=x"}, "DATABASE_URL"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://u:pw@h"}, "must not hold credentials"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/?x=1"}, "TWILIO_CONVERSATIONS_BASE_URL"),
+        ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/api?"}, "must not have a query"),
+        ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/api#"}, "must not have a query"),
         ({"CONVSYNC_MAX_RESPONSE_BYTES": "10"}, "CONVSYNC_MAX_RESPONSE_BYTES"),
         ({"CONVSYNC_MAX_PAGES": "0"}, "CONVSYNC_MAX_PAGES"),
         ({"CONVSYNC_MAX_PAGE_ITEMS": "none"}, "CONVSYNC_MAX_PAGE_ITEMS"),
