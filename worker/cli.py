@@ -297,13 +297,18 @@ def _json_default(value: Any) -> str:
     return str(value)
 
 
+# C0 and C1 controls and DEL, shown escaped: a stored error may quote what upstream sent, and
+# a terminal would act on them (clear the screen, retitle the window, fake a line).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+
+
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     def cell(value: Any) -> str:
         if isinstance(value, datetime):
             return value.strftime("%Y-%m-%d %H:%M:%S")
         if isinstance(value, float):
             return f"{value:.1f}"
-        return "" if value is None else str(value)[:60]
+        return "" if value is None else str(value).translate(_CONTROLS)[:60]
 
     body = [[cell(r.get(c)) for c in columns] for r in rows]
     widths = [max([len(c), *(len(b[i]) for b in body)]) for i, c in enumerate(columns)]

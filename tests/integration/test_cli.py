@@ -24,8 +24,11 @@ from tests.harness import (
     spawn_convsync,
     worker_env,
 )
+from worker.store import Store
 
 CONCURRENCY = 8
+SERVICE = "IS" + "1" * 32
+USER = "US" + "2" * 32
 
 
 @pytest.fixture
@@ -131,6 +134,27 @@ def test_status_before_any_pass_and_before_any_migration(db_url: str, empty_db_u
     negative = convsync(["status", "--limit", "-1"], {"DATABASE_URL": db_url})
     assert negative.returncode == 2
     assert "Traceback" not in negative.stderr
+
+
+async def test_status_shows_control_characters_of_an_error_escaped(db_url: str) -> None:
+    # A stored error quotes upstream text: printed raw, an escape sequence would act on the
+    # operator's terminal (here: clear it, retitle it, and fake a line).
+    store = await Store.connect(db_url, 2)
+    try:
+        info = await store.begin_or_resume_pass({"services": None, "users": None})
+        assert info is not None
+        await store.pool.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", SERVICE)
+        await store.enqueue_users(info.run_id, SERVICE, [USER])
+        claim = await store.claim_user(info.run_id, "host:1:aa", 60)
+        assert claim is not None
+        await store.mark_user_failed(claim, "HTTP 409: \x1b[2J\x1b]0;owned\x07\nfake line")
+    finally:
+        await store.close()
+    table = convsync(["status"], {"DATABASE_URL": db_url})
+    assert table.returncode == 0, table.stderr[-2000:]
+    assert "\x1b" not in table.stdout
+    assert "\x07" not in table.stdout
+    assert "HTTP 409: \\x1b[2J\\x1b]0;owned\\x07\\x0afake line" in table.stdout
 
 
 def test_two_migrations_at_once_both_succeed(empty_db_url: str) -> None:
