@@ -394,7 +394,8 @@ def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
     """Reject URLs asyncpg cannot use, without echoing the password."""
     try:
         parts = urlsplit(url)
-        _ = parts.port
+        for host in parts.netloc.rpartition("@")[2].split(","):  # a failover list: h1,h2:5433
+            _ = urlsplit(f"//{host}").port
     except ValueError:
         raise ConfigError(f"{name} is not a valid URL") from None
     if parts.scheme not in ("postgres", "postgresql"):
@@ -406,6 +407,8 @@ def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
             f"{name}: its query is malformed (a password holding ?, & or # must be percent-encoded)"
         ) from None
     for key, value in fields:
+        if key == "connect_timeout":  # libpq's; asyncpg would send it to the server, refused
+            raise ConfigError(f"{name}: connect_timeout is not supported (asyncpg's is 10 s)")
         allowed = {"sslmode": SSL_MODES, "target_session_attrs": SESSION_ATTRS}.get(key)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"{name}: {key} must be one of {', '.join(allowed)}")

@@ -28,6 +28,8 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"CONVSYNC_ASYNC_COMMIT": "sometimes"}, "CONVSYNC_ASYNC_COMMIT"),
         ({"DATABASE_URL": "postgresql://u@h/db?sslmode=bogus"}, "DATABASE_URL: sslmode"),
         ({"DATABASE_URL": "postgresql://h/db?target_session_attrs=x"}, "DATABASE_URL"),
+        ({"DATABASE_URL": "postgresql://h1:5432,h2:x/db"}, "DATABASE_URL is not a valid URL"),
+        ({"DATABASE_URL": "postgresql://h/db?connect_timeout=10"}, "connect_timeout"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://u:pw@h"}, "must not hold credentials"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/?x=1"}, "TWILIO_CONVERSATIONS_BASE_URL"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/api?"}, "must not have a query"),
@@ -129,6 +131,11 @@ def test_a_url_asyncpg_would_refuse_is_refused_without_its_secret(url: str) -> N
     with pytest.raises(ConfigError, match="DATABASE_URL: its query is malformed") as refused:
         load_settings({"DATABASE_URL": url})
     assert "tailpart9" not in str(refused.value)
+
+
+def test_a_failover_list_of_hosts_is_a_valid_database_url() -> None:
+    url = "postgresql://u:pw@h1:5432,h2:5433/db?target_session_attrs=read-write"
+    assert load_settings({"DATABASE_URL": url}).database_url == url
 
 
 def test_every_variable_read_is_declared() -> None:
