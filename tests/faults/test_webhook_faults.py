@@ -37,6 +37,25 @@ def server() -> Iterator[SimulatorServer]:
         yield s
 
 
+def participant_updated(
+    server: SimulatorServer, url: str, service: str, user: str, conversation: str
+) -> tuple[list[tuple[str, str]], dict[str, str]]:
+    """An onParticipantUpdated webhook for ``user``, signed as Twilio signs it for ``url``:
+    its form and its headers."""
+    data = server.sim.dataset
+    identity = next(u["identity"] for u in data.expected_users(service) if u["sid"] == user)
+    params = [
+        ("AccountSid", server.sim.config.account_sid),
+        ("EventType", "onParticipantUpdated"),
+        ("ChatServiceSid", service),
+        ("ConversationSid", conversation),
+        ("Identity", str(identity)),
+    ]
+    return params, {
+        "X-Twilio-Signature": twilio_signature(server.sim.config.auth_token, url, params)
+    }
+
+
 async def _none_left(db_url: str) -> bool:
     return await targets_left(db_url) == 0
 
@@ -92,21 +111,11 @@ async def test_webhooks_while_the_database_is_read_only_get_503_and_lose_nothing
     try:
         await first_pass_done(db_url)
         url = f"{replica.url}{PATH}"
-        data = server.sim.dataset
         service, user, conversation = a_membership(server)
-        identity = next(u["identity"] for u in data.expected_users(service) if u["sid"] == user)
-        data.set_unread(service, user, conversation, 21, 2)  # upstream changed (no webhook URL)
-        params = [
-            ("AccountSid", server.sim.config.account_sid),
-            ("EventType", "onParticipantUpdated"),
-            ("ChatServiceSid", service),
-            ("ConversationSid", conversation),
-            ("Identity", str(identity)),
-        ]
-        headers = {
-            "X-Twilio-Signature": twilio_signature(server.sim.config.auth_token, url, params),
-            "I-Twilio-Idempotency-Token": "while-read-only",
-        }
+        # upstream changed (no webhook URL configured: the test sends the webhook)
+        server.sim.dataset.set_unread(service, user, conversation, 21, 2)
+        params, headers = participant_updated(server, url, service, user, conversation)
+        headers["I-Twilio-Idempotency-Token"] = "while-read-only"
         failover = Failover(admin, db_url)
         await failover.demote()
         try:
@@ -127,22 +136,10 @@ async def test_webhooks_while_the_database_is_read_only_get_503_and_lose_nothing
         assert replica.stop() == 0
 
 
-def _identity(server: SimulatorServer, service: str, user: str) -> str:
-    data = server.sim.dataset
-    return str(next(u["identity"] for u in data.expected_users(service) if u["sid"] == user))
-
-
 async def _participant_updated(
     server: SimulatorServer, url: str, service: str, user: str, conversation: str
 ) -> None:
-    params = [
-        ("AccountSid", server.sim.config.account_sid),
-        ("EventType", "onParticipantUpdated"),
-        ("ChatServiceSid", service),
-        ("ConversationSid", conversation),
-        ("Identity", _identity(server, service, user)),
-    ]
-    headers = {"X-Twilio-Signature": twilio_signature(server.sim.config.auth_token, url, params)}
+    params, headers = participant_updated(server, url, service, user, conversation)
     status, body = await post_form(url, params, headers)
     assert (status, body["status"]) == (200, "accepted"), body
 
