@@ -372,10 +372,11 @@ def _number(
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
     if not math.isfinite(value):  # nan passes every comparison; inf overflows what uses it
         raise ConfigError(f"{name} must be a finite number, got {raw!r}")
-    ceiling = FLOAT_SETTING_BOUND if high is None and cast is float else high
-    if value < low or (ceiling is not None and value > ceiling):
-        bound = f"between {low} and {ceiling}" if ceiling is not None else f"at least {low}"
+    if value < low or (high is not None and value > high):
+        bound = f"between {low} and {high}" if high is not None else f"at least {low}"
         raise ConfigError(f"{name} must be {bound}, got {raw}")
+    if high is None and cast is float and value > FLOAT_SETTING_BOUND:
+        raise ConfigError(f"{name} must be at most {FLOAT_SETTING_BOUND:,}, got {raw}")
     return value
 
 
