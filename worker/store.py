@@ -559,13 +559,17 @@ class Store:
         conn: asyncpg.Connection, run_id: int, service: str, user_sids: list[str]
     ) -> None:
         # A user already queued in this pass keeps its state; one from an earlier pass keeps
-        # its cursor (an interrupted listing goes on) but gets fresh per-pass counters.
+        # its cursor (an interrupted listing goes on) but gets fresh per-pass counters. A live
+        # claim stays (a re-list's, under way): the pass takes the user once it is given back
+        # (the re-list's next page, filed under the earlier pass, is refused and releases it),
+        # so the two never list the user at once.
         await conn.execute(
             """INSERT INTO sync_cursors AS c (chat_service_sid, user_sid, run_id)
                SELECT $2, unnest($3::text[]), $1
                ON CONFLICT (chat_service_sid, user_sid) DO UPDATE SET
                  run_id = EXCLUDED.run_id, state = 'pending', attempts = 0,
-                 claimed_by = NULL, lease_until = NULL,
+                 claimed_by = CASE WHEN c.lease_until > now() THEN c.claimed_by END,
+                 lease_until = CASE WHEN c.lease_until > now() THEN c.lease_until END,
                  run_pages = 0, run_rows_inserted = 0, run_rows_updated = 0,
                  run_rows_unchanged = 0, run_rows_removed = 0, run_rows_quarantined = 0
                WHERE c.run_id < EXCLUDED.run_id""",

@@ -16,13 +16,22 @@ import pytest
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import Failover, record
-from tests.harness import Replica, assert_mirrors, convsync, fetch, scalar, until
+from tests.harness import (
+    Replica,
+    assert_mirrors,
+    convsync,
+    fetch,
+    scalar,
+    until,
+    worker_env,
+)
 from tests.integration.test_webhooks import (
     a_membership,
     clear_of_the_hour,
     first_pass_done,
     mirrors,
     outlasts_the_hour,
+    overlapping_listings,
     post_form,
     targets_left,
     webhook_env,
@@ -240,3 +249,33 @@ async def test_a_stop_while_an_identity_look_up_waits_to_retry_keeps_its_target_
         db_url, "SELECT claimed_by, due_at <= now() AS due, last_error FROM relist_targets"
     )
     assert [dict(t) for t in targets] == [{"claimed_by": None, "due": True, "last_error": None}]
+
+
+@outlasts_the_hour
+async def test_a_new_pass_waits_for_a_relist_under_way_rather_than_list_its_user_beside_it(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    # A pass starts (`convsync sync`, beside the service) while a re-list's page of a user is
+    # slow to come: the pass queues the user but lists it only once the re-list gave it back.
+    await clear_of_the_hour()
+    replica = Replica(
+        webhook_env(server, db_url, CONVSYNC_WEBHOOK_COALESCE_SECONDS="0"), tmp_path / "run.log"
+    )
+    try:
+        await first_pass_done(db_url)
+        url = f"{replica.url}{PATH}"
+        service, user, conversation = a_membership(server)
+        server.sim.dataset.set_unread(service, user, conversation, 41, 3)
+        server.sim.reset_stats()
+        server.sim.configure(slow_seconds=3.0)
+        server.sim.fail_next(f"Users/{user}/Conversations", "slow")
+        await _participant_updated(server, url, service, user, conversation)
+        assert await asyncio.to_thread(server.sim.wait_until, lambda s: s.in_flight >= 1, 20)
+        beside = await asyncio.to_thread(convsync, ["sync"], worker_env(server, db_url))
+        assert beside.returncode == 0, beside.stderr[-2000:]
+        await until(lambda: _none_left(db_url), timeout=30, what="the re-list served")
+        # (the slow request is recorded once answered: after the pass, by then)
+        assert overlapping_listings(server) == []
+        await assert_mirrors(server, db_url)
+    finally:
+        assert replica.stop() == 0
