@@ -152,14 +152,20 @@ _SETTINGS_DEFAULTS: dict[str, Any] = {
     f.name: f.default for f in dataclasses.fields(Settings) if f.default is not dataclasses.MISSING
 }
 VARIABLES: tuple[Variable, ...] = (
-    Variable("DATABASE_URL", "PostgreSQL URL (postgresql://user:pass@host:port/db).", secret=True),
+    Variable(
+        "DATABASE_URL",
+        "PostgreSQL URL (postgresql://user:pass@host:port/db; failover hosts as"
+        " host1:port,host2:port; ?, & and # in the password percent-encoded).",
+        secret=True,
+    ),
     Variable("TWILIO_API_KEY_SID", "API key SID (SK...); preferred over the auth token."),
     Variable("TWILIO_API_KEY_SECRET", "API key secret.", secret=True),
     Variable("TWILIO_ACCOUNT_SID", "Account SID (AC...), with TWILIO_AUTH_TOKEN."),
     Variable("TWILIO_AUTH_TOKEN", "Account auth token.", secret=True),
     Variable(
         "TWILIO_CONVERSATIONS_BASE_URL",
-        "Base URL of the Conversations API (the simulator's URL for local runs).",
+        "Base URL of the Conversations API (the simulator's URL for local runs); a path"
+        " prefix (a proxy's) is kept.",
         setting="base_url",
     ),
     Variable("CONVSYNC_SERVICES", "Comma-separated IS SIDs; unset: discover all services."),
@@ -370,7 +376,7 @@ def _number(
         value = cast(raw)
     except ValueError:
         raise ConfigError(f"{name} must be a number, got {raw!r}") from None
-    if not math.isfinite(value):  # nan passes every comparison; inf overflows what uses it
+    if cast is float and not math.isfinite(value):  # nan passes every comparison; inf overflows
         raise ConfigError(f"{name} must be a finite number, got {raw!r}")
     if value < low or (high is not None and value > high):
         bound = f"between {low} and {high}" if high is not None else f"at least {low}"

@@ -224,7 +224,9 @@ class Relister:
         except UserSyncError as error:
             message = redact(str(error))
             log.warning("relist_postponed", error=message)
-            await self.db.call(self.queue.postpone, target, FAILED_RETRY_SECONDS, message)
+            await self.db.call(
+                self.queue.postpone, target, FAILED_RETRY_SECONDS, message, failed=True
+            )
             return None
         parsed = parse_users_page([body], target.chat_service_sid)
         if not parsed.rows:

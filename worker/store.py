@@ -780,8 +780,10 @@ class Store:
         self, claim: UserClaim, error: str, *, restart: bool = False
     ) -> None:
         """The user failed this pass: its cursor stays, for the next pass to continue (or, with
-        ``restart``, is reset: the next pass lists the user from page one, nothing removed)."""
-        await self.pool.execute(
+        ``restart``, is reset: the next pass lists the user from page one, nothing removed).
+        If a newer pass queued the user meanwhile (a re-list's claim is kept for it), the
+        failure is not that pass's: the claim is only given back, for the pass to list it."""
+        failed = await self.pool.execute(
             """UPDATE sync_cursors SET state = 'failed', last_error = $4, last_error_at = now(),
                       claimed_by = NULL, lease_until = NULL,
                       next_page_path = CASE WHEN $5 THEN NULL ELSE next_page_path END,
@@ -789,13 +791,16 @@ class Store:
                       seen_conversations = CASE WHEN $5 THEN '{}' ELSE seen_conversations END,
                       listing_started_at = CASE WHEN $5 THEN NULL ELSE listing_started_at END
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3
-                 AND state = 'pending'""",
+                 AND state = 'pending' AND run_id = $6""",
             claim.chat_service_sid,
             claim.user_sid,
             claim.token,
             error_text(error),
             restart,
+            claim.run_id,
         )
+        if failed == "UPDATE 0":
+            await self.release_user(claim)
 
     async def mark_user_gone(self, claim: UserClaim) -> None:
         """The user no longer exists upstream: it and its memberships are marked removed."""

@@ -267,7 +267,8 @@ async def test_a_new_pass_waits_for_a_relist_under_way_rather_than_list_its_user
         service, user, conversation = a_membership(server)
         server.sim.dataset.set_unread(service, user, conversation, 41, 3)
         server.sim.reset_stats()
-        server.sim.configure(slow_seconds=3.0)
+        # long enough for the pass beside it to queue the user while the page is on its way
+        server.sim.configure(slow_seconds=8.0)
         server.sim.fail_next(f"Users/{user}/Conversations", "slow")
         await _participant_updated(server, url, service, user, conversation)
         assert await asyncio.to_thread(server.sim.wait_until, lambda s: s.in_flight >= 1, 20)

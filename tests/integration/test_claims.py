@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from datetime import UTC, datetime
 
 import asyncpg
 import pytest
@@ -12,7 +13,7 @@ from tests.harness import scalar
 from worker.errors import LeaseLost, PassBusy
 from worker.model import ConversationsPage
 from worker.store import Store
-from worker.targets import TargetQueue
+from worker.targets import Target, TargetQueue
 
 SERVICE = "IS" + "1" * 32
 USER = "US" + "2" * 32
@@ -183,3 +184,30 @@ async def test_a_relist_target_counts_its_failures_not_its_waits(store: Store) -
     await queue.postpone(target, 0.0, "HTTP 500", failed=True)
     [target] = await queue.claim_due("replica-1", 60, 10)
     assert target.attempts == 1
+
+
+async def test_a_relist_failing_after_a_new_pass_queued_its_user_gives_it_back(
+    store: Store,
+) -> None:
+    # A re-list holds the user's cursor when a new pass queues the user (the claim is kept for
+    # it); the re-list then fails: the user is the new pass's to list, not failed in it.
+    first = await queue_one_user(store)
+    await store.pool.execute("UPDATE sync_cursors SET state = 'done'")
+    await store.finish_pass(first)
+    target = Target(SERVICE, USER, "replica-1~relist.t", datetime.now(UTC), 0)
+    relist = await TargetQueue(store.pool).claim_cursor(target, USER, 60)
+    assert relist is not None
+    info = await store.begin_or_resume_pass({"services": None, "users": None})
+    assert info is not None
+    await store.enqueue_users(info.run_id, SERVICE, [USER])
+    await store.mark_user_failed(relist, "HTTP 500")
+    cursor = await store.pool.fetchrow(
+        "SELECT run_id, state, claimed_by, last_error FROM sync_cursors"
+    )
+    assert dict(cursor or {}) == {
+        "run_id": info.run_id,
+        "state": "pending",
+        "claimed_by": None,
+        "last_error": None,
+    }
+    assert await store.claim_user(info.run_id, "host:1:bb", 60) is not None

@@ -286,7 +286,7 @@ async def test_a_forged_or_replayed_webhook_changes_nothing(
         # refused, nothing raised.
         for host in ("x:abc", "x:99999"):
             status, _ = await post_form(url, params, {"X-Twilio-Signature": signed, "Host": host})
-            assert status in (400, 403), host
+            assert status == 400, host
         # Too large to be read, let alone checked: 413 before any signature is computed.
         huge = [("EventType", "onMessageAdded"), ("Body", "x" * 70_000)]
         status, _ = await post_form(url, huge, {"X-Twilio-Signature": signed})

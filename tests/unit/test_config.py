@@ -49,6 +49,7 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"CONVSYNC_SHUTDOWN_GRACE": "-inf"}, "CONVSYNC_SHUTDOWN_GRACE"),
         ({"CONVSYNC_LEASE_SECONDS": "1e17"}, "CONVSYNC_LEASE_SECONDS must be at most 100,000,000"),
         ({"CONVSYNC_RATE_LIMIT": "NaN"}, "CONVSYNC_RATE_LIMIT"),
+        ({"CONVSYNC_CONCURRENCY": "1" + "0" * 400}, "CONVSYNC_CONCURRENCY must be between"),
     ],
 )
 def test_bad_values_name_their_variable(env: dict[str, str], named: str) -> None:

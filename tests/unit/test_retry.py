@@ -17,7 +17,7 @@ class GaveUp(Exception):
         self.attempts = attempts
 
 
-async def test_thousands_of_retries_bounded_by_seconds_alone_end_by_giving_up() -> None:
+async def test_thousands_of_retries_bounded_by_seconds_alone_never_overflow() -> None:
     # A database wait of an hour retries an outage about 2,500 times: past the 1,024th, the
     # exponential delay is beyond a float's range unless bounded before it is computed.
     attempts = 0
