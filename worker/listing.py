@@ -112,7 +112,7 @@ async def walk(listing: Listing, fetch: Fetch, max_pages: int, stop: asyncio.Eve
     except Exception as error:
         # A bug must cost one listing, not the pass (and not every later pass).
         log.exception("listing_crashed", listing=listing.kind)
-        await listing.fail(redact(f"internal error: {type(error).__name__}: {error}")[:2000])
+        await listing.fail(redact(f"internal error: {type(error).__name__}: {error}"))
 
 
 async def _pages(listing: Listing, fetch: Fetch, max_pages: int, stop: asyncio.Event) -> None:

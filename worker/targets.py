@@ -256,8 +256,6 @@ class TargetQueue:
 async def pending_relists(conn: asyncpg.Connection) -> dict[str, Any]:
     """The queue at a glance (``convsync status``): targets waiting, in progress, the oldest
     request."""
-    if await conn.fetchval("SELECT to_regclass('relist_targets') IS NULL"):
-        return {"pending": 0, "oldest": None, "in_progress": 0}  # not migrated yet
     row = await conn.fetchrow(
         """SELECT count(*) AS pending, min(requested_at) AS oldest,
                   count(*) FILTER (WHERE claimed_by IS NOT NULL AND lease_until >= now())
