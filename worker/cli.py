@@ -298,8 +298,13 @@ def _json_default(value: Any) -> str:
 
 
 # C0 and C1 controls and DEL, shown escaped: a stored error may quote what upstream sent, and
-# a terminal would act on them (clear the screen, retitle the window, fake a line).
-_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))}
+# a terminal would act on them (clear the screen, retitle the window, fake a line). So are the
+# line and paragraph separators and the bidirectional controls, which fake a line or reorder
+# what the table shows (text that reads one way and is another).
+_CONTROLS = {c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))} | {
+    c: f"\\u{c:04x}"
+    for c in (0x061C, 0x200E, 0x200F, *range(0x2028, 0x202F), *range(0x2066, 0x206A))
+}
 
 
 def _table(rows: list[dict[str, Any]], columns: list[str]) -> str:

@@ -147,14 +147,18 @@ async def test_status_shows_control_characters_of_an_error_escaped(db_url: str) 
         await store.enqueue_users(info.run_id, SERVICE, [USER])
         claim = await store.claim_user(info.run_id, "host:1:aa", 60)
         assert claim is not None
-        await store.mark_user_failed(claim, "HTTP 409: \x1b[2J\x1b]0;owned\x07\nfake line")
+        await store.mark_user_failed(
+            claim, "HTTP 409: \x1b[2J\x1b]0;owned\x07\nfake\u2028\u202eexe"
+        )
     finally:
         await store.close()
     table = convsync(["status"], {"DATABASE_URL": db_url})
     assert table.returncode == 0, table.stderr[-2000:]
     assert "\x1b" not in table.stdout
     assert "\x07" not in table.stdout
-    assert "HTTP 409: \\x1b[2J\\x1b]0;owned\\x07\\x0afake line" in table.stdout
+    assert "\u2028" not in table.stdout
+    assert "\u202e" not in table.stdout
+    assert "HTTP 409: \\x1b[2J\\x1b]0;owned\\x07\\x0afake\\u2028\\u202eexe" in table.stdout
 
 
 def test_two_migrations_at_once_both_succeed(empty_db_url: str) -> None:
