@@ -128,6 +128,26 @@ async def _init_connection(conn: asyncpg.Connection) -> None:
     )
 
 
+# A cursor sent back to page one: the next listing of its user starts over, the conversations
+# seen so far forgotten (nothing is removed on the strength of a listing cut short). One
+# definition for every statement that resets a listing.
+_PAGE_ONE = {
+    "next_page_path": "NULL",
+    "listing_pages": "0",
+    "seen_conversations": "'{}'",
+    "listing_started_at": "NULL",
+}
+LISTING_AT_PAGE_ONE = ", ".join(f"{column} = {value}" for column, value in _PAGE_ONE.items())
+
+
+def listing_at_page_one_if(condition: str) -> str:
+    """``LISTING_AT_PAGE_ONE`` where ``condition`` (SQL) holds; the cursor as it is elsewhere."""
+    return ", ".join(
+        f"{column} = CASE WHEN {condition} THEN {value} ELSE {column} END"
+        for column, value in _PAGE_ONE.items()
+    )
+
+
 class _OpenedConnections:
     """Counts the connections a pool opens (as its ``init``)."""
 
@@ -582,9 +602,8 @@ class Store:
     async def _mark_unlisted_users_gone(conn: asyncpg.Connection, run_id: int, service: str) -> int:
         # Gone users count in this pass, with the memberships their removal takes along.
         gone = await conn.fetch(
-            """UPDATE sync_cursors c SET state = 'gone', run_id = $2,
-                      claimed_by = NULL, lease_until = NULL, next_page_path = NULL,
-                      listing_pages = 0, seen_conversations = '{}', run_pages = 0,
+            f"""UPDATE sync_cursors c SET state = 'gone', run_id = $2,
+                      claimed_by = NULL, lease_until = NULL, {LISTING_AT_PAGE_ONE}, run_pages = 0,
                       run_rows_inserted = 0, run_rows_updated = 0, run_rows_unchanged = 0,
                       run_rows_quarantined = 0,
                       run_rows_removed = (SELECT count(*) FROM memberships m
@@ -768,8 +787,7 @@ class Store:
     async def restart_listing(self, claim: UserClaim) -> None:
         """Forget a rejected cursor: the listing starts again from page one, nothing removed."""
         await self.pool.execute(
-            """UPDATE sync_cursors SET next_page_path = NULL, listing_pages = 0,
-                      seen_conversations = '{}', listing_started_at = NULL
+            f"""UPDATE sync_cursors SET {LISTING_AT_PAGE_ONE}
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
             claim.chat_service_sid,
             claim.user_sid,
@@ -784,12 +802,8 @@ class Store:
         If a newer pass queued the user meanwhile (a re-list's claim is kept for it), the
         failure is not that pass's: the claim is only given back, for the pass to list it."""
         failed = await self.pool.execute(
-            """UPDATE sync_cursors SET state = 'failed', last_error = $4, last_error_at = now(),
-                      claimed_by = NULL, lease_until = NULL,
-                      next_page_path = CASE WHEN $5 THEN NULL ELSE next_page_path END,
-                      listing_pages = CASE WHEN $5 THEN 0 ELSE listing_pages END,
-                      seen_conversations = CASE WHEN $5 THEN '{}' ELSE seen_conversations END,
-                      listing_started_at = CASE WHEN $5 THEN NULL ELSE listing_started_at END
+            f"""UPDATE sync_cursors SET state = 'failed', last_error = $4, last_error_at = now(),
+                      claimed_by = NULL, lease_until = NULL, {listing_at_page_one_if("$5")}
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3
                  AND state = 'pending' AND run_id = $6""",
             claim.chat_service_sid,
@@ -806,8 +820,8 @@ class Store:
         """The user no longer exists upstream: it and its memberships are marked removed."""
         async with self.pool.acquire() as conn, conn.transaction():
             updated = await conn.fetchval(
-                """UPDATE sync_cursors SET state = 'gone', claimed_by = NULL, lease_until = NULL,
-                          next_page_path = NULL, listing_pages = 0, seen_conversations = '{}'
+                f"""UPDATE sync_cursors SET state = 'gone', claimed_by = NULL, lease_until = NULL,
+                          {LISTING_AT_PAGE_ONE}
                    WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3
                      AND state = 'pending'
                    RETURNING 1""",

@@ -18,7 +18,7 @@ from typing import Any
 
 import asyncpg
 
-from worker.store import UserClaim, error_text
+from worker.store import LISTING_AT_PAGE_ONE, UserClaim, error_text
 from worker.webhooks import Event, Recorded
 
 WEBHOOK_EVENTS_KEPT_SECONDS = 86_400.0  # idempotency keys remembered this long
@@ -160,10 +160,9 @@ class TargetQueue:
                 user_sid,
             )
             run_id = await conn.fetchval(
-                """UPDATE sync_cursors c SET claimed_by = $3,
+                f"""UPDATE sync_cursors c SET claimed_by = $3,
                           lease_until = now() + make_interval(secs => $4), state = 'pending',
-                          next_page_path = NULL, listing_pages = 0, seen_conversations = '{}',
-                          listing_started_at = NULL
+                          {LISTING_AT_PAGE_ONE}
                    WHERE c.chat_service_sid = $1 AND c.user_sid = $2
                      AND (c.claimed_by IS NULL OR c.lease_until < now() OR c.claimed_by = $3)
                      AND NOT (c.state = 'pending' AND EXISTS (
