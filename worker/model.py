@@ -8,7 +8,6 @@ quarantined, while the page's good items are kept.
 from __future__ import annotations
 
 import json
-import math
 import operator
 import re
 from collections.abc import Sequence
@@ -214,12 +213,51 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _finite(text: str) -> float:
-    """A JSON number as a float; one beyond float range would overflow jsonb's numeric."""
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:20]} is out of range")
-    return value
+# jsonb keeps a JSON number as PostgreSQL's numeric, which holds at most 131,072 digits before
+# the point and 16,383 after it (counted as written, trailing zeros too, once the exponent is
+# applied), and refuses an exponent of 2**30 - 1 or more either way, whatever the digits.
+_NUMERIC_DIGITS_BEFORE = 131_072
+_NUMERIC_DIGITS_AFTER = 16_383
+_NUMERIC_EXPONENT_LIMIT = 1_073_741_823
+_JSON_NUMBER = re.compile(r"-?([0-9]+)(?:\.([0-9]+))?(?:[eE]([+-]?[0-9]+))?")
+
+
+def numeric_holds(literal: str) -> bool:
+    """Whether PostgreSQL's numeric (so jsonb) holds the JSON number ``literal``: its range,
+    not a float's (1e400 is stored, 1e-20000 is not)."""
+    match = _JSON_NUMBER.fullmatch(literal)
+    if match is None:
+        return False
+    whole, fraction, exponent_text = match.group(1), match.group(2) or "", match.group(3) or "0"
+    if len(exponent_text.lstrip("+-").lstrip("0")) > 10:
+        return False
+    exponent = int(exponent_text)
+    if abs(exponent) >= _NUMERIC_EXPONENT_LIMIT or len(fraction) - exponent > _NUMERIC_DIGITS_AFTER:
+        return False
+    significant = (whole + fraction).lstrip("0")
+    if not significant:
+        return True  # zero: however it is written, no digit before the point
+    leading_zeros = len(whole) + len(fraction) - len(significant)
+    return len(whole) - leading_zeros + exponent <= _NUMERIC_DIGITS_BEFORE
+
+
+def _jsonb_number(literal: str) -> int:
+    """A JSON number (the parser's hook) checked as jsonb will keep it; its value is unused."""
+    if not numeric_holds(literal):
+        raise ValueError(f"number {literal[:20]} is out of range for PostgreSQL's numeric")
+    return 0
+
+
+def _numeric_float(literal: str) -> float:
+    """msgspec's hook for a number with a point or an exponent: checked as ``_jsonb_number``."""
+    if not numeric_holds(literal):
+        raise ValueError(f"number {literal[:20]} is out of range for PostgreSQL's numeric")
+    return 0.0
+
+
+# A NUL escape (``\u0000``, its backslash not itself escaped): text and jsonb refuse the NUL it
+# stands for. ``\\u0000`` is a backslash, then "u0000": stored as it is.
+_NUL_ESCAPED = re.compile(r"(?<!\\)(?:\\\\)*\\u0000")
 
 
 def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
@@ -228,12 +266,14 @@ def _attributes(item: dict[str, Any], name: str = "attributes") -> str | None:
     if value is None:
         return None
     try:
-        decoded = json.loads(value, parse_constant=_no_constant, parse_float=_finite)
+        decoded = json.loads(
+            value, parse_constant=_no_constant, parse_float=_jsonb_number, parse_int=_jsonb_number
+        )
     except ValueError as error:
         raise InvalidItem(f"{name} is not valid JSON ({str(error)[:60]})") from None
     except RecursionError:
         raise InvalidItem(f"{name} is nested too deeply") from None
-    if "\\u0000" in value:
+    if _NUL_ESCAPED.search(value):
         raise InvalidItem(f"{name} contains a NUL character")
     # jsonb refuses escaped lone surrogates too: check what the escapes decode to.
     _storable(json.dumps(decoded, ensure_ascii=False), name)
@@ -250,7 +290,7 @@ def _links(item: dict[str, Any]) -> str | None:
         text = json.dumps(value, ensure_ascii=False, sort_keys=True, allow_nan=False)
     except ValueError:
         raise InvalidItem("links holds NaN or Infinity, which JSON has not") from None
-    if "\\u0000" in text:
+    if _NUL_ESCAPED.search(text):
         raise InvalidItem("links contains a NUL character")
     return _storable(text, "links")
 
@@ -538,7 +578,8 @@ def _envelope(key: str) -> msgspec.json.Decoder[Any]:
 # A list page split without decoding its items (the client's split when the typed decode
 # refuses a page; the parser's items when the typed items fail the page's checks).
 ENVELOPES = {key: _envelope(key) for key in ("services", "users", "conversations")}
-_ANY = msgspec.json.Decoder()
+# Attributes' JSON, its numbers checked as jsonb will keep them (``numeric_holds``).
+_ANY = msgspec.json.Decoder(float_hook=_numeric_float)
 # A NUL escape anywhere in a body sends the page the slow way: msgspec reads it, text and jsonb
 # refuse it. (msgspec itself refuses lone surrogates, even in fields it skips, as jsonb would.)
 _NUL_ESCAPE = b"\\u0000"

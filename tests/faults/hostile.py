@@ -29,6 +29,11 @@ from convsync_tools.simdata import Dataset
 MIB = 1 << 20
 GIB = 1 << 30
 NUL_MESSAGE = "refused\x00 here \ud800 too"  # what a nul_error says
+# What an ``attributes`` trick gives items item..item+2: a number PostgreSQL's numeric cannot
+# hold (16,383 digits after the point at most), one beyond a float's range that it holds, and a
+# backslash before "u0000" (text, not a NUL escape).
+TRICKED_UPDATED = "2099-01-01T00:00:00Z"
+TRICKED_ATTRIBUTES = ('{"x": 1e-20000}', '{"x": 1e400}', '{"path": "C:\\\\u0000dir"}')
 
 
 @dataclass(frozen=True)
@@ -44,7 +49,8 @@ class Trick:
     ``echo_401`` (every request: 401 whose message echoes the credentials it was sent),
     ``nul_error`` (a 409 whose message holds a NUL and a lone surrogate, which PostgreSQL's
     text refuses), ``nested_error`` (a 409 whose body nests 100,000 arrays),
-    ``bad_port_next`` (a next_page_url whose port is not a number).
+    ``bad_port_next`` (a next_page_url whose port is not a number), ``attributes`` (items
+    ``item`` to ``item`` + 2 with ``TRICKED_ATTRIBUTES``, updated at ``TRICKED_UPDATED``).
     """
 
     kind: str
@@ -186,6 +192,12 @@ class Hostile:
             body["meta"]["next_page_url"] = (
                 self.page_url(path, size, page + 1) if (page + 1) * size < len(items) else None
             )
+            return _json(body)
+        if trick.kind == "attributes":
+            for offset, attributes in enumerate(TRICKED_ATTRIBUTES):
+                tricked = chunk[trick.item + offset - page * size]
+                tricked["attributes"] = attributes
+                tricked["date_updated"] = TRICKED_UPDATED  # newer: it wins over other members'
             return _json(body)
         if trick.kind == "nul_error":
             return _twilio_error(409, 50000, NUL_MESSAGE)

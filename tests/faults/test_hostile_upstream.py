@@ -414,6 +414,46 @@ async def test_a_listing_refused_for_its_bound_starts_again_at_page_one_next_pas
     assert stored[world.heavy] == {expected_row(i) for i in items}
 
 
+async def test_attributes_are_judged_as_jsonb_will_hold_them(dataset: Dataset, db_url: str) -> None:
+    # Attributes are stored as jsonb: a number PostgreSQL's numeric cannot hold would fail the
+    # page's batch (and the user's listing, pass after pass) unless quarantined alone; one
+    # beyond a float's range that numeric holds, or an escaped backslash before "u0000", is a
+    # good row and is stored.
+    world = World.of(dataset)
+    hostile = Hostile(dataset, AUTH_TOKEN)
+    path = world.conversations(world.victim)
+    hostile.tricks[path] = Trick("attributes")
+    with HostileServer(hostile) as upstream:
+        result = await asyncio.to_thread(
+            run_measured, ["sync"], hostile_env(upstream.url, db_url, dataset), WITHIN
+        )
+        base = upstream.url
+    assert_clean(result, "attributes")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert await fetch(db_url, "SELECT user_sid FROM sync_cursors WHERE state = 'failed'") == []
+    reasons = await fetch(db_url, "SELECT reason FROM quarantine")
+    assert [r["reason"] for r in reasons] == [
+        "attributes is not valid JSON (number 1e-20000 is out of range for PostgreSQL's numeric)"
+    ]
+    items = dataset.memberships(world.service, world.victim, base)
+    stored = await fetch(
+        db_url,
+        """SELECT conversation_sid, attributes -> 'x' = '1e400'::jsonb AS big,
+                  attributes ->> 'path' AS path
+           FROM conversations WHERE conversation_sid = ANY($1::text[])""",
+        [i["conversation_sid"] for i in items[:3]],
+    )
+    by_sid = {r["conversation_sid"]: r for r in stored}
+    # the victim's versions are the newest: they are the ones stored
+    assert by_sid[items[1]["conversation_sid"]]["big"] is True
+    assert by_sid[items[2]["conversation_sid"]]["path"] == "C:\\u0000dir"
+    memberships = await fetch(
+        db_url, "SELECT conversation_sid FROM memberships WHERE user_sid = $1", world.victim
+    )
+    kept = {i["conversation_sid"] for i in items[1:]}
+    assert {m["conversation_sid"] for m in memberships} == kept, "every other row kept"
+
+
 # --- a 401 that echoes the credentials ----------------------------------------------------------
 
 TAG = secrets.token_hex(4)

@@ -198,12 +198,38 @@ def test_a_deeply_nested_item_is_quarantined_with_a_marker() -> None:
     assert "nested too deeply" in page.rejected[0].item
 
 
-@pytest.mark.parametrize("number", ["1e999999", "-1e400"])
-def test_numbers_beyond_range_are_quarantined(number: str) -> None:
+@pytest.mark.parametrize("number", ["1e999999", "-1e131072", "1e-20000", "0.5e-16383"])
+def test_numbers_numeric_cannot_hold_are_quarantined(number: str) -> None:
     page = model.parse_conversations_page(
         [good_item(attributes='{"a": ' + number + "}")], SERVICE, USER
     )
-    assert "out of range" in page.rejected[0].reason
+    assert "out of range for PostgreSQL's numeric" in page.rejected[0].reason
+
+
+@pytest.mark.parametrize(
+    "attributes",
+    [
+        '{"a": 1e400}',  # beyond a float's range, within numeric's
+        '{"a": -1e131071, "b": 1e-16383}',
+        '{"a": ' + "9" * 5000 + "}",  # more digits than Python's int() reads
+        '{"path": "C:\\\\u0000dir"}',  # a backslash, then "u0000": no NUL escape
+    ],
+)
+def test_attributes_jsonb_holds_are_kept_whichever_path_decodes_the_page(attributes: str) -> None:
+    good = good_item(attributes=attributes)
+    bad = good_item(conversation_sid="CH" + "b" * 31 + "!")  # sends the page the slow way
+    for items in ([good], [good, bad]):
+        body = json.dumps({"conversations": items, "meta": {}}).encode()
+        typed = model.decode_typed_page("conversations", body)
+        page = model.decode_conversations_page(body, typed[0] if typed else items, SERVICE, USER)
+        assert len(page.rejected) == len(items) - 1, page.rejected
+        assert page.sids == [good["conversation_sid"]]
+
+
+def test_an_escaped_nul_is_quarantined_even_after_escaped_backslashes() -> None:
+    for attributes in ('{"a": "\\u0000"}', '{"a": "\\\\\\u0000"}'):
+        page = model.parse_conversations_page([good_item(attributes=attributes)], SERVICE, USER)
+        assert page.rejected[0].reason == "attributes contains a NUL character", attributes
 
 
 def test_a_sid_ending_in_a_newline_is_rejected_as_the_database_would() -> None:
