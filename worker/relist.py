@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from urllib.parse import quote
 
@@ -234,6 +235,9 @@ class Relister:
             self.metrics.inc("convsync_relists_total", outcome="unknown_user")
             await self.db.call(self.queue.drop, target)
             return None
-        row = parsed.rows[0]
+        # A fetch has is_online and is_notifiable, which a listing never has (null in every
+        # Read, Twilio says): stored as the listings store them, the row does not flip between
+        # a value and null at each pass, nor keep a stale snapshot no other user has.
+        row = dataclasses.replace(parsed.rows[0], is_online=None, is_notifiable=None)
         await self.db.call(self.db.store.upsert_users, [row])
         return row.user_sid

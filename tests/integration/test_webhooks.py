@@ -178,6 +178,11 @@ async def test_webhooks_keep_the_mirror_fresh_between_passes(
 
         changed_at = time.monotonic()
         changes = mutate_randomly(server, random.Random(5))
+        # A user who joined since the pass: its webhook names it by identity alone.
+        data = server.sim.dataset
+        service = data.service_sids()[0]
+        newcomer = data.add_user(service, "late.joiner@example.org")
+        data.add_membership(service, newcomer)
         try:
             await until(lambda: mirrors(server, db_url), timeout=30, what="the mirror")
         except AssertionError:
@@ -201,6 +206,13 @@ async def test_webhooks_keep_the_mirror_fresh_between_passes(
             )
             assert gone, f"{user} left {conversation}: kept with removed_at"
         await until(lambda: _none_left(db_url), timeout=10, what="every target served")
+        # The newcomer, looked up by identity, is stored as a listing has users (presence is
+        # a fetch's alone, null in every listing): no row flips at the next pass.
+        assert await scalar(db_url, "SELECT count(*) FROM users WHERE user_sid = $1", newcomer)
+        assert await scalar(db_url, "SELECT count(*) FROM users WHERE is_online IS NOT NULL") == 0
+        assert (
+            await scalar(db_url, "SELECT count(*) FROM users WHERE is_notifiable IS NOT NULL") == 0
+        )
         values = await metric_values(replica.url)
     finally:
         assert replica.stop() == 0
