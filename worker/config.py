@@ -253,7 +253,8 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "CONVSYNC_HTTP_HOST",
-        "`convsync run`: address of /healthz, /readyz, /metrics (0.0.0.0: every interface).",
+        "`convsync run`: address of /healthz, /readyz, /metrics (0.0.0.0: every IPv4 "
+        "interface; `::`: every IPv6 one, IPv6 only).",
         setting="http_host",
     ),
     Variable(

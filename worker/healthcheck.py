@@ -14,7 +14,9 @@ from collections.abc import Iterable
 from pathlib import Path
 
 HEALTHZ = "/healthz"
-ANY_ADDRESS = ("", "0.0.0.0", "::")  # noqa: S104 (names of "every address", not a bind)
+# A server bound to "every address" is probed on its loopback: IPv4's for "0.0.0.0", IPv6's for
+# "::" (asyncio binds "::" IPv6-only: 127.0.0.1 would be refused).
+LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}  # noqa: S104 (not a bind)
 
 
 def convsync_command(cmdline: bytes) -> str | None:
@@ -45,9 +47,9 @@ def commands(proc: Path = Path("/proc")) -> list[str]:
 
 def healthz_url(environ: dict[str, str]) -> str:
     host = environ.get("CONVSYNC_HTTP_HOST", "").strip()
-    host = "127.0.0.1" if host in ANY_ADDRESS else host
+    host = LOOPBACK.get(host, host)
     port = environ.get("CONVSYNC_HTTP_PORT", "").strip() or "8080"
-    return f"http://{host}:{port}{HEALTHZ}"
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}{HEALTHZ}"
 
 
 def check(running: Iterable[str], environ: dict[str, str]) -> tuple[int, str]:

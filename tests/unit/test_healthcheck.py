@@ -40,8 +40,10 @@ def test_commands_scans_every_process(tmp_path: Path) -> None:
     assert commands(tmp_path) == ["run"]
 
 
-@pytest.fixture
-def healthz() -> Iterator[int]:
+def serve_healthz(host: str) -> Iterator[int]:
+    class Server(HTTPServer):
+        address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             self.send_response(200 if self.path == HEALTHZ else 404)
@@ -50,12 +52,22 @@ def healthz() -> Iterator[int]:
         def log_message(self, *args: object) -> None:
             pass
 
-    server = HTTPServer(("127.0.0.1", 0), Handler)
+    server = Server((host, 0), Handler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server.server_address[1]
     server.shutdown()
     server.server_close()
+
+
+@pytest.fixture
+def healthz() -> Iterator[int]:
+    yield from serve_healthz("127.0.0.1")
+
+
+@pytest.fixture
+def healthz_on_ipv6_loopback() -> Iterator[int]:
+    yield from serve_healthz("::1")
 
 
 def free_port() -> int:
@@ -87,3 +99,15 @@ def test_the_probe_follows_the_configured_port_and_host() -> None:
         "http://127.0.0.1:9000/healthz"
     )
     assert healthz_url({"CONVSYNC_HTTP_HOST": "10.1.2.3"}) == "http://10.1.2.3:8080/healthz"
+    assert healthz_url({"CONVSYNC_HTTP_HOST": "fd00::7"}) == "http://[fd00::7]:8080/healthz"
+
+
+def test_a_server_on_every_ipv6_address_is_probed_on_its_loopback(
+    healthz_on_ipv6_loopback: int,
+) -> None:
+    # asyncio binds "::" IPv6-only: probed on 127.0.0.1, such a server would be found dead.
+    environ = {"CONVSYNC_HTTP_HOST": "::", "CONVSYNC_HTTP_PORT": str(healthz_on_ipv6_loopback)}
+    assert check(["run"], environ) == (
+        0,
+        f"healthy: http://[::1]:{healthz_on_ipv6_loopback}/healthz answered 200",
+    )
