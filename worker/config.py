@@ -155,7 +155,9 @@ VARIABLES: tuple[Variable, ...] = (
     Variable(
         "DATABASE_URL",
         "PostgreSQL URL (postgresql://user:pass@host:port/db; failover hosts as"
-        " host1:port,host2:port; ?, & and # in the password percent-encoded).",
+        " host1:port,host2:port; ?, & and # in the password percent-encoded). Its query takes"
+        " asyncpg's parameters (sslmode, target_session_attrs...) and server settings"
+        " (application_name=...); libpq's alone (connect_timeout, keepalives...) are refused.",
         secret=True,
     ),
     Variable("TWILIO_API_KEY_SID", "API key SID (SK...); preferred over the auth token."),
@@ -398,6 +400,33 @@ def _bool(env: Mapping[str, str], name: str) -> bool | None:
     raise ConfigError(f"{name} must be true or false, got {raw!r}")
 
 
+# libpq's connection parameters that asyncpg does not read: it would send each to the server as
+# a setting, and PostgreSQL refuses a connection naming a setting it has not (a replication
+# connection, for ``replication``, runs no SQL). Refused here, named, rather than there.
+LIBPQ_ONLY_PARAMETERS = frozenset(
+    {
+        "channel_binding",
+        "connect_timeout",
+        "fallback_application_name",
+        "gssdelegation",
+        "gssencmode",
+        "hostaddr",
+        "keepalives",
+        "keepalives_count",
+        "keepalives_idle",
+        "keepalives_interval",
+        "load_balance_hosts",
+        "replication",
+        "require_auth",
+        "requirepeer",
+        "sslcertmode",
+        "sslcompression",
+        "sslkeylogfile",
+        "sslsni",
+    }
+)
+
+
 def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
     """Reject URLs asyncpg cannot use, without echoing the password."""
     try:
@@ -415,8 +444,10 @@ def validate_database_url(url: str, name: str = "DATABASE_URL") -> str:
             f"{name}: its query is malformed (a password holding ?, & or # must be percent-encoded)"
         ) from None
     for key, value in fields:
-        if key == "connect_timeout":  # libpq's; asyncpg would send it to the server, refused
+        if key == "connect_timeout":
             raise ConfigError(f"{name}: connect_timeout is not supported (asyncpg's is 10 s)")
+        if key in LIBPQ_ONLY_PARAMETERS:
+            raise ConfigError(f"{name}: {key} is libpq's, not supported by asyncpg")
         allowed = {"sslmode": SSL_MODES, "target_session_attrs": SESSION_ATTRS}.get(key)
         if allowed is not None and value not in allowed:
             raise ConfigError(f"{name}: {key} must be one of {', '.join(allowed)}")

@@ -30,6 +30,8 @@ KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-k
         ({"DATABASE_URL": "postgresql://h/db?target_session_attrs=x"}, "DATABASE_URL"),
         ({"DATABASE_URL": "postgresql://h1:5432,h2:x/db"}, "DATABASE_URL is not a valid URL"),
         ({"DATABASE_URL": "postgresql://h/db?connect_timeout=10"}, "connect_timeout"),
+        ({"DATABASE_URL": "postgresql://h/db?keepalives=1"}, "keepalives is libpq's"),
+        ({"DATABASE_URL": "postgresql://h/db?sslmode=require&gssencmode=disable"}, "gssencmode"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://u:pw@h"}, "must not hold credentials"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/?x=1"}, "TWILIO_CONVERSATIONS_BASE_URL"),
         ({"TWILIO_CONVERSATIONS_BASE_URL": "https://h/api?"}, "must not have a query"),
