@@ -29,7 +29,7 @@ from worker import client as api
 from worker.client import ListingGuard, Page, TwilioClient
 from worker.config import Settings
 from worker.database import VALUES_REFUSED_ERRORS, RetryingStore
-from worker.errors import ConfigError, FatalError, UserGone, UserSyncError
+from worker.errors import ConfigError, FatalError, Interrupted, UserGone, UserSyncError
 from worker.leases import HeldClaims, release_dead_local_claims
 from worker.listing import Listing, walk
 from worker.logs import redact
@@ -162,6 +162,10 @@ class SyncPass:
                 else:
                     await db.call(self.store.open_discovery, info.run_id, services)
                 await self.run_loops()
+            except Interrupted:
+                if not self.stop.is_set():
+                    raise
+                # Stopped while the services' or users' look-up waited to retry: interrupted.
             except PASS_ENDING_ERRORS as error:
                 await db.call(self.store.finish_pass, info.run_id, redact(str(error)))
                 raise

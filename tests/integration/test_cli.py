@@ -240,6 +240,11 @@ async def test_sigterm_during_retries_ends_sync_promptly(
     assert time.monotonic() - started < 5, "the backoff ends at shutdown"
     assert child.returncode == 1
     assert "Traceback" not in stderr
+    # Stopped while the services' listing waited to retry: an interrupted pass, not a failed
+    # command with its pass left running.
+    assert '"command_failed"' not in stderr, stderr[-2000:]
+    assert '"pass_interrupted"' in stderr, stderr[-2000:]
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "interrupted"
 
 
 async def test_two_syncs_started_at_once_share_one_pass(
