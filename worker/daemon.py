@@ -12,7 +12,6 @@ import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import asyncpg
 import structlog
 from aiohttp import web
 from apscheduler.events import EVENT_JOB_MAX_INSTANCES, JobExecutionEvent
@@ -23,7 +22,7 @@ from apscheduler.triggers.interval import IntervalTrigger
 from worker.client import TwilioClient
 from worker.config import Settings
 from worker.database import (
-    CONNECTION_ERRORS,
+    DATABASE_ERRORS,
     LOGIN_REFUSED_ERRORS,
     RetryingStore,
     close_store,
@@ -41,6 +40,8 @@ from worker.webhooks import PATH as WEBHOOK_PATH
 from worker.webhooks import Event, Recorded, WebhookReceiver
 
 log = structlog.get_logger(__name__)
+# What stops a pass for this tick alone (transient, or the pass's own): the next one continues.
+PASS_TROUBLE: tuple[type[BaseException], ...] = (ConvsyncError, *DATABASE_ERRORS)
 DEFAULT_INTERVAL = 3600.0
 DATABASE_POLL_SECONDS = 1.0  # after a pass lost to the database: how often to ask if it is back
 RELISTER_RESTART_SECONDS = 5.0  # after the re-lister stopped on an error
@@ -168,7 +169,7 @@ class Daemon:
                 log.info("pass_continued", reason="the database accepts writes again")
                 await self._release_claims()
                 return True
-        except (ConvsyncError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except PASS_TROUBLE as error:
             # Transient or per-pass trouble: this tick is lost, the next one continues.
             log.error("pass_stopped", error=str(error), error_kind=type(error).__name__)
             await self._release_claims()
@@ -178,16 +179,26 @@ class Daemon:
         return False
 
     async def _database_back(self) -> bool:
-        """Wait until the database accepts writes (True), or shutdown (False). Every poll asks
-        a new connection: one opened before a failover keeps its session's read-only default."""
+        """Wait until the database accepts writes (True), or shutdown or a refused login (False;
+        the latter stops the service, as in a pass). Every poll asks a new connection: one
+        opened before a failover keeps its session's read-only default. Whatever else refuses
+        a poll meanwhile (connections not allowed yet, a privilege), the next one asks again."""
+        refused = ""  # the kind of error the polls last met: said once, not at every poll
         while not self.stop.is_set():
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.stop.wait(), DATABASE_POLL_SECONDS)
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            try:
                 await self.store.pool.expire_connections()
                 async with asyncio.timeout(5), self.store.pool.acquire() as conn:
                     if not self.stop.is_set() and not await database_read_only(conn):
                         return True
+            except LOGIN_REFUSED_ERRORS as error:
+                self._stop_fatally(ConfigError(f"DATABASE_URL was refused: {type(error).__name__}"))
+                return False
+            except DATABASE_ERRORS as error:
+                if type(error).__name__ != refused:
+                    refused = type(error).__name__
+                    log.warning("database_not_back", error_kind=refused)
         return False
 
     def _stop_fatally(self, error: FatalError) -> None:
@@ -205,7 +216,7 @@ class Daemon:
         try:
             async with asyncio.timeout(RECORD_SECONDS):
                 await self.store.release_all(self.settings.worker_id)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except DATABASE_ERRORS as error:
             log.warning("claims_not_released", error=type(error).__name__)
 
     # --- HTTP -----------------------------------------------------------------------------
@@ -233,7 +244,7 @@ class Daemon:
                 async with self.store.pool.acquire() as conn:
                     missing = await pending_migrations(conn)
                     read_only = await database_read_only(conn)
-        except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as error:
+        except DATABASE_ERRORS as error:
             return web.json_response(
                 {"status": "database unavailable", "error": type(error).__name__}, status=503
             )

@@ -56,6 +56,9 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     # #784, #1069); the pool's reset then fails and the connection is dropped.
     asyncpg.InternalClientError,
 )
+# Anything the database, or the way to it, can answer with: what code that must outlive the
+# database catches (a readiness probe, the progress line, claims given back, a wait for it).
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (*CONNECTION_ERRORS, asyncpg.PostgresError)
 # Errors that mean "PostgreSQL refused this page's values": that listing fails, not the pass.
 VALUES_REFUSED_ERRORS: tuple[type[BaseException], ...] = (
     asyncpg.DataError,

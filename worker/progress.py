@@ -26,8 +26,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import TextIO
 
-import asyncpg
-
+from worker.database import DATABASE_ERRORS
 from worker.limiter import AdaptiveLimiter
 from worker.metrics import Metrics
 from worker.metrics import metrics as default_metrics
@@ -37,7 +36,6 @@ REDRAW_SECONDS = 0.5
 ASK_DATABASE_SECONDS = 1.0
 RATE_WINDOW_SECONDS = 5.0
 CLEAR = "\r\x1b[K"
-_UNAVAILABLE = (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 @dataclass(frozen=True)
@@ -133,7 +131,7 @@ class ProgressLine:
             # neither, never in both; known never shrinks, so the next quiet answer is exact.
             done = int(self.metrics.total("convsync_users_total"))
             self._known = max(self._known, done + await self.store.pending_users(run_id))
-        except _UNAVAILABLE:
+        except DATABASE_ERRORS:
             pass  # the pass rides out the database by its own policy; keep the last answer
 
     async def run(self) -> None:
@@ -228,5 +226,7 @@ async def shown(
         task.cancel()
         try:
             await asyncio.wait({task})
+            if not task.cancelled():
+                task.exception()  # the line is the pass's window, not its work: let it go quietly
         finally:
             line.finish()

@@ -27,6 +27,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from convsync_tools.pgembed import quote_ident
 from convsync_tools.simdata import Dataset
 from convsync_tools.simulator import Simulator, SimulatorServer
 from tests.faults.common import COMMITTED_PAGES, Failover, check_cursors, mirror, record
@@ -252,6 +253,68 @@ async def test_run_outlasted_by_a_read_only_database_continues_the_pass_when_it_
         failover_run_rows_lost=0,
         failover_run_false_removals=removed,
     )
+
+
+async def test_run_keeps_waiting_for_the_database_whatever_refuses_it_meanwhile(
+    server: SimulatorServer, db_url: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    # While `run` waits for a read-only database, the database refuses connections outright
+    # for a while (ALLOW_CONNECTIONS false: not a connection error, a server's answer). The
+    # wait goes on, and the pass continues when writes return; it once ended the pass's task
+    # without a word, leaving the service up with no pass until the next tick.
+    port = free_port()
+    env = worker_env(
+        server,
+        db_url,
+        CONVSYNC_PAGE_SIZE=str(PAGE),
+        CONVSYNC_CONCURRENCY="6",
+        CONVSYNC_DB_WAIT_SECONDS="2",
+        CONVSYNC_INTERVAL="3600",
+        CONVSYNC_HTTP_HOST="127.0.0.1",
+        CONVSYNC_HTTP_PORT=str(port),
+    )
+    failover = Failover(admin, db_url)
+    child = Child(["run"], env, tmp_path / "run.log")
+    try:
+        await until(
+            lambda: child.process.poll() is not None or committed_at_least(db_url, 15),
+            "15 pages committed",
+        )
+        assert child.process.poll() is None
+        await failover.demote()
+        try:
+            await until(
+                lambda: child.events("pass_stopped", error_kind="DatabaseUnavailable"),
+                "the pass to give up on the database (CONVSYNC_DB_WAIT_SECONDS=2)",
+            )
+            await admin.execute(
+                f"ALTER DATABASE {quote_ident(failover.name)} ALLOW_CONNECTIONS false"
+            )
+            try:
+                refused = await until(
+                    lambda: child.events("database_not_back"), "a poll refused by the server"
+                )
+                assert refused[0]["error_kind"] == "ObjectNotInPrerequisiteStateError", refused
+                assert child.process.poll() is None, "run stays alive"
+            finally:
+                await admin.execute(
+                    f"ALTER DATABASE {quote_ident(failover.name)} ALLOW_CONNECTIONS true"
+                )
+        finally:
+            await failover.promote()
+        await until(
+            lambda: scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'"),
+            "the pass to continue and finish once the database is back",
+            timeout=30,
+        )
+    finally:
+        code = child.stop()
+    assert code == 0, child.output[-3000:]
+    assert "Traceback" not in child.output
+    assert child.events("pass_continued"), "continued by the same tick, not the next one"
+    assert await scalar(db_url, "SELECT count(*) FROM sync_runs") == 1
+    await mirror(server, db_url)
+    assert await no_false_removals(db_url) == 0
 
 
 async def readyz_says(url: str, status: int) -> tuple[int, dict[str, Any]] | None:
