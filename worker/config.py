@@ -243,7 +243,9 @@ VARIABLES: tuple[Variable, ...] = (
         setting="lease_seconds",
     ),
     Variable(
-        "CONVSYNC_WORKER_ID", "This replica's name in claims (default host:pidns:pid:random)."
+        "CONVSYNC_WORKER_ID",
+        "This replica's name in claims (default: the host's); its pid namespace, pid and a"
+        " random tag always follow it, so that replicas sharing a name never share claims.",
     ),
     Variable("CONVSYNC_SCHEDULE", "`convsync run`: cron expression (UTC) for passes."),
     Variable(
@@ -536,9 +538,11 @@ def pid_namespace() -> str:
         return "0"
 
 
-def _default_worker_id() -> str:
-    """host:pidns:pid:nonce, unique per process even when a container restarts as pid 1."""
-    return f"{socket.gethostname()}:{pid_namespace()}:{os.getpid()}:{secrets.token_hex(3)}"
+def unique_worker_id(name: str | None = None) -> str:
+    """name:pidns:pid:nonce (the name: the host's by default), unique per process even when a
+    container restarts as pid 1, or when replicas share a configured name: claims are a
+    process's own, and a process stopping gives back its own alone."""
+    return f"{name or socket.gethostname()}:{pid_namespace()}:{os.getpid()}:{secrets.token_hex(3)}"
 
 
 def load_settings(env: Mapping[str, str] | None = None) -> Settings:
@@ -604,7 +608,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         services=parse_sids(_get(env, "CONVSYNC_SERVICES"), SERVICE_SID, "CONVSYNC_SERVICES"),
         schedule=schedule,
         interval=interval,
-        worker_id=_get(env, "CONVSYNC_WORKER_ID") or _default_worker_id(),
+        worker_id=unique_worker_id(_get(env, "CONVSYNC_WORKER_ID")),
         log_format=log_format,
         log_level=log_level,
         event_loop=event_loop,

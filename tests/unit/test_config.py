@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from worker.config import VARIABLE_NAMES, load_settings
+from worker.config import VARIABLE_NAMES, load_settings, pid_namespace
 from worker.errors import ConfigError
+from worker.leases import parse_owner
 
 KEY = {"TWILIO_API_KEY_SID": "SK" + "1" * 32, "TWILIO_API_KEY_SECRET": "s3cret-key"}
 
@@ -165,3 +168,13 @@ def test_default_worker_ids_are_unique_and_name_host_pid_namespace_and_pid() -> 
     assert parsed is not None
     assert parsed[2] == os.getpid()
     assert parse_owner("my-configured-replica") is None
+
+
+def test_replicas_sharing_a_configured_worker_name_hold_claims_of_their_own() -> None:
+    # Set in shared configuration (a ConfigMap, an env file), the name is every replica's: a
+    # process stopping gives back its own claims alone, so each owner stays its process's.
+    first, second = (load_settings({"CONVSYNC_WORKER_ID": "mirror"}).worker_id for _ in "ab")
+    assert first != second
+    for owner in (first, second):
+        assert owner.startswith("mirror:")
+        assert parse_owner(owner) == ("mirror", pid_namespace(), os.getpid())
