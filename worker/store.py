@@ -443,7 +443,10 @@ class Store:
             advanced = await conn.fetchval(
                 """UPDATE sync_discovery SET next_page_path = $4, pages = pages + 1,
                           users_seen = users_seen + $5,
-                          lease_until = now() + make_interval(secs => $6),
+                          -- the last page ends the claim: a finished listing is nobody's
+                          claimed_by = CASE WHEN $4::text IS NOT NULL THEN claimed_by END,
+                          lease_until = CASE WHEN $4::text IS NOT NULL
+                                             THEN now() + make_interval(secs => $6) END,
                           completed_at = CASE WHEN $4::text IS NULL THEN now() END
                    WHERE run_id = $1 AND chat_service_sid = $2 AND claimed_by = $3
                      AND pages = $7 AND completed_at IS NULL

@@ -90,3 +90,21 @@ async def test_at_most_one_pass_is_unfinished(store: Store) -> None:
     assert await store.interrupt_pass(run_id, "host:1:10") is True
     with pytest.raises(asyncpg.UniqueViolationError):
         await store.pool.execute("INSERT INTO sync_runs (status) VALUES ('running')")
+
+
+async def test_a_finished_users_listing_holds_no_claim(store: Store, db_url: str) -> None:
+    # The worker that listed a service's users (its last page saved) and holds nothing else
+    # is the pass's last worker: stopping, it records the pass interrupted. The finished
+    # listing's claim once lived on for a lease: the pass stayed 'running' with nobody on it.
+    info = await store.begin_or_resume_pass(SCOPE)
+    assert info is not None
+    await store.pool.execute("INSERT INTO services (chat_service_sid) VALUES ($1)", SERVICE)
+    await store.open_discovery(info.run_id, [SERVICE])
+    claim = await store.claim_discovery(info.run_id, "host:1:10", 60)
+    assert claim is not None
+    await store.save_users_page(claim, 60, 0, "/v1/Services/x/Users", [], [], None)
+    assert await scalar(
+        db_url, "SELECT claimed_by IS NULL AND lease_until IS NULL FROM sync_discovery"
+    )
+    assert await store.interrupt_pass(info.run_id, "host:1:10") is True
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "interrupted"
