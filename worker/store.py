@@ -102,6 +102,7 @@ class PassProgress:
     running: bool
     discovery_open: bool
     users_pending: bool
+    interrupted: bool = False  # stopped, to be continued (``resume_pass``)
 
 
 async def _reset_connection(conn: asyncpg.Connection) -> None:
@@ -245,8 +246,7 @@ class Store:
         """Whether the pass still runs, and has an open users listing or a pending user."""
         row = await self.pool.fetchrow(
             """SELECT
-                 EXISTS (SELECT 1 FROM sync_runs
-                         WHERE run_id = $1 AND status = 'running') AS running,
+                 (SELECT status FROM sync_runs WHERE run_id = $1) AS status,
                  EXISTS (SELECT 1 FROM sync_discovery
                          WHERE run_id = $1 AND completed_at IS NULL) AS discovery_open,
                  EXISTS (SELECT 1 FROM sync_cursors
@@ -254,7 +254,21 @@ class Store:
             run_id,
         )
         assert row is not None
-        return PassProgress(row["running"], row["discovery_open"], row["users_pending"])
+        return PassProgress(
+            row["status"] == "running",
+            row["discovery_open"],
+            row["users_pending"],
+            interrupted=row["status"] == "interrupted",
+        )
+
+    async def resume_pass(self, run_id: int) -> bool:
+        """Set an interrupted pass running again, for a worker still on it (another, stopping
+        between this one's claims, found none live); False if it was not interrupted."""
+        status = await self.pool.execute(
+            "UPDATE sync_runs SET status = 'running' WHERE run_id = $1 AND status = 'interrupted'",
+            run_id,
+        )
+        return bool(status == "UPDATE 1")
 
     async def pending_users(self, run_id: int) -> int:
         """How many users of the pass are still to list (for progress displays)."""

@@ -46,6 +46,7 @@ from worker.shutdown import Shutdown
 from worker.store import (
     DiscoveryClaim,
     PageWrite,
+    PassProgress,
     PassSummary,
     Store,
     UserClaim,
@@ -296,7 +297,7 @@ class SyncPass:
                         state.listings_ended += 1
                         state.listing_ended.set()
                 continue
-            progress = await self.db.call(self.store.pass_progress, state.run_id)
+            progress = await self.progress()
             if not progress.discovery_open or not progress.running:
                 return
             if state.listings_ended == ended:
@@ -356,12 +357,24 @@ class SyncPass:
         """True once discovery is complete and no user of the pass is pending anywhere."""
         if self.state.done.is_set():
             return True
-        progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+        progress = await self.progress()
         if not progress.running or (not progress.discovery_open and not progress.users_pending):
             self.state.done.set()
             self.state.work_available.set()
             return True
         return False
+
+    async def progress(self) -> PassProgress:
+        """The pass's progress. A pass another worker recorded interrupted (stopping, it found
+        no claim live: this one was between claims) while this one is still on it, with work
+        left, is resumed: this worker goes on with it rather than leave it to the next tick."""
+        progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+        work_left = progress.discovery_open or progress.users_pending
+        if progress.interrupted and work_left and not self.stop.is_set():
+            if await self.db.call(self.store.resume_pass, self.state.run_id):
+                log.info("pass_resumed", reason="another worker stopped; this one goes on")
+            progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+        return progress
 
     # --- helpers --------------------------------------------------------------------------
 

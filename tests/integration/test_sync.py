@@ -322,6 +322,42 @@ async def test_a_stop_while_the_feeder_waits_for_users_held_elsewhere_ends_the_p
     assert (summary.status, summary.users_synced) == ("interrupted", 0)
 
 
+async def test_a_worker_between_claims_goes_on_with_a_pass_another_one_left_interrupted(
+    db_url: str,
+) -> None:
+    """Another replica holds every pending user (forced: this worker's user claims find none
+    until then), stops, gives them back and, finding no claim live (this worker is between
+    claims), records the pass interrupted. This worker is still on it: it resumes the pass and
+    lists the users, rather than stop with it and leave them to the next tick."""
+    other = "host:9:9"
+    handed_back = False
+
+    class Between(SyncPass):
+        async def claim(self, operation: Callable[..., Awaitable[T]]) -> T:
+            if isinstance(operation, functools.partial) and not handed_back:
+                return cast(T, [])  # the users are the other replica's
+            return await super().claim(operation)
+
+        async def finished(self) -> bool:
+            nonlocal handed_back
+            progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+            if not handed_back and not progress.discovery_open and progress.users_pending:
+                run_id = self.state.run_id
+                held = await self.store.claim_users(run_id, other, 60, limit=100)
+                assert held, "the other replica holds the pending users"
+                assert await self.store.interrupt_pass(run_id, other), "it left it interrupted"
+                handed_back = True
+            return await super().finished()
+
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
+    with SimulatorServer(Simulator(dataset)) as server:
+        settings = settings_for(server, db_url)
+        summary = await asyncio.wait_for(run_pass(settings, kind=Between), 120)
+        await assert_mirrors(server, db_url)
+    assert handed_back
+    assert (summary.status, summary.users_synced) == ("succeeded", 3)
+
+
 async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
     db_url: str,
 ) -> None:
