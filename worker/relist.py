@@ -183,7 +183,7 @@ class Relister:
                 self.metrics.inc("convsync_relists_total", outcome="busy")
                 await self.db.call(self.queue.postpone, target, BUSY_RETRY_SECONDS)
                 return
-            listing = ConversationsListing(self.listings, claim)
+            listing = ConversationsListing(self.listings, claim, relist=True)
             await walk(listing, self.client.get_page, self.settings.max_pages, self.shutdown.stop)
             self.metrics.inc("convsync_relists_total", outcome=listing.outcome)
             if listing.outcome == "released":  # stopped or taken over: again, at once

@@ -833,6 +833,24 @@ class Store:
         if failed == "UPDATE 0":
             await self.release_user(claim)
 
+    async def relist_failed(self, claim: UserClaim, error: str) -> None:
+        """A re-list (no pass's work) failed: its claim is given back with the cursor at page
+        one. A pass still running takes the user back (pending: it lists the user itself, its
+        own outcome counting); otherwise the cursor shows the failure until the next pass."""
+        await self.pool.execute(
+            f"""UPDATE sync_cursors c SET claimed_by = NULL, lease_until = NULL,
+                      last_error = $4, last_error_at = now(), {LISTING_AT_PAGE_ONE},
+                      state = CASE WHEN EXISTS (SELECT 1 FROM sync_runs r
+                                                WHERE r.run_id = c.run_id
+                                                  AND r.status = 'running')
+                                   THEN 'pending' ELSE 'failed' END
+               WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
+            claim.chat_service_sid,
+            claim.user_sid,
+            claim.token,
+            error_text(error),
+        )
+
     async def mark_user_gone(self, claim: UserClaim) -> None:
         """The user no longer exists upstream: it and its memberships are marked removed."""
         async with self.pool.acquire() as conn, conn.transaction():

@@ -485,10 +485,11 @@ class ConversationsListing(Listing):
     kind = "conversations"
     prefetch = False
 
-    def __init__(self, sync: ListingContext, claim: UserClaim) -> None:
+    def __init__(self, sync: ListingContext, claim: UserClaim, *, relist: bool = False) -> None:
         first = api.user_conversations_path(claim.chat_service_sid, claim.user_sid, sync.page_size)
         super().__init__(first, claim.next_page_path, claim.listing_pages)
         self.sync, self.claim = sync, claim
+        self.relist = relist  # a webhook's re-list, outside any pass: its failure is its own
         self.outcome = "released"
 
     async def save(self, page: Page) -> None:
@@ -518,6 +519,9 @@ class ConversationsListing(Listing):
         self.outcome = "failed"
         self.sync.metrics.inc("convsync_users_total", outcome="failed")
         store = self.sync.store
+        if self.relist:
+            await self.sync.db.call(store.relist_failed, self.claim, message)
+            return
         await self.sync.db.call(store.mark_user_failed, self.claim, message, restart=restart)
 
     async def gone(self, message: str) -> None:

@@ -280,3 +280,55 @@ async def test_a_new_pass_waits_for_a_relist_under_way_rather_than_list_its_user
         await assert_mirrors(server, db_url)
     finally:
         assert replica.stop() == 0
+
+
+@outlasts_the_hour
+async def test_a_relist_failing_during_a_pass_is_not_the_pass_s_failure(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    # A user the running pass already listed changes; its re-list fails (Twilio answers 500
+    # past every retry). That is the re-list's failure, retried later, not the pass's: the
+    # pass takes the user back and lists it itself, and ends succeeded, not partial.
+    await clear_of_the_hour()
+    server.sim.configure(latency_ms=60)
+    env = webhook_env(
+        server,
+        db_url,
+        CONVSYNC_WEBHOOK_COALESCE_SECONDS="0",
+        CONVSYNC_CONCURRENCY="2",
+        CONVSYNC_MAX_ATTEMPTS="2",
+        CONVSYNC_MAX_RETRY_SECONDS="1",
+    )
+    replica = Replica(env, tmp_path / "run.log")
+    try:
+        url = f"{replica.url}{PATH}"
+        data = server.sim.dataset
+        service = data.service_sids()[0]
+
+        async def a_listed_user() -> str | None:
+            done = await fetch(
+                db_url, "SELECT user_sid FROM sync_cursors WHERE state = 'done' ORDER BY 1"
+            )
+            users = [r["user_sid"] for r in done if data.membership_count(service, r["user_sid"])]
+            return users[0] if users else None
+
+        user = await until(a_listed_user, timeout=60, what="a user listed by the pass")
+        assert await scalar(db_url, "SELECT status FROM sync_runs") == "running"
+        conversation = data.memberships(service, user)[0]["conversation_sid"]
+        data.set_unread(service, user, conversation, 61, 2)
+        server.sim.fail_next(f"Users/{user}/Conversations", 500, count=2)  # both attempts
+        await _participant_updated(server, url, service, user, conversation)
+        await until(
+            lambda: scalar(db_url, "SELECT finished_at IS NOT NULL FROM sync_runs"),
+            timeout=120,
+            what="the pass's end",
+        )
+        postponed = [e for e in replica.events() if e.get("event") == "relist_postponed"]
+        assert postponed, "the re-list failed"
+        finished = await scalar(db_url, "SELECT finished_at FROM sync_runs")
+        assert datetime.fromisoformat(postponed[0]["timestamp"]) < finished, "during the pass"
+        assert await scalar(db_url, "SELECT status FROM sync_runs") == "succeeded"
+        assert await scalar(db_url, "SELECT users_failed FROM sync_runs") == 0
+        await assert_mirrors(server, db_url)  # the user's change too: the pass listed it
+    finally:
+        assert replica.stop() == 0
