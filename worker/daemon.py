@@ -32,7 +32,7 @@ from worker.errors import ConfigError, ConvsyncError, DatabaseUnavailable, Fatal
 from worker.metrics import metrics
 from worker.migrate import pending_migrations
 from worker.relist import Relister
-from worker.shutdown import RECORD_SECONDS, Shutdown
+from worker.shutdown import HTTP_CLOSE_SECONDS, RECORD_SECONDS, Shutdown
 from worker.store import Store
 from worker.sync import Scope, SyncPass
 from worker.targets import TargetQueue
@@ -286,7 +286,10 @@ async def _serve(daemon: Daemon, trigger: CronTrigger | IntervalTrigger) -> int:
     # aiohttp closes a connection idle this long, including one whose request headers are not
     # complete by then (the header read timeout).
     runner = web.AppRunner(
-        daemon.app(), access_log=None, keepalive_timeout=settings.http_header_timeout
+        daemon.app(),
+        access_log=None,
+        keepalive_timeout=settings.http_header_timeout,
+        shutdown_timeout=HTTP_CLOSE_SECONDS,  # aiohttp's own is 60 s: past any stop grace
     )
     await runner.setup()
     site = web.TCPSite(runner, settings.http_host, settings.http_port)

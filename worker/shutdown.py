@@ -7,7 +7,10 @@
    cancels its loops then (an uncommitted page is dropped, its cursor left where it was);
 2. the pass then has ``RECORD_SECONDS`` to record itself and give its claims back
    (``wait_for`` cancels it past that);
-3. ``BACKSTOP_SECONDS`` later the signal handler cancels the command itself.
+3. ``BACKSTOP_SECONDS`` later the signal handler cancels the command itself, which then closes
+   what it holds: the HTTP server (``HTTP_CLOSE_SECONDS`` for requests in flight) and the
+   database pool (``RECORD_SECONDS``). ``exit_seconds`` bounds the whole: a container's stop
+   grace (Kubernetes' terminationGracePeriodSeconds, compose's stop_grace_period) must exceed it.
 
 One timer, started when stop is first seen, serves every waiter.
 """
@@ -23,6 +26,7 @@ import structlog
 log = structlog.get_logger(__name__)
 RECORD_SECONDS = 5.0  # after the grace: for a stopped pass to record itself, release claims
 BACKSTOP_SECONDS = 5.0  # after that: the command is cancelled
+HTTP_CLOSE_SECONDS = 2.0  # then `convsync run`'s HTTP server: its requests in flight, at most
 
 
 class Shutdown:
@@ -37,6 +41,12 @@ class Shutdown:
     def backstop_seconds(self) -> float:
         """Seconds after the stop at which the command itself is cancelled."""
         return self.grace + RECORD_SECONDS + BACKSTOP_SECONDS
+
+    @property
+    def exit_seconds(self) -> float:
+        """Seconds after the stop by which any command has exited: the backstop, then its HTTP
+        server and its database pool closed."""
+        return self.backstop_seconds + HTTP_CLOSE_SECONDS + RECORD_SECONDS
 
     async def grace_over(self) -> None:
         """Return once ``grace`` seconds have passed since stop was set."""
