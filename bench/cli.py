@@ -119,8 +119,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         say(f"incomplete figures written to {output}")
         raise
     finally:
-        asyncio.run(dbs.drop_all())
-        dbs.close()
+        try:
+            asyncio.run(dbs.drop_all())
+        finally:
+            dbs.close()  # a server this run started stops, whatever the drops did
     results["seconds"] = time.monotonic() - started
     results["budget"] = budget(results)
     targets = evaluate(args, results)
@@ -522,7 +524,8 @@ def render(args: argparse.Namespace, r: dict[str, Any], targets: list[Target]) -
             f"{s['postgres_wait_ms_per_page']:.2f}, the simulator "
             f"{s['sim_wait_ms_per_page']:.2f}; "
             f"postgres {s['postgres_cpu_cores']:.2f}, simulator {s['sim_cpu_cores']:.2f}, "
-            f"machine {s['machine_busy_cores']:.2f} busy cores; in flight "
+            f"machine {s['machine_busy_cores']:.2f} busy cores (the benchmark's sampling "
+            f"{s.get('sampler_cpu_seconds', 0.0):.2f} s of CPU); in flight "
             f"{_num(s['in_flight']['window_avg'])} avg, {s['in_flight']['max']} max"
             + _slots_note(s),
         )

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -44,6 +45,19 @@ WRITER_KEYS = ("writer_batches", "writer_pages", "writer_busy_seconds")
 # runtime lock alone (the worker comes from the checkout, their working directory), else this
 # one. The benchmark's own extras bring rich, which structlog imports when it is installed.
 WORKER_PYTHON = os.environ.get("CONVSYNC_BENCH_WORKER_PYTHON") or sys.executable
+# While the child runs: its peak RSS (VmHWM, a kernel high-water mark: a sample misses only
+# what it grew in its last interval before exiting) and its exit, every SAMPLE_SECONDS; its
+# database's backends (a scan of /proc), every BACKENDS_SECONDS. The sampling is a process
+# beside the pass on its cores, which the ceiling's walks have not: kept rare (at 200 Hz it took
+# about 2% of a core), its own CPU reported (``sampler_cpu_seconds``).
+SAMPLE_SECONDS = 0.05
+BACKENDS_SECONDS = 0.25
+
+
+def _own_cpu() -> float:
+    """This (the benchmark's) process's CPU seconds so far, every thread's."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 @dataclass
@@ -89,6 +103,7 @@ class SyncRun:
     limiter: dict[str, float] = field(default_factory=dict)  # from the pass_finished log line
     writer: dict[str, int | float] = field(default_factory=dict)  # its group commit, likewise
     pass_cpu_seconds: float | None = None  # the child's CPU over the pass alone, likewise
+    sampler_cpu_seconds: float = 0.0  # the benchmark's own CPU while it sampled the child
 
     @property
     def pages_per_second(self) -> float:
@@ -260,24 +275,31 @@ def run_sync(
         next_backends = started
         peak_kb = 0
         waited = 0.0
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            now = time.monotonic()
-            if now > deadline:
-                proc.kill()
-                pid, status, usage = os.wait4(proc.pid, 0)
-                break
-            if now >= next_backends:
-                backends.update(database_backends(database))
-                # The most seen: a thread that ends takes its own wait out of the sum.
-                waited = max(waited, cpu_wait(proc.pid))
-                next_backends = now + 0.25
-            peak_kb = max(peak_kb, peak_rss_kb(proc.pid))
-            if spy_pending and profile_to and (sim.stats()["requests"] or now > started + 2):
-                spy, spy_pending = _attach_py_spy(proc.pid, profile_to), False  # pass under way
-            time.sleep(0.005)
+        sampler_before = _own_cpu()
+        try:
+            while True:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid:
+                    break
+                now = time.monotonic()
+                if now > deadline:
+                    proc.kill()
+                    pid, status, usage = os.wait4(proc.pid, 0)
+                    break
+                if now >= next_backends:
+                    backends.update(database_backends(database))
+                    # The most seen: a thread that ends takes its own wait out of the sum.
+                    waited = max(waited, cpu_wait(proc.pid))
+                    next_backends = now + BACKENDS_SECONDS
+                peak_kb = max(peak_kb, peak_rss_kb(proc.pid))
+                if spy_pending and profile_to and (sim.stats()["requests"] or now > started + 2):
+                    spy, spy_pending = _attach_py_spy(proc.pid, profile_to), False  # under way
+                time.sleep(SAMPLE_SECONDS)
+        except BaseException:
+            proc.kill()  # the sampling failed: the pass is not left running behind
+            proc.wait()
+            raise
+        sampler_cpu = _own_cpu() - sampler_before
         wall = time.monotonic() - started
         proc.returncode = os.waitstatus_to_exitcode(status)
         log_file.seek(max(0, log_file.seek(0, os.SEEK_END) - 4000))
@@ -319,6 +341,7 @@ def run_sync(
         ),
         summary=summary,
         stderr_tail=stderr[-2000:] if proc.returncode else "",
+        sampler_cpu_seconds=sampler_cpu,
     )
     finished = _pass_finished(stderr)
     run.limiter = {k: finished[k] for k in LIMITER_KEYS if k in finished}
