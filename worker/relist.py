@@ -40,7 +40,7 @@ from worker.metrics import Metrics
 from worker.model import parse_users_page
 from worker.shutdown import Shutdown
 from worker.sids import is_sid
-from worker.store import Store, new_claim_token
+from worker.store import RELIST_OWNER_SUFFIX, Store, new_claim_token
 from worker.sync import ConversationsListing, ListingContext
 from worker.targets import BUSY_RETRY_SECONDS, Target, TargetQueue
 from worker.writer import PageWriter
@@ -50,7 +50,6 @@ POLL_SECONDS = 1.0
 FAILED_RETRY_SECONDS = 30.0  # a target whose re-list failed is tried again after this
 MAX_ATTEMPTS = 5  # then it is left to the next pass (the safety net)
 PRUNE_SECONDS = 3600.0  # how often old idempotency keys are forgotten
-RELIST_OWNER_SUFFIX = "~relist"  # re-list claims apart from the pass's (released apart)
 
 
 class Relister:
@@ -165,9 +164,7 @@ class Relister:
         except Exception:
             log.exception("relist_crashed")
             with contextlib.suppress(*CONNECTION_ERRORS):
-                await self.queue.postpone(
-                    target, FAILED_RETRY_SECONDS, "internal error", failed=True
-                )
+                await self._failed_before_listing(target, "internal error")
         finally:
             self.held.discard(target.token)
 
@@ -203,6 +200,18 @@ class Relister:
                 delay_seconds=None if delay is None else round(delay, 3),
             )
 
+    async def _failed_before_listing(self, target: Target, message: str) -> None:
+        """A failure before any listing (the identity look-up, an internal error): tried again
+        later, ``MAX_ATTEMPTS`` times at most as a failed listing is; then dropped, the user
+        left to the next pass (which lists every user)."""
+        if target.attempts + 1 >= MAX_ATTEMPTS:
+            log.warning("relist_dropped", reason="failed too often", error=message)
+            self.metrics.inc("convsync_relists_total", outcome="failed")
+            await self.queue.drop(target)
+            return
+        log.warning("relist_postponed", error=message, attempts=target.attempts + 1)
+        await self.queue.postpone(target, FAILED_RETRY_SECONDS, message, failed=True)
+
     async def _user_sid(self, target: Target) -> str | None:
         """The target's user SID: as named, or its identity resolved through Twilio (the
         user is then known to the mirror); None when it cannot be (the target dropped or
@@ -223,11 +232,7 @@ class Relister:
             await self.db.call(self.queue.postpone, target, 0.0)
             return None
         except UserSyncError as error:
-            message = redact(str(error))
-            log.warning("relist_postponed", error=message)
-            await self.db.call(
-                self.queue.postpone, target, FAILED_RETRY_SECONDS, message, failed=True
-            )
+            await self.db.call(self._failed_before_listing, target, redact(str(error)))
             return None
         parsed = parse_users_page([body], target.chat_service_sid)
         if not parsed.rows:

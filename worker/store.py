@@ -26,6 +26,9 @@ import msgspec
 from worker.errors import LeaseLost, PassBusy
 from worker.model import UNIDENTIFIED, ConversationsPage, Rejected, ServiceRow, UserRow
 
+# The owner of a webhook re-list's claims: the worker's own, with this suffix (released apart,
+# and no pass's work).
+RELIST_OWNER_SUFFIX = "~relist"
 # Tables whose rows are claimed with a lease (``claimed_by``, ``lease_until``).
 CLAIM_TABLES = ("sync_cursors", "sync_discovery", "relist_targets")
 
@@ -69,6 +72,7 @@ class PageWrite:
     source_path: str
     page: ConversationsPage
     next_page_path: str | None
+    counts: bool = True  # into its pass's figures: a webhook's re-list, no pass's work, does not
 
 
 @dataclass(frozen=True)
@@ -776,6 +780,7 @@ class Store:
                 [_RejectedItem(r.item, r.reason) for r in w.page.rejected] or None,
                 w.source_path,
                 len(w.page.sids),
+                w.counts,
             )
             for number, (w, indices) in enumerate(zip(writes, conversations, strict=True), 1)
         ]
@@ -835,14 +840,15 @@ class Store:
 
     async def relist_failed(self, claim: UserClaim, error: str) -> None:
         """A re-list (no pass's work) failed: its claim is given back with the cursor at page
-        one. A pass still running takes the user back (pending: it lists the user itself, its
-        own outcome counting); otherwise the cursor shows the failure until the next pass."""
+        one. A pass not over (running, or interrupted: to be resumed) takes the user back
+        (pending: it lists the user itself, its own outcome counting); otherwise the cursor
+        shows the failure until the next pass."""
         await self.pool.execute(
             f"""UPDATE sync_cursors c SET claimed_by = NULL, lease_until = NULL,
                       last_error = $4, last_error_at = now(), {LISTING_AT_PAGE_ONE},
                       state = CASE WHEN EXISTS (SELECT 1 FROM sync_runs r
                                                 WHERE r.run_id = c.run_id
-                                                  AND r.status = 'running')
+                                                  AND r.status IN ('running', 'interrupted'))
                                    THEN 'pending' ELSE 'failed' END
                WHERE chat_service_sid = $1 AND user_sid = $2 AND claimed_by = $3""",
             claim.chat_service_sid,
@@ -944,12 +950,16 @@ def new_claim_token(owner: str) -> str:
 
 
 async def _has_live_claims(conn: asyncpg.Connection, run_id: int) -> bool:
+    """Whether a worker of the pass holds a live claim (a re-list's claim on one of its users'
+    cursors is no pass's work: it neither keeps the pass running nor makes it busy)."""
     live: bool = await conn.fetchval(
         """SELECT EXISTS (SELECT 1 FROM sync_cursors
-                          WHERE run_id = $1 AND lease_until > now())
+                          WHERE run_id = $1 AND lease_until > now()
+                            AND right(split_part(claimed_by, '/', 1), length($2)) <> $2)
                OR EXISTS (SELECT 1 FROM sync_discovery
                           WHERE run_id = $1 AND lease_until > now())""",
         run_id,
+        RELIST_OWNER_SUFFIX,
     )
     return live
 
@@ -1020,6 +1030,7 @@ class _BatchPage(msgspec.Struct, gc=False):
     rejected: list[_RejectedItem] | None
     source: str
     items: int
+    counts: bool  # into its pass's run_* figures (PageWrite.counts)
 
 
 # A batch of pages of many users' listings, in one statement (one transaction, one commit):
@@ -1042,7 +1053,8 @@ WITH page AS (
     -- compare bytes, not the database's locale.
     SELECT * FROM jsonb_to_recordset($1::jsonb) AS p(
         ord int, service text COLLATE "C", user_sid text COLLATE "C", token text, expected int,
-        next_path text, run_id bigint, seen text, rejected jsonb, source text, items int)
+        next_path text, run_id bigint, seen text, rejected jsonb, source text, items int,
+        counts boolean)
     -- $4: commit without waiting for the WAL flush. set_config(..., true) holds for this
     -- statement's own transaction, read at its commit; CASE keeps it from being evaluated
     -- otherwise.
@@ -1249,12 +1261,14 @@ advanced AS (
       claimed_by = CASE WHEN p.next_path IS NULL THEN NULL ELSE c.claimed_by END,
       lease_until = CASE WHEN p.next_path IS NULL THEN NULL
                          ELSE now() + make_interval(secs => $3) END,
-      run_pages = c.run_pages + 1,
-      run_rows_inserted = c.run_rows_inserted + k.inserted,
-      run_rows_updated = c.run_rows_updated + k.updated,
-      run_rows_unchanged = c.run_rows_unchanged + (p.items - k.inserted - k.updated),
-      run_rows_removed = c.run_rows_removed + k.removed,
-      run_rows_quarantined = c.run_rows_quarantined + k.quarantined
+      -- a re-list's page (counts false) is no pass's work: its pass's figures stay as they are
+      run_pages = c.run_pages + p.counts::int,
+      run_rows_inserted = c.run_rows_inserted + k.inserted * p.counts::int,
+      run_rows_updated = c.run_rows_updated + k.updated * p.counts::int,
+      run_rows_unchanged = c.run_rows_unchanged
+                           + (p.items - k.inserted - k.updated) * p.counts::int,
+      run_rows_removed = c.run_rows_removed + k.removed * p.counts::int,
+      run_rows_quarantined = c.run_rows_quarantined + k.quarantined * p.counts::int
     FROM guard g JOIN page p ON p.ord = g.ord JOIN counts k ON k.ord = g.ord
     WHERE c.chat_service_sid = g.service AND c.user_sid = g.user_sid
     RETURNING g.ord

@@ -499,7 +499,9 @@ class ConversationsListing(Listing):
         )
         for rejected in parsed.rejected:
             log.warning("item_quarantined", reason=rejected.reason, sid=rejected.sid)
-        write = PageWrite(claim, self.pages_written, page.path, parsed, page.next_page_path)
+        write = PageWrite(
+            claim, self.pages_written, page.path, parsed, page.next_page_path, not self.relist
+        )
         outcome = await sync.writer.write(write)
         sync.pages_total.inc()
         for name, series in sync.rows_total:

@@ -36,6 +36,7 @@ from tests.integration.test_webhooks import (
     targets_left,
     webhook_env,
 )
+from worker.relist import MAX_ATTEMPTS
 from worker.webhooks import PATH, twilio_signature
 
 
@@ -330,5 +331,35 @@ async def test_a_relist_failing_during_a_pass_is_not_the_pass_s_failure(
         assert await scalar(db_url, "SELECT status FROM sync_runs") == "succeeded"
         assert await scalar(db_url, "SELECT users_failed FROM sync_runs") == 0
         await assert_mirrors(server, db_url)  # the user's change too: the pass listed it
+    finally:
+        assert replica.stop() == 0
+
+
+@outlasts_the_hour
+async def test_an_identity_look_up_failing_every_time_is_given_up_like_a_failed_relist(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    # A target named by an identity whose look-up Twilio keeps refusing (500 past every
+    # retry) is tried MAX_ATTEMPTS times, as a failed listing is, then dropped (the next pass
+    # lists every user); it was postponed every 30 s for ever.
+    await clear_of_the_hour()
+    replica = Replica(
+        webhook_env(server, db_url, CONVSYNC_MAX_ATTEMPTS="1", CONVSYNC_MAX_RETRY_SECONDS="1"),
+        tmp_path / "run.log",
+    )
+    try:
+        await first_pass_done(db_url)
+        service = server.sim.dataset.service_sids()[0]
+        server.sim.fail_next("/Users/someone.new", 500, count=1000)
+        await fetch(
+            db_url,
+            "INSERT INTO relist_targets (chat_service_sid, user_ref, due_at, attempts)"
+            " VALUES ($1, 'someone.new', now(), $2)",
+            service,
+            MAX_ATTEMPTS - 1,  # its last try
+        )
+        await until(lambda: _none_left(db_url), timeout=20, what="the target given up")
+        dropped = [e for e in replica.events() if e.get("event") == "relist_dropped"]
+        assert [e["reason"] for e in dropped] == ["failed too often"], dropped
     finally:
         assert replica.stop() == 0

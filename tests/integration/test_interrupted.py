@@ -9,8 +9,8 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 
-from tests.harness import scalar
-from worker.store import Store
+from tests.harness import fetch, scalar
+from worker.store import Store, UserClaim
 
 SERVICE = "IS" + "1" * 32
 USERS = ["US" + str(i) * 32 for i in (2, 3)]
@@ -108,3 +108,52 @@ async def test_a_finished_users_listing_holds_no_claim(store: Store, db_url: str
     )
     assert await store.interrupt_pass(info.run_id, "host:1:10") is True
     assert await scalar(db_url, "SELECT status FROM sync_runs") == "interrupted"
+
+
+async def test_a_relists_claim_is_no_pass_work_when_the_last_worker_stops(
+    store: Store, db_url: str
+) -> None:
+    # A webhook's re-list holds one of the pass's users (its cursor filed under the pass): the
+    # pass's last worker stopping still records the pass interrupted, not running with nobody.
+    run_id = await queue_users(store)
+    await store.pool.execute(
+        "UPDATE sync_cursors SET claimed_by = $2, lease_until = now() + interval '60 s'"
+        " WHERE user_sid = $1",
+        USERS[0],
+        "host:1:10~relist/0123abcd.ef",
+    )
+    assert await store.interrupt_pass(run_id, "host:1:10") is True
+    assert await scalar(db_url, "SELECT status FROM sync_runs") == "interrupted"
+
+
+async def test_a_relist_failing_under_an_interrupted_pass_leaves_the_user_to_it(
+    store: Store, db_url: str
+) -> None:
+    # The pass resumes later and lists only its pending users: a re-list's failure meanwhile
+    # gives the user back pending (from page one), never failed under the pass.
+    run_id = await queue_users(store)
+    assert await store.interrupt_pass(run_id, "host:1:10") is True
+    claim = UserClaim(run_id, SERVICE, USERS[0], None, 0, "host:1:10~relist/0123abcd.ef")
+    await store.pool.execute(
+        "UPDATE sync_cursors SET claimed_by = $2, next_page_path = '/p2', listing_pages = 1"
+        " WHERE user_sid = $1",
+        USERS[0],
+        claim.token,
+    )
+    await store.relist_failed(claim, "HTTP 500")
+    (cursor,) = await fetch(
+        db_url,
+        "SELECT state, claimed_by, next_page_path, listing_pages, last_error"
+        " FROM sync_cursors WHERE user_sid = $1",
+        USERS[0],
+    )
+    assert tuple(cursor) == ("pending", None, None, 0, "HTTP 500")
+    await store.pool.execute("UPDATE sync_runs SET status = 'succeeded'")
+    await store.pool.execute(
+        "UPDATE sync_cursors SET claimed_by = $2 WHERE user_sid = $1", USERS[0], claim.token
+    )
+    await store.relist_failed(claim, "HTTP 500")
+    assert (
+        await scalar(db_url, "SELECT state FROM sync_cursors WHERE user_sid = $1", USERS[0])
+        == "failed"
+    ), "after its pass, the failure shows until the next one"

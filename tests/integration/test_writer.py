@@ -17,7 +17,7 @@ import pytest
 
 from convsync_tools.pgembed import LocalPostgres
 from tests.conftest import create_database, drop_database
-from tests.harness import scalar, until
+from tests.harness import fetch, scalar, until
 from worker.database import PIN_FROM_POOL_SIZE, RetryingStore
 from worker.errors import DatabaseUnavailable, LeaseLost
 from worker.metrics import Metrics
@@ -569,3 +569,34 @@ async def test_the_page_statement_reads_each_cursor_by_primary_key_in_any_cached
     scans = _scans_of(json.loads(plan)[0]["Plan"], "sync_cursors")
     assert scans  # the guard's lookup and the cursor's update
     assert all(index == "sync_cursors_pkey" for _, index in scans), scans
+
+
+async def test_a_relists_page_writes_its_rows_but_not_into_its_pass_s_figures(
+    store: Store, db_url: str
+) -> None:
+    # A webhook's re-list of a user the running pass listed (its cursor filed under the pass):
+    # its rows are written, the pass's pages and row counts stay the pass's own work.
+    claims = await claim_everyone(store)
+    user = USERS[0]
+    own = "CH" + "1" * 32
+    (listed,) = await store.save_pages([page_of(claims[user], item(user, own))], 60)
+    assert listed is not None
+    relist = dataclasses.replace(claims[user], token="host:1:aa~relist/0123abcd.ef")
+    await store.pool.execute(
+        "UPDATE sync_cursors SET claimed_by = $2, state = 'pending' WHERE user_sid = $1",
+        user,
+        relist.token,
+    )
+    changed = item(user, own, unread_messages_count=7, date_updated="2024-02-03T04:05:06Z")
+    write = dataclasses.replace(page_of(relist, changed), counts=False)
+    (relisted,) = await store.save_pages([write], 60)
+    assert relisted is not None
+    assert relisted.updated == 1
+    assert await scalar(db_url, "SELECT unread_messages_count FROM memberships") == 7
+    (figures,) = await fetch(
+        db_url,
+        "SELECT run_pages, run_rows_inserted, run_rows_updated, state FROM sync_cursors"
+        " WHERE user_sid = $1",
+        user,
+    )
+    assert tuple(figures) == (1, 1, 0, "done"), "the pass's figures: its own page alone"
