@@ -12,7 +12,7 @@ import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Annotated, Any, Generic, Literal, TypeVar
 
 import msgspec
@@ -202,10 +202,13 @@ def _date(value: Any, name: str) -> datetime | None:
     if parsed.tzinfo is None:
         raise InvalidItem(f"{name} has no time zone: {value[:40]!r}")
     try:
-        parsed.astimezone(UTC)  # how it is stored; 0001-01-01T00:00+01:00 has no UTC form
+        instant = parsed.astimezone(UTC)  # 0001-01-01T00:00+01:00 has no UTC form
     except OverflowError:
         raise InvalidItem(f"{name} is out of range: {value[:40]!r}") from None
-    return parsed
+    # An offset with seconds (+05:30:15), which Python reads, the encoder writes in whole
+    # minutes: such a date is sent in UTC, so the instant stored is the one upstream meant.
+    offset = parsed.utcoffset()
+    return instant if offset is not None and offset % timedelta(minutes=1) else parsed
 
 
 def _no_constant(name: str) -> Any:

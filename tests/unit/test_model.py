@@ -508,3 +508,15 @@ def test_the_fields_sent_follow_the_names_the_statement_reads_them_by() -> None:
     for name, value in _by_name(model.MEMBER_FIELDS, model._member(membership)):
         expected = getattr(membership, name)
         assert value == (json.loads(expected) if name == "links" else expected), name
+
+
+def test_a_date_whose_offset_has_seconds_keeps_its_instant() -> None:
+    # Python reads +05:30:15; the encoder writes offsets in whole minutes (15 s lost): the date
+    # goes to the database in UTC, the instant upstream meant.
+    item = good_item(date_updated="2024-01-02T03:04:05+05:30:15")
+    body = json.dumps({"conversations": [item], "meta": {}}).encode()
+    typed = model.decode_typed_page("conversations", body)
+    page = model.decode_conversations_page(body, typed[0] if typed else [item], SERVICE, USER)
+    assert page.rejected == []
+    sent = datetime.fromisoformat(_conversation_fields(page, 0)["date_updated"])
+    assert sent == datetime(2024, 1, 1, 21, 33, 50, tzinfo=UTC)
