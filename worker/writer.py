@@ -138,6 +138,9 @@ class PageWriter:
             else:
                 claims.add(token)
                 batch.append(entry)
+        # Cursors locked in one order, (service, user) as a users page queues them: a batch and
+        # a discovery re-queuing its users never wait on each other's rows in a cycle.
+        batch.sort(key=lambda entry: (entry[0].claim.chat_service_sid, entry[0].claim.user_sid))
         return batch
 
     async def _commit(
