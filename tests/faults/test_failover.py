@@ -191,12 +191,9 @@ async def http_status(url: str) -> tuple[int, dict[str, Any]]:
         return 0, {}
 
 
-async def test_run_outlasted_by_a_read_only_database_continues_the_pass_when_it_is_back(
-    server: SimulatorServer, db_url: str, admin: asyncpg.Connection, tmp_path: Path
-) -> None:
-    port = free_port()
-    ready = f"http://127.0.0.1:{port}/readyz"
-    env = worker_env(
+def run_env(server: SimulatorServer, db_url: str, port: int) -> dict[str, str]:
+    """`convsync run` giving up on the database after 2 s, its HTTP on ``port``."""
+    return worker_env(
         server,
         db_url,
         CONVSYNC_PAGE_SIZE=str(PAGE),
@@ -206,20 +203,34 @@ async def test_run_outlasted_by_a_read_only_database_continues_the_pass_when_it_
         CONVSYNC_HTTP_HOST="127.0.0.1",
         CONVSYNC_HTTP_PORT=str(port),
     )
+
+
+async def demoted_mid_pass(child: Child, db_url: str, failover: Failover) -> list[dict[str, Any]]:
+    """Once 15 pages are committed, the database turned read-only; the pass's giving up on it
+    (its pass_stopped events)."""
+    await until(
+        lambda: child.process.poll() is not None or committed_at_least(db_url, 15),
+        "15 pages committed",
+    )
+    assert child.process.poll() is None
+    await failover.demote()
+    stopped: list[dict[str, Any]] = await until(
+        lambda: child.events("pass_stopped", error_kind="DatabaseUnavailable"),
+        "the pass to give up on the database (CONVSYNC_DB_WAIT_SECONDS=2)",
+    )
+    return stopped
+
+
+async def test_run_outlasted_by_a_read_only_database_continues_the_pass_when_it_is_back(
+    server: SimulatorServer, db_url: str, admin: asyncpg.Connection, tmp_path: Path
+) -> None:
+    port = free_port()
+    ready = f"http://127.0.0.1:{port}/readyz"
     failover = Failover(admin, db_url)
-    child = Child(["run"], env, tmp_path / "run.log")
+    child = Child(["run"], run_env(server, db_url, port), tmp_path / "run.log")
     try:
-        await until(
-            lambda: child.process.poll() is not None or committed_at_least(db_url, 15),
-            "15 pages committed",
-        )
-        assert child.process.poll() is None
-        await failover.demote()
         try:
-            stopped = await until(
-                lambda: child.events("pass_stopped", error_kind="DatabaseUnavailable"),
-                "the pass to give up on the database (CONVSYNC_DB_WAIT_SECONDS=2)",
-            )
+            stopped = await demoted_mid_pass(child, db_url, failover)
             assert "read-only" in stopped[0]["error"]
             _, body = await until(
                 lambda: readyz_says(ready, 503), "/readyz to report the read-only database"
@@ -262,31 +273,11 @@ async def test_run_keeps_waiting_for_the_database_whatever_refuses_it_meanwhile(
     # for a while (ALLOW_CONNECTIONS false: not a connection error, a server's answer). The
     # wait goes on, and the pass continues when writes return; it once ended the pass's task
     # without a word, leaving the service up with no pass until the next tick.
-    port = free_port()
-    env = worker_env(
-        server,
-        db_url,
-        CONVSYNC_PAGE_SIZE=str(PAGE),
-        CONVSYNC_CONCURRENCY="6",
-        CONVSYNC_DB_WAIT_SECONDS="2",
-        CONVSYNC_INTERVAL="3600",
-        CONVSYNC_HTTP_HOST="127.0.0.1",
-        CONVSYNC_HTTP_PORT=str(port),
-    )
     failover = Failover(admin, db_url)
-    child = Child(["run"], env, tmp_path / "run.log")
+    child = Child(["run"], run_env(server, db_url, free_port()), tmp_path / "run.log")
     try:
-        await until(
-            lambda: child.process.poll() is not None or committed_at_least(db_url, 15),
-            "15 pages committed",
-        )
-        assert child.process.poll() is None
-        await failover.demote()
         try:
-            await until(
-                lambda: child.events("pass_stopped", error_kind="DatabaseUnavailable"),
-                "the pass to give up on the database (CONVSYNC_DB_WAIT_SECONDS=2)",
-            )
+            await demoted_mid_pass(child, db_url, failover)
             await admin.execute(
                 f"ALTER DATABASE {quote_ident(failover.name)} ALLOW_CONNECTIONS false"
             )
