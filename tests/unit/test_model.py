@@ -217,11 +217,7 @@ def test_numbers_numeric_cannot_hold_are_quarantined(number: str) -> None:
 )
 def test_attributes_jsonb_holds_are_kept_whichever_path_decodes_the_page(attributes: str) -> None:
     good = good_item(attributes=attributes)
-    bad = good_item(conversation_sid="CH" + "b" * 31 + "!")  # sends the page the slow way
-    for items in ([good], [good, bad]):
-        body = json.dumps({"conversations": items, "meta": {}}).encode()
-        typed = model.decode_typed_page("conversations", body)
-        page = model.decode_conversations_page(body, typed[0] if typed else items, SERVICE, USER)
+    for items, page in decoded_both_ways(good):
         assert len(page.rejected) == len(items) - 1, page.rejected
         assert page.sids == [good["conversation_sid"]]
 
@@ -252,11 +248,7 @@ def test_attributes_travel_to_the_database_as_json_values_not_strings() -> None:
     JSON value its text holds (one parse), whichever path decoded the page."""
     attributes = '{"tier": "gold", "note": "\\u6771\\u4eac \\"x\\"", "n": [1, 2.5, null]}'
     good = good_item(attributes=attributes)
-    bad = good_item(conversation_sid="CH" + "b" * 31 + "!")  # sends the page the slow way
-    for items in ([good], [good, bad]):
-        body = json.dumps({"conversations": items, "meta": {}}).encode()
-        typed = model.decode_typed_page("conversations", body)
-        page = model.decode_conversations_page(body, typed[0] if typed else items, SERVICE, USER)
+    for items, page in decoded_both_ways(good):
         assert len(page.rejected) == len(items) - 1
         fields = _conversation_fields(page, 0)
         assert fields["attributes"] == json.loads(attributes)
@@ -264,6 +256,21 @@ def test_attributes_travel_to_the_database_as_json_values_not_strings() -> None:
     body = json.dumps({"conversations": [no_attributes], "meta": {}}).encode()
     page = model.decode_conversations_page(body, [no_attributes], SERVICE, USER)
     assert _conversation_fields(page, 0)["attributes"] is None
+
+
+def decoded_both_ways(
+    good: dict[str, Any],
+) -> list[tuple[list[dict[str, Any]], model.ConversationsPage]]:
+    """``good``'s page decoded as the client does, alone (the typed path) and beside an item
+    that sends the page the slow way (the parser)."""
+    bad = good_item(conversation_sid="CH" + "b" * 31 + "!")
+    decoded = []
+    for items in ([good], [good, bad]):
+        body = json.dumps({"conversations": items, "meta": {}}).encode()
+        typed = model.decode_typed_page("conversations", body)
+        page = model.decode_conversations_page(body, typed[0] if typed else items, SERVICE, USER)
+        decoded.append((items, page))
+    return decoded
 
 
 def _conversation_fields(page: model.ConversationsPage, index: int) -> dict[str, Any]:
