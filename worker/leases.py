@@ -19,7 +19,8 @@ log = structlog.get_logger(__name__)
 
 
 def parse_owner(owner: str) -> tuple[str, str, int] | None:
-    """(host, pid namespace, pid) of a default worker id; None for a configured one."""
+    """(name, pid namespace, pid) of a worker id (name:pidns:pid:nonce, the name the host's or
+    CONVSYNC_WORKER_ID); None for an owner of another form (one from an older version)."""
     parts = owner.rsplit(":", 3)
     if len(parts) != 4 or not parts[2].isdigit():
         return None
