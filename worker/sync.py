@@ -366,11 +366,11 @@ class SyncPass:
 
     async def progress(self) -> PassProgress:
         """The pass's progress. A pass another worker recorded interrupted (stopping, it found
-        no claim live: this one was between claims) while this one is still on it, with work
-        left, is resumed: this worker goes on with it rather than leave it to the next tick."""
+        no claim live: this one was between claims) while this one is still on it is resumed:
+        this worker goes on with what is left, or records the pass done when nothing is,
+        rather than leave it to the next tick."""
         progress = await self.db.call(self.store.pass_progress, self.state.run_id)
-        work_left = progress.discovery_open or progress.users_pending
-        if progress.interrupted and work_left and not self.stop.is_set():
+        if progress.interrupted and not self.stop.is_set():
             if await self.db.call(self.store.resume_pass, self.state.run_id):
                 log.info("pass_resumed", reason="another worker stopped; this one goes on")
             progress = await self.db.call(self.store.pass_progress, self.state.run_id)

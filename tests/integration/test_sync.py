@@ -358,6 +358,34 @@ async def test_a_worker_between_claims_goes_on_with_a_pass_another_one_left_inte
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
 
 
+async def test_a_worker_that_did_the_last_user_records_a_pass_another_left_interrupted(
+    db_url: str,
+) -> None:
+    """Another replica stops once every user is listed (by this worker), finds no claim live
+    and records the pass interrupted: this worker, still on it, records it finished, rather than
+    end with it interrupted (exit 1) for the next tick to finish with nothing to do."""
+    other = "host:9:9"
+    stopped_by_the_other = False
+
+    class Last(SyncPass):
+        async def finished(self) -> bool:
+            nonlocal stopped_by_the_other
+            progress = await self.db.call(self.store.pass_progress, self.state.run_id)
+            idle = not progress.discovery_open and not progress.users_pending
+            if not stopped_by_the_other and idle:
+                assert await self.store.interrupt_pass(self.state.run_id, other)
+                stopped_by_the_other = True
+            return await super().finished()
+
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
+    with SimulatorServer(Simulator(dataset)) as server:
+        settings = settings_for(server, db_url)
+        summary = await asyncio.wait_for(run_pass(settings, kind=Last), 120)
+        await assert_mirrors(server, db_url)
+    assert stopped_by_the_other
+    assert (summary.status, summary.users_synced) == ("succeeded", 3)
+
+
 async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
     db_url: str,
 ) -> None:
