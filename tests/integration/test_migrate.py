@@ -13,6 +13,7 @@ import pytest
 
 from convsync_tools.pgembed import quote_ident
 from tests.conftest import PgServer, drop_database
+from tests.harness import until
 from worker import migrate
 from worker.errors import MigrationError
 from worker.migrate import (
@@ -239,3 +240,40 @@ async def test_sids_compare_byte_by_byte_after_007_and_the_view_is_kept(
             assert await conn.fetchval("SELECT count(*) FROM user_conversations_v") == len(users)
     finally:
         await conn.close()
+
+
+async def test_a_migration_behind_a_long_query_steps_aside_and_blocks_nobody(
+    empty_db_url: str, empty_db: asyncpg.Connection, migrations_copy: Path
+) -> None:
+    # A long read (an analyst's query) holds a table a migration must lock exclusively. Queued
+    # behind it, the migration's lock request would block every later reader and writer of the
+    # table (the live workers') until the read ends. With a lock timeout it steps aside and
+    # tries again: a reader meanwhile gets through, and the migration applies once the read ends.
+    await apply_migrations(empty_db_url, migrations_copy)
+    (migrations_copy / "999_wider.sql").write_text("ALTER TABLE sync_runs ADD COLUMN note text;")
+    analyst = await asyncpg.connect(empty_db_url)
+    reader = await asyncpg.connect(empty_db_url)
+    try:
+        async with analyst.transaction():
+            await analyst.execute("LOCK TABLE sync_runs IN ACCESS SHARE MODE")
+            migrating = asyncio.ensure_future(
+                apply_migrations(empty_db_url, migrations_copy, lock_timeout=0.2)
+            )
+
+            async def migration_waits_for_its_lock() -> bool:
+                waiting = await empty_db.fetchval(
+                    "SELECT count(*) FROM pg_locks l JOIN pg_class c ON c.oid = l.relation"
+                    " WHERE c.relname = 'sync_runs' AND NOT l.granted"
+                )
+                return bool(waiting)
+
+            await until(migration_waits_for_its_lock, timeout=10, what="the migration queued")
+            # The reader is not stuck behind the queued lock for as long as the query runs.
+            assert (
+                await asyncio.wait_for(reader.fetchval("SELECT count(*) FROM sync_runs"), 10) == 0
+            )
+            assert not migrating.done(), "the migration waits for the long query"
+        assert await asyncio.wait_for(migrating, 30) == ["999_wider.sql"]
+    finally:
+        await analyst.close()
+        await reader.close()
