@@ -33,7 +33,7 @@ from worker.listing import Listing
 from worker.migrate import apply_migrations
 from worker.model import UserRow
 from worker.shutdown import Shutdown
-from worker.store import Store
+from worker.store import PassSummary, Store
 from worker.sync import ConversationsListing, Scope, SyncPass
 
 T = TypeVar("T")
@@ -322,6 +322,15 @@ async def test_a_stop_while_the_feeder_waits_for_users_held_elsewhere_ends_the_p
     assert (summary.status, summary.users_synced) == ("interrupted", 0)
 
 
+async def three_users_mirrored(db_url: str, kind: type[SyncPass]) -> PassSummary:
+    """A pass of ``kind`` over three users, its mirror checked; its summary."""
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
+    with SimulatorServer(Simulator(dataset)) as server:
+        summary = await asyncio.wait_for(run_pass(settings_for(server, db_url), kind=kind), 120)
+        await assert_mirrors(server, db_url)
+    return summary
+
+
 async def test_a_worker_between_claims_goes_on_with_a_pass_another_one_left_interrupted(
     db_url: str,
 ) -> None:
@@ -349,11 +358,7 @@ async def test_a_worker_between_claims_goes_on_with_a_pass_another_one_left_inte
                 handed_back = True
             return await super().finished()
 
-    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
-    with SimulatorServer(Simulator(dataset)) as server:
-        settings = settings_for(server, db_url)
-        summary = await asyncio.wait_for(run_pass(settings, kind=Between), 120)
-        await assert_mirrors(server, db_url)
+    summary = await three_users_mirrored(db_url, Between)
     assert handed_back
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
 
@@ -377,11 +382,7 @@ async def test_a_worker_that_did_the_last_user_records_a_pass_another_left_inter
                 stopped_by_the_other = True
             return await super().finished()
 
-    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
-    with SimulatorServer(Simulator(dataset)) as server:
-        settings = settings_for(server, db_url)
-        summary = await asyncio.wait_for(run_pass(settings, kind=Last), 120)
-        await assert_mirrors(server, db_url)
+    summary = await three_users_mirrored(db_url, Last)
     assert stopped_by_the_other
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
 
