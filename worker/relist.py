@@ -163,7 +163,7 @@ class Relister:
             self._failed.set()
         except Exception:
             log.exception("relist_crashed")
-            with contextlib.suppress(*CONNECTION_ERRORS):
+            with contextlib.suppress(DatabaseUnavailable, *CONNECTION_ERRORS):
                 await self._failed_before_listing(target, "internal error")
         finally:
             self.held.discard(target.token)
@@ -207,10 +207,10 @@ class Relister:
         if target.attempts + 1 >= MAX_ATTEMPTS:
             log.warning("relist_dropped", reason="failed too often", error=message)
             self.metrics.inc("convsync_relists_total", outcome="failed")
-            await self.queue.drop(target)
+            await self.db.call(self.queue.drop, target)
             return
         log.warning("relist_postponed", error=message, attempts=target.attempts + 1)
-        await self.queue.postpone(target, FAILED_RETRY_SECONDS, message, failed=True)
+        await self.db.call(self.queue.postpone, target, FAILED_RETRY_SECONDS, message, failed=True)
 
     async def _user_sid(self, target: Target) -> str | None:
         """The target's user SID: as named, or its identity resolved through Twilio (the
@@ -232,7 +232,7 @@ class Relister:
             await self.db.call(self.queue.postpone, target, 0.0)
             return None
         except UserSyncError as error:
-            await self.db.call(self._failed_before_listing, target, redact(str(error)))
+            await self._failed_before_listing(target, redact(str(error)))
             return None
         parsed = parse_users_page([body], target.chat_service_sid)
         if not parsed.rows:
