@@ -284,8 +284,15 @@ class TwilioClient:
                 raise self._refusal(path, status, raw, response.headers)
         finally:
             # (The limiter's gauges are read when scraped: worker/daemon.py.)
-            self.limiter.release(overloaded=overloaded, dropped=dropped)
-        return decode(raw)  # the slot is Twilio's time: given back before the decode
+            handed_over = self.limiter.release(overloaded=overloaded, dropped=dropped)
+        if handed_over:
+            # The slot is Twilio's time, given back before the decode; the request it let in
+            # is sent when its task next runs. Step aside once so that it runs first: answers
+            # come in waves, and a wave's decodes would otherwise delay each next request by
+            # the pages decoded before it (K = 32 at 50 ms, in short passes: 0.83-0.86 K in
+            # flight without this step, 0.85-0.88 with it).
+            await asyncio.sleep(0)
+        return decode(raw)
 
     async def _read_body(self, path: str, response: aiohttp.ClientResponse) -> bytes:
         """The body, read as it streams in (decompressed) and refused at once, without reading

@@ -98,8 +98,9 @@ class AdaptiveLimiter:
         self.peak_in_flight = max(self.peak_in_flight, self._in_flight)
         self._used = max(self._used, self._in_flight)
 
-    def release(self, *, overloaded: bool = False, dropped: bool = False) -> None:
-        """Return a slot: ``overloaded`` after a 429, ``dropped`` when the outcome says nothing."""
+    def release(self, *, overloaded: bool = False, dropped: bool = False) -> bool:
+        """Return a slot: ``overloaded`` after a 429, ``dropped`` when the outcome says nothing.
+        True when it let a waiting request in (that request starts when its task next runs)."""
         if overloaded:
             self._calm = self._used = self._streak = 0
             ceiling = max(1, self._in_flight - 1)
@@ -117,15 +118,19 @@ class AdaptiveLimiter:
                     self.probes += 1
                     self._streak = min(self._streak + 1, 16)
                 self._calm = self._used = 0
-        self._release_slot()
+        return self._release_slot()
 
-    def _release_slot(self) -> None:
+    def _release_slot(self) -> bool:
+        """Give the slot back, and hand free slots to waiters: True if one was let in."""
         self._count(-1)
+        admitted = False
         while self._waiters and self._in_flight < self._limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self._count(+1)
                 waiter.set_result(None)
+                admitted = True
+        return admitted
 
 
 class TokenBucket:

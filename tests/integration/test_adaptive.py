@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import pytest
@@ -100,3 +101,36 @@ def _note_limits(limiter: AdaptiveLimiter) -> list[tuple[int, int]]:
 
     limiter.acquire = acquire_noting_the_limit  # type: ignore[method-assign]
     return noted
+
+
+async def test_a_request_let_in_by_a_release_starts_before_the_answer_is_decoded() -> None:
+    """Answers come in waves: the request a slot goes to is sent before the page that freed
+    the slot is decoded, not after every page of the wave."""
+    sim = Simulator(Dataset.generate(seed=3, services=1, users_per_service=5))
+    sim.configure(latency_ms=20)
+    with SimulatorServer(sim) as server:
+        settings = settings_for(
+            server, "postgresql://unused@127.0.0.1/unused", CONVSYNC_CONCURRENCY="1"
+        )
+        async with TwilioClient(settings) as client:
+            started: list[str] = []  # tasks past the limiter, in order
+            acquire = client.limiter.acquire
+
+            async def noting_acquire() -> None:
+                await acquire()
+                task = asyncio.current_task()
+                started.append(task.get_name() if task else "?")
+
+            client.limiter.acquire = noting_acquire  # type: ignore[method-assign]
+            at_decode: list[list[str]] = []
+
+            def decode(raw: bytes) -> bytes:
+                at_decode.append(list(started))
+                return raw
+
+            path = "/v1/Services?PageSize=50"
+            first = asyncio.create_task(client._fetch(path, decode), name="first")
+            await asyncio.sleep(0)  # the first holds the only slot
+            second = asyncio.create_task(client._fetch(path, bytes), name="second")
+            await asyncio.gather(first, second)
+    assert at_decode == [["first", "second"]], "the waiting request started after the decode"

@@ -139,6 +139,20 @@ async def test_waiters_are_admitted_in_order_up_to_the_limit() -> None:
     assert limiter.peak_in_flight == 2
 
 
+async def test_a_release_says_whether_it_let_a_waiting_request_in() -> None:
+    limiter = AdaptiveLimiter(maximum=2)
+    await fill(limiter, 2)
+    assert limiter.release() is False, "nobody waits"
+    await limiter.acquire()
+    waiting = asyncio.create_task(limiter.acquire())
+    await asyncio.sleep(0)
+    assert limiter.release(overloaded=True) is False, "the cut to 1 leaves no room for it"
+    assert not waiting.done()
+    assert limiter.release() is True, "its slot goes to the waiter"
+    await asyncio.wait_for(waiting, 1)
+    assert limiter.in_flight == 1
+
+
 async def test_a_cancelled_waiter_gives_its_slot_back() -> None:
     limiter = AdaptiveLimiter(maximum=1)
     await limiter.acquire()
