@@ -117,6 +117,15 @@ async def committed_at_least(db_url: str, pages: int) -> bool:
     return await committed(db_url) >= pages
 
 
+async def a_pass_succeeded(db_url: str, what: str) -> None:
+    """Wait (30 s at most) until a pass is recorded succeeded."""
+    await until(
+        lambda: scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'"),
+        what,
+        timeout=30,
+    )
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -240,11 +249,7 @@ async def test_run_outlasted_by_a_read_only_database_continues_the_pass_when_it_
             assert child.process.poll() is None, "run stays alive"
         finally:
             await failover.promote()
-        await until(
-            lambda: scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'"),
-            "the pass to continue and finish once writes are back",
-            timeout=30,
-        )
+        await a_pass_succeeded(db_url, "the pass to continue and finish once writes are back")
         resumed_after = time.monotonic() - failover.ended
         await until(lambda: readyz_says(ready, 200), "/readyz ready again")
     finally:
@@ -293,11 +298,7 @@ async def test_run_keeps_waiting_for_the_database_whatever_refuses_it_meanwhile(
                 )
         finally:
             await failover.promote()
-        await until(
-            lambda: scalar(db_url, "SELECT count(*) FROM sync_runs WHERE status = 'succeeded'"),
-            "the pass to continue and finish once the database is back",
-            timeout=30,
-        )
+        await a_pass_succeeded(db_url, "the pass to continue and finish once the database is back")
     finally:
         code = child.stop()
     assert code == 0, child.output[-3000:]
