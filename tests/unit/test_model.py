@@ -335,6 +335,10 @@ GOOD_USER = {
         {"identity": "\ud800"},
         {"date_created": "2015-07-30T20:00:00"},
         {"date_updated": "0001-01-01T00:30:00+01:00"},
+        {
+            "date_created": "2021-05-06T07:08:09.12345650Z",
+            "date_updated": "2021-05-06T07:08:09.99999951+01:00",
+        },
         {"links": ["x"]},
         {"links": {"nan": float("nan")}},
         {"identity": 7},
@@ -418,6 +422,15 @@ def _conversations_comparable(page: model.ConversationsPage) -> tuple[Any, ...]:
         {"attributes": '{"a": 1e999999}'},
         {"friendly_name": "a\x00b"},
         {"date_updated": "0001-01-01T00:30:00+01:00"},
+        # Beyond microseconds: rounded as msgspec rounds, on either path (not truncated).
+        {
+            "date_created": "2021-05-06T07:08:09.1234565Z",
+            "date_updated": "2021-05-06T07:08:09.9999999Z",
+            "timers": {
+                "date_inactive": "2021-05-06T07:08:09.0000005Z",
+                "date_closed": "2021-05-06T07:08:09.1234564999Z",
+            },
+        },
         {"notification_level": "loud"},
         {"unread_messages_count": 2**63},
     ],
