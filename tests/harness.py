@@ -246,8 +246,8 @@ def free_port() -> int:
 class Replica:
     """A `convsync run` child process with its logs in a file (a pipe could fill and block)."""
 
-    def __init__(self, env: dict[str, str], log_path: Path) -> None:
-        self.port = free_port()
+    def __init__(self, env: dict[str, str], log_path: Path, port: int | None = None) -> None:
+        self.port = free_port() if port is None else port
         self.log_path = log_path
         self._log = log_path.open("w")
         self.process = subprocess.Popen(

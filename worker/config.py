@@ -263,7 +263,8 @@ VARIABLES: tuple[Variable, ...] = (
     ),
     Variable(
         "CONVSYNC_HTTP_PORT",
-        "`convsync run`: port of /healthz, /readyz, /metrics.",
+        "`convsync run`: port of /healthz, /readyz, /metrics (0: a free one, named in the "
+        "`service_started` log line).",
         setting="http_port",
     ),
     Variable(

@@ -297,7 +297,7 @@ async def _serve(daemon: Daemon, trigger: CronTrigger | IntervalTrigger) -> int:
     log.info(
         "service_started",
         host=settings.http_host,
-        port=settings.http_port,
+        port=runner.addresses[0][1],  # the port bound: CONVSYNC_HTTP_PORT=0 takes a free one
         trigger=str(trigger),
         webhooks=settings.webhooks,
     )

@@ -227,6 +227,24 @@ async def test_metrics_move_as_pages_flow(
     assert replica.stop() == 0
 
 
+async def test_port_0_serves_on_a_free_port_named_in_the_log(
+    server: SimulatorServer, db_url: str, tmp_path: Path
+) -> None:
+    env = service_env(server, db_url, CONVSYNC_RUN_AT_START="false")
+    replica = Replica(env, tmp_path / "replica.log", port=0)
+    try:
+
+        async def started() -> Any:
+            return next((e for e in replica.events() if e["event"] == "service_started"), None)
+
+        port = (await until(started, what="service_started"))["port"]
+        assert isinstance(port, int), port
+        assert port > 0
+        assert await _ok(f"http://127.0.0.1:{port}/healthz")
+    finally:
+        assert replica.stop() == 0
+
+
 async def test_readyz_fails_while_the_database_is_down(
     server: SimulatorServer,
     restartable_db_url: str,
