@@ -185,7 +185,8 @@ class SimulatorProcess:
         self._proc = subprocess.Popen(  # noqa: S603 (this interpreter, fixed arguments)
             [sys.executable, "-m", "worker", "simulate", "--port", str(port),
              "--seed", str(DEMO_SEED), "--services", str(DEMO_SERVICES), "--users", str(users),
-             "--latency-ms", str(DEMO_LATENCY_MS), "--jitter-ms", str(DEMO_JITTER_MS)],
+             "--latency-ms", str(DEMO_LATENCY_MS), "--jitter-ms", str(DEMO_JITTER_MS),
+             "--derive"],  # the pass shows convsync's cost, not the simulator's first derivations
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,

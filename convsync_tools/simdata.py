@@ -738,6 +738,17 @@ class Dataset:
                 return
             after = page[-1]
 
+    def derive(self) -> None:
+        """Derive now what the first requests would: every user, its memberships and their
+        conversations (kept while the caches hold them: up to ``USERS_CACHED`` users). A walk
+        then costs the simulator what later walks do, as after the benchmark's warm-up walk."""
+        for s in range(self.params.services):
+            for u in self.user_indices(s):
+                with self._lock:
+                    self._user(s, u)
+                    for c in self._memberships(s, u):
+                        self._conversation(s, c)
+
     def user_sids(self, service_sid: str) -> list[str]:
         s = self._service(service_sid)
         return [self._user(s, u)["sid"] for u in self.user_indices(s)]

@@ -1238,6 +1238,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=1, help="dataset seed (default 1)")
     add("--services", type=int, default=1, help="services (default 1)")
     add("--users", type=int, default=300, help="users per service (default 300)")
+    add("--derive", action="store_true", help="derive the dataset before listening")
     add("--latency-ms", type=float, default=0.0, help="fixed latency per request")
     add("--jitter-ms", type=float, default=0.0, help="extra uniform random latency")
     add("--ceiling", type=int, default=0, help="requests in flight above this get 429 (0: none)")
@@ -1274,6 +1275,8 @@ def simulate_main(argv: Sequence[str]) -> int:
         dataset = Dataset.generate(
             args.seed, args.services, args.users, account_sid=args.account_sid
         )
+        if args.derive:
+            dataset.derive()
         config = SimulatorConfig(
             account_sid=args.account_sid,
             auth_token=DEMO_AUTH_TOKEN if demo_token else args.auth_token,

@@ -754,6 +754,29 @@ async def test_simulate_command_serves_with_demo_credentials() -> None:
         assert await stop(process) == 0
 
 
+async def test_simulate_command_derive_serves_the_same_pages() -> None:
+    """``--derive`` (the demo's: the dataset derived before it listens) changes no byte."""
+    pages: list[list[Any]] = []
+    for args in ((), ("--derive",)):
+        url, lines, process = await run_simulate("--seed", "3", *args)
+        try:
+            account = lines[1].split("TWILIO_ACCOUNT_SID=")[1].split()[0]
+            headers = {"Authorization": aiohttp.encode_basic_auth(account, DEMO_AUTH_TOKEN)}
+            async with aiohttp.ClientSession(headers=headers) as session:
+                _, services, _ = await get(session, f"{url}/v1/Services")
+                service = services["services"][0]["sid"]
+                _, users, _ = await get(session, f"{url}/v1/Services/{service}/Users")
+                walked = [users]
+                for user in users["users"]:
+                    path = f"/v1/Services/{service}/Users/{user['sid']}/Conversations"
+                    walked.append((await get(session, url + path))[1])
+            pages.append(json.loads(json.dumps(walked).replace(url, "URL")))
+        finally:
+            assert await stop(process) == 0
+    assert pages[0] == pages[1]
+    assert sum(len(page.get("conversations", ())) for page in pages[0]) > 0
+
+
 async def test_simulate_command_never_prints_a_given_token() -> None:
     token = "s3cret-given-token"
     account = "AC" + "1" * 32

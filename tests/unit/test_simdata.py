@@ -186,6 +186,20 @@ def test_a_hundred_thousand_users_are_derived_lazily() -> None:
     assert time.monotonic() - started < 5
 
 
+def test_a_derived_dataset_serves_the_same_records_and_derives_nothing_more() -> None:
+    """``derive`` does up front what the first walk would (the demo's simulator, so that its
+    pass is convsync's cost, not the simulator's first derivations), and changes nothing."""
+    lazy = Dataset.generate(seed=7, services=2, users_per_service=60)
+    derived = Dataset.generate(seed=7, services=2, users_per_service=60)
+    derived.derive()
+    caches = (derived._user, derived._base_memberships, derived._conversation)
+    derivations = [cache.cache_info().misses for cache in caches]
+    assert min(derivations) > 0
+    assert list(derived.expected_users(BASE)) == list(lazy.expected_users(BASE))
+    assert list(derived.expected_memberships(BASE)) == list(lazy.expected_memberships(BASE))
+    assert [cache.cache_info().misses for cache in caches] == derivations, "nothing more"
+
+
 def test_keyset_pages_survive_removals(data: Dataset) -> None:
     mutable = Dataset.generate(seed=5, services=1, users_per_service=30)
     service = mutable.default_service_sid
