@@ -771,7 +771,7 @@ async def test_simulate_command_derive_serves_the_same_pages() -> None:
                 for user in users["users"]:
                     path = f"/v1/Services/{service}/Users/{user['sid']}/Conversations"
                     walked.append((await get(session, url + path))[1])
-            # Page tokens carry their expiry: the two simulators' differ by when they answered.
+            # A page token carries the second it was issued: the two simulators answered apart.
             text = re.sub(r"PageToken=[^\"&]+", "PageToken=T", json.dumps(walked))
             pages.append(json.loads(text.replace(url, "URL")))
         finally:
