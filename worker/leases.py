@@ -9,7 +9,9 @@ namespace, are freed at once by ``release_dead_local_claims``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+from collections.abc import AsyncIterator
 
 import structlog
 
@@ -68,6 +70,16 @@ class HeldClaims:
 
     def discard(self, token: str) -> None:
         self.tokens.discard(token)
+
+    @contextlib.asynccontextmanager
+    async def renewing(self) -> AsyncIterator[None]:
+        """Renew the held leases (``renew_forever``) while the block runs."""
+        renewal = asyncio.ensure_future(self.renew_forever())
+        try:
+            yield
+        finally:
+            renewal.cancel()
+            await asyncio.gather(renewal, return_exceptions=True)
 
     async def renew_forever(self) -> None:
         """Renew the held leases until cancelled; a database away for a while, or a failed

@@ -30,7 +30,10 @@ from worker.model import UNIDENTIFIED, ConversationsPage, Rejected, ServiceRow, 
 # and no pass's work).
 RELIST_OWNER_SUFFIX = "~relist"
 # Tables whose rows are claimed with a lease (``claimed_by``, ``lease_until``).
-CLAIM_TABLES = ("sync_cursors", "sync_discovery", "relist_targets")
+CLAIM_TABLES = ("sync_cursors", "sync_discovery", "relist_targets", "sync_pass_starts")
+# Those of them that hold a pass's work (a live one keeps the pass running; a re-list's claim
+# on a user's cursor excepted, see ``_has_live_claims``).
+PASS_CLAIM_TABLES = ("sync_cursors", "sync_discovery", "sync_pass_starts")
 
 
 @dataclass(frozen=True)
@@ -201,12 +204,19 @@ class Store:
     # --- passes ---------------------------------------------------------------------------
 
     async def begin_or_resume_pass(
-        self, scope: dict[str, Any], tick: datetime | None = None
+        self,
+        scope: dict[str, Any],
+        tick: datetime | None = None,
+        *,
+        starter: str | None = None,
+        lease_seconds: float = 0.0,
     ) -> PassInfo | None:
         """Continue the unfinished pass of the same scope, or start one (superseding another).
 
         With a schedule ``tick``, a pass is created once per tick whatever the number of
-        replicas: None means this tick's pass already ran to its end.
+        replicas: None means this tick's pass already ran to its end. ``starter``: the claim
+        token under which this worker starts the pass, leased for ``lease_seconds`` (until
+        ``end_pass_start``): meanwhile the pass is busy, as if it held a live claim.
         """
         scope_json = json.dumps(scope, sort_keys=True)
         async with self.pool.acquire() as conn, conn.transaction():
@@ -223,6 +233,7 @@ class Store:
                             "UPDATE sync_runs SET status = 'running' WHERE run_id = $1",
                             running["run_id"],
                         )
+                    await _lease_start(conn, running["run_id"], starter, lease_seconds)
                     return PassInfo(running["run_id"], resumed=True)
                 if await _has_live_claims(conn, running["run_id"]):
                     raise PassBusy(
@@ -235,6 +246,9 @@ class Store:
                        WHERE run_id = $1""",
                     running["run_id"],
                 )
+                await conn.execute(
+                    "DELETE FROM sync_pass_starts WHERE run_id = $1", running["run_id"]
+                )
             if tick is not None and await conn.fetchval(
                 "SELECT 1 FROM sync_runs WHERE tick = $1", tick
             ):
@@ -244,7 +258,15 @@ class Store:
                 scope_json,
                 tick,
             )
+            await _lease_start(conn, run_id, starter, lease_seconds)
             return PassInfo(run_id, resumed=False)
+
+    async def end_pass_start(self, run_id: int, starter: str) -> None:
+        """This worker has opened the pass's work (its users listings or users): its start's
+        lease is no longer needed, the claims it takes from now on keep the pass busy."""
+        await self.pool.execute(
+            "DELETE FROM sync_pass_starts WHERE run_id = $1 AND claimed_by = $2", run_id, starter
+        )
 
     async def pass_progress(self, run_id: int) -> PassProgress:
         """Whether the pass still runs, and has an open users listing or a pending user."""
@@ -315,6 +337,7 @@ class Store:
                 run_id,
                 None if error is None else error_text(error),
             )
+            await conn.execute("DELETE FROM sync_pass_starts WHERE run_id = $1", run_id)
         return await self.pass_summary(run_id)
 
     async def pass_summary(self, run_id: int) -> PassSummary:
@@ -572,6 +595,8 @@ class Store:
                UNION SELECT split_part(claimed_by, '/', 1) FROM sync_discovery
                WHERE claimed_by IS NOT NULL
                UNION SELECT split_part(claimed_by, '/', 1) FROM relist_targets
+               WHERE claimed_by IS NOT NULL
+               UNION SELECT split_part(claimed_by, '/', 1) FROM sync_pass_starts
                WHERE claimed_by IS NOT NULL"""
         )
         return [r["owner"] for r in rows]
@@ -916,7 +941,7 @@ class Store:
         True when recorded; False when others still work it (it stays 'running')."""
         async with self.pool.acquire() as conn, conn.transaction():
             await conn.execute("SELECT 1 FROM sync_runs WHERE run_id = $1 FOR UPDATE", run_id)
-            for table in ("sync_cursors", "sync_discovery"):
+            for table in PASS_CLAIM_TABLES:
                 await conn.execute(
                     f"UPDATE {table} SET claimed_by = NULL, lease_until = NULL "
                     "WHERE split_part(claimed_by, '/', 1) = $1",
@@ -949,14 +974,33 @@ def new_claim_token(owner: str) -> str:
     return f"{owner.replace('/', '-')}/{secrets.token_hex(4)}"
 
 
+async def _lease_start(
+    conn: asyncpg.Connection, run_id: int, starter: str | None, lease_seconds: float
+) -> None:
+    """Lease the start of pass ``run_id`` to ``starter`` (``begin_or_resume_pass``)."""
+    if starter is None:
+        return
+    await conn.execute(
+        """INSERT INTO sync_pass_starts (run_id, claimed_by, lease_until)
+           VALUES ($1, $2, now() + make_interval(secs => $3))
+           ON CONFLICT (run_id, claimed_by) DO UPDATE SET lease_until = EXCLUDED.lease_until""",
+        run_id,
+        starter,
+        lease_seconds,
+    )
+
+
 async def _has_live_claims(conn: asyncpg.Connection, run_id: int) -> bool:
-    """Whether a worker of the pass holds a live claim (a re-list's claim on one of its users'
-    cursors is no pass's work: it neither keeps the pass running nor makes it busy)."""
+    """Whether a worker of the pass holds a live claim, or is starting it (a re-list's claim on
+    one of its users' cursors is no pass's work: it neither keeps the pass running nor makes it
+    busy)."""
     live: bool = await conn.fetchval(
         """SELECT EXISTS (SELECT 1 FROM sync_cursors
                           WHERE run_id = $1 AND lease_until > now()
                             AND right(split_part(claimed_by, '/', 1), length($2)) <> $2)
                OR EXISTS (SELECT 1 FROM sync_discovery
+                          WHERE run_id = $1 AND lease_until > now())
+               OR EXISTS (SELECT 1 FROM sync_pass_starts
                           WHERE run_id = $1 AND lease_until > now())""",
         run_id,
         RELIST_OWNER_SUFFIX,

@@ -143,11 +143,23 @@ class SyncPass:
     async def run(self) -> PassSummary | None:
         """The pass's summary; None when its schedule tick was already served elsewhere."""
         db = self.db
-        info = await db.call(self.store.begin_or_resume_pass, self.scope.to_dict(), self.tick)
+        # Until its users listings (or users) are open, this worker holds no claim on the pass:
+        # its start is leased instead, so that the pass is neither superseded by a pass of
+        # another scope nor recorded interrupted by a stopping replica while it lists the
+        # services (retried through an outage, that can take minutes).
+        start = new_claim_token(self.owner)
+        info = await db.call(
+            self.store.begin_or_resume_pass,
+            self.scope.to_dict(),
+            self.tick,
+            starter=start,
+            lease_seconds=self.lease,
+        )
         if info is None:
             log.info("tick_already_served", tick=self.tick.isoformat() if self.tick else None)
             return None
         self.state.run_id = info.run_id
+        self.held.add(start)
         await release_dead_local_claims(db, self.owner)
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             started, cpu = time.monotonic(), time.process_time()
@@ -155,14 +167,17 @@ class SyncPass:
             # (The client may outlive passes: its limiter's counts are taken as differences.)
             decreases, probes, slots = limiter.decreases, limiter.probes, limiter.slot_seconds
             try:
-                services = await self.discover_services()
-                log.info("pass_started", resumed=info.resumed, services=len(services))
-                if self.scope.users:
-                    for service, users in (await self.services_of_users(services)).items():
-                        await db.call(self.store.enqueue_users, info.run_id, service, users)
-                else:
-                    await db.call(self.store.open_discovery, info.run_id, services)
-                await self.run_loops()
+                async with self.held.renewing():
+                    services = await self.discover_services()
+                    log.info("pass_started", resumed=info.resumed, services=len(services))
+                    if self.scope.users:
+                        for service, users in (await self.services_of_users(services)).items():
+                            await db.call(self.store.enqueue_users, info.run_id, service, users)
+                    else:
+                        await db.call(self.store.open_discovery, info.run_id, services)
+                    await db.call(self.store.end_pass_start, info.run_id, start)
+                    self.held.discard(start)
+                    await self.run_loops()
             except Interrupted:
                 if not self.stop.is_set():
                     raise
@@ -261,7 +276,6 @@ class SyncPass:
         loops += [self.user_loop(queue) for _ in range(self.settings.concurrency)]
         tasks = [asyncio.ensure_future(loop) for loop in loops]
         helpers = [
-            asyncio.ensure_future(self.held.renew_forever()),
             asyncio.ensure_future(self.shutdown.cancel_after_grace(tasks)),
             # One writer: the next batch fills while one commits (worker/writer.py).
             asyncio.ensure_future(self.writer.run()),

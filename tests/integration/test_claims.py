@@ -108,6 +108,50 @@ async def test_release_all_frees_every_claim_of_one_worker_only(store: Store, db
     assert await scalar(db_url, "SELECT claimed_by FROM sync_cursors") is None
 
 
+async def test_a_pass_being_started_is_busy_until_its_start_ends_or_lapses(
+    store: Store, db_url: str
+) -> None:
+    """A worker starting a pass (listing its services) holds no claim yet; its start's lease
+    keeps the pass from being superseded or recorded interrupted by another replica, until
+    the worker opens the pass's work, stops, or its lease lapses (the worker is gone)."""
+    everything = {"services": None, "users": None}
+    one_user = {"services": [SERVICE], "users": [USER]}
+    info = await store.begin_or_resume_pass(everything, starter="host:1:aa/1", lease_seconds=60)
+    assert info is not None
+    assert "host:1:aa" in await store.claim_owners(), "freed at once if found dead"
+    with pytest.raises(PassBusy):
+        await store.begin_or_resume_pass(one_user)
+    assert not await store.interrupt_pass(info.run_id, "host:2:bb"), "another replica's stop"
+    assert await store.interrupt_pass(info.run_id, "host:1:aa"), "its own stop gives it back"
+
+    # Resumed (interrupted) by a worker that then opens the pass's work: no longer busy.
+    again = await store.begin_or_resume_pass(everything, starter="host:3:cc/1", lease_seconds=60)
+    assert again is not None
+    assert again.run_id == info.run_id
+    with pytest.raises(PassBusy):
+        await store.begin_or_resume_pass(one_user)
+    await store.end_pass_start(info.run_id, "host:3:cc/1")
+    superseding = await store.begin_or_resume_pass(
+        one_user, starter="host:4:dd/1", lease_seconds=60
+    )
+    assert superseding is not None
+    assert superseding.run_id != info.run_id
+    assert (
+        await scalar(db_url, "SELECT count(*) FROM sync_pass_starts WHERE run_id = $1", info.run_id)
+        == 0
+    )
+
+    # A starter that died: its lease lapses and the pass may be superseded.
+    await store.pool.execute("UPDATE sync_pass_starts SET lease_until = now() - interval '1 s'")
+    last = await store.begin_or_resume_pass(everything)
+    assert last is not None
+    assert last.run_id != superseding.run_id
+    assert (
+        await scalar(db_url, "SELECT status FROM sync_runs WHERE run_id = $1", superseding.run_id)
+        == "failed"
+    )
+
+
 async def test_a_pass_of_another_scope_with_live_claims_is_not_superseded(
     store: Store, db_url: str
 ) -> None:

@@ -26,9 +26,12 @@ from tests.harness import (
     free_port,
     heavy_user,
     run_pass,
+    scalar,
     settings_for,
+    until,
     view_rows,
 )
+from worker.errors import PassBusy
 from worker.listing import Listing
 from worker.migrate import apply_migrations
 from worker.model import UserRow
@@ -360,6 +363,59 @@ async def test_a_worker_between_claims_goes_on_with_a_pass_another_one_left_inte
 
     summary = await three_users_mirrored(db_url, Between)
     assert handed_back
+    assert (summary.status, summary.users_synced) == ("succeeded", 3)
+
+
+async def test_a_worker_listing_the_services_keeps_its_pass_from_other_scopes_and_replicas(
+    db_url: str,
+) -> None:
+    """While this worker lists the services it holds no claim on its pass yet. Meanwhile a pass
+    of another scope finds the pass busy (it does not supersede it), and another replica that
+    stops leaves it running; this worker then finishes it."""
+    checked = False
+
+    class Starting(SyncPass):
+        async def discover_services(self) -> list[str]:
+            nonlocal checked
+            services = await super().discover_services()
+            run_id = self.state.run_id
+            with pytest.raises(PassBusy):
+                await self.store.begin_or_resume_pass({"services": services, "users": None})
+            assert not await self.store.interrupt_pass(run_id, "host:9:9"), "left running"
+            checked = True
+            return services
+
+    summary = await three_users_mirrored(db_url, Starting)
+    assert checked
+    assert (summary.status, summary.users_synced) == ("succeeded", 3)
+
+
+async def test_a_services_listing_that_outlasts_a_lease_keeps_its_pass_busy(db_url: str) -> None:
+    """The start's lease is renewed while the services are listed (retried through an outage,
+    that can take minutes): once its first lease is over, the pass is still busy."""
+    checked = False
+
+    class Slow(SyncPass):
+        async def discover_services(self) -> list[str]:
+            nonlocal checked
+            services = await super().discover_services()
+            run_id = self.state.run_id
+            lease = "SELECT lease_until FROM sync_pass_starts WHERE run_id = $1"
+            first = await scalar(db_url, lease, run_id)
+            over = "SELECT now() > $1::timestamptz"
+            await until(lambda: scalar(db_url, over, first), what="the first lease to be over")
+            assert await scalar(db_url, lease, run_id) > first, "renewed"
+            with pytest.raises(PassBusy):
+                await self.store.begin_or_resume_pass({"services": services, "users": None})
+            checked = True
+            return services
+
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
+    with SimulatorServer(Simulator(dataset)) as server:
+        settings = settings_for(server, db_url, CONVSYNC_LEASE_SECONDS="1")
+        summary = await asyncio.wait_for(run_pass(settings, kind=Slow), 120)
+        await assert_mirrors(server, db_url)
+    assert checked
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
 
 
