@@ -15,6 +15,7 @@ wait out an unavailable database (``worker/database.py``); the claims held are r
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import logging
 import time
@@ -23,12 +24,13 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, TypeVar
 
+import asyncpg
 import structlog
 
 from worker import client as api
 from worker.client import ListingGuard, Page, TwilioClient
 from worker.config import Settings
-from worker.database import VALUES_REFUSED_ERRORS, RetryingStore
+from worker.database import CONNECTION_ERRORS, VALUES_REFUSED_ERRORS, RetryingStore
 from worker.errors import ConfigError, FatalError, Interrupted, UserGone, UserSyncError
 from worker.leases import HeldClaims, release_dead_local_claims
 from worker.listing import Listing, walk
@@ -129,6 +131,7 @@ class SyncPass:
         self.tick = tick
         self.state = PassState()
         self.held = HeldClaims(self.db, self.lease)
+        self.start: str | None = None  # this worker's start of the pass, until it holds a claim
         self.writer = PageWriter(
             self.db,
             self.lease,
@@ -143,24 +146,26 @@ class SyncPass:
     async def run(self) -> PassSummary | None:
         """The pass's summary; None when its schedule tick was already served elsewhere."""
         db = self.db
-        # Until its users listings (or users) are open, this worker holds no claim on the pass:
-        # its start is leased instead, so that the pass is neither superseded by a pass of
-        # another scope nor recorded interrupted by a stopping replica while it lists the
-        # services (retried through an outage, that can take minutes).
-        start = new_claim_token(self.owner)
+        # First: a pass a dead predecessor of this host was starting would stay busy until the
+        # lease of its start ran out.
+        await release_dead_local_claims(db, self.owner)
+        # Until it holds a claim (a users listing, users), this worker has nothing live on the
+        # pass: its start is leased instead (``end_start``), so that the pass is neither
+        # superseded by a pass of another scope nor recorded interrupted by a stopping replica
+        # while it lists the services (retried through an outage, that can take minutes).
+        self.start = new_claim_token(self.owner)
         info = await db.call(
             self.store.begin_or_resume_pass,
             self.scope.to_dict(),
             self.tick,
-            starter=start,
+            starter=self.start,
             lease_seconds=self.lease,
         )
         if info is None:
             log.info("tick_already_served", tick=self.tick.isoformat() if self.tick else None)
             return None
         self.state.run_id = info.run_id
-        self.held.add(start)
-        await release_dead_local_claims(db, self.owner)
+        self.held.add(self.start)
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             started, cpu = time.monotonic(), time.process_time()
             limiter = self.client.limiter
@@ -168,16 +173,17 @@ class SyncPass:
             decreases, probes, slots = limiter.decreases, limiter.probes, limiter.slot_seconds
             try:
                 async with self.held.renewing():
-                    services = await self.discover_services()
-                    log.info("pass_started", resumed=info.resumed, services=len(services))
-                    if self.scope.users:
-                        for service, users in (await self.services_of_users(services)).items():
-                            await db.call(self.store.enqueue_users, info.run_id, service, users)
-                    else:
-                        await db.call(self.store.open_discovery, info.run_id, services)
-                    await db.call(self.store.end_pass_start, info.run_id, start)
-                    self.held.discard(start)
-                    await self.run_loops()
+                    try:
+                        services = await self.discover_services()
+                        log.info("pass_started", resumed=info.resumed, services=len(services))
+                        if self.scope.users:
+                            for service, users in (await self.services_of_users(services)).items():
+                                await db.call(self.store.enqueue_users, info.run_id, service, users)
+                        else:
+                            await db.call(self.store.open_discovery, info.run_id, services)
+                        await self.run_loops()
+                    finally:
+                        await self.end_start()
             except Interrupted:
                 if not self.stop.is_set():
                     raise
@@ -398,7 +404,8 @@ class SyncPass:
 
     async def claim(self, operation: Callable[..., Awaitable[T]]) -> T:
         """Claim through ``operation`` with one token across database retries: a claim that
-        committed with its reply lost is found again, not left leased to nobody."""
+        committed with its reply lost is found again, not left leased to nobody. The first
+        claim held ends this worker's start (it keeps the pass busy from then on)."""
         token = new_claim_token(self.owner)
         tries = 0
 
@@ -409,7 +416,20 @@ class SyncPass:
                 self.state.run_id, self.owner, self.lease, token, recover=tries > 1
             )
 
-        return await self.db.call(attempt)
+        claimed = await self.db.call(attempt)
+        if claimed and self.start is not None:
+            await self.end_start()
+        return claimed
+
+    async def end_start(self) -> None:
+        """Give back this worker's start of the pass (``run``): it holds a claim, or leaves the
+        pass. Best effort: a start the database did not delete lapses within its lease."""
+        start, self.start = self.start, None
+        if start is None:
+            return
+        self.held.discard(start)
+        with contextlib.suppress(*CONNECTION_ERRORS, asyncpg.PostgresError):
+            await self.store.end_pass_start(self.state.run_id, start)
 
     def record(self, summary: PassSummary) -> None:
         self.metrics.inc("convsync_passes_total", status=summary.status)

@@ -143,13 +143,31 @@ async def test_a_pass_being_started_is_busy_until_its_start_ends_or_lapses(
 
     # A starter that died: its lease lapses and the pass may be superseded.
     await store.pool.execute("UPDATE sync_pass_starts SET lease_until = now() - interval '1 s'")
-    last = await store.begin_or_resume_pass(everything)
+    last = await store.begin_or_resume_pass(everything, starter="host:5:ee/1", lease_seconds=60)
     assert last is not None
     assert last.run_id != superseding.run_id
     assert (
         await scalar(db_url, "SELECT status FROM sync_runs WHERE run_id = $1", superseding.run_id)
         == "failed"
     )
+
+
+async def test_a_start_is_given_back_with_its_worker_s_claims_and_gone_with_its_pass(
+    store: Store, db_url: str
+) -> None:
+    info = await store.begin_or_resume_pass(
+        {"services": None, "users": None}, starter="host:6:ff/1", lease_seconds=60
+    )
+    assert info is not None
+    starts = "SELECT count(*) FROM sync_pass_starts WHERE claimed_by IS NOT NULL"
+    await store.renew_leases(["host:6:ff/1"], 600)
+    assert await scalar(
+        db_url, "SELECT lease_until > now() + interval '300 s' FROM sync_pass_starts"
+    ), "renewed as a claim"
+    await store.release_all("host:6:ff")
+    assert await scalar(db_url, starts) == 0, "given back: no longer live"
+    await store.finish_pass(info.run_id)
+    assert await scalar(db_url, "SELECT count(*) FROM sync_pass_starts") == 0, "gone"
 
 
 async def test_a_pass_of_another_scope_with_live_claims_is_not_superseded(

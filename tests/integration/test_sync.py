@@ -8,6 +8,9 @@ import asyncio
 import dataclasses
 import functools
 import json
+import socket
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable, Iterator
 from datetime import datetime
 from typing import TypeVar, cast
@@ -31,6 +34,7 @@ from tests.harness import (
     until,
     view_rows,
 )
+from worker.config import pid_namespace
 from worker.errors import PassBusy
 from worker.listing import Listing
 from worker.migrate import apply_migrations
@@ -366,28 +370,61 @@ async def test_a_worker_between_claims_goes_on_with_a_pass_another_one_left_inte
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
 
 
-async def test_a_worker_listing_the_services_keeps_its_pass_from_other_scopes_and_replicas(
+async def test_a_worker_starting_its_pass_keeps_it_from_other_scopes_and_replicas(
     db_url: str,
 ) -> None:
-    """While this worker lists the services it holds no claim on its pass yet. Meanwhile a pass
-    of another scope finds the pass busy (it does not supersede it), and another replica that
-    stops leaves it running; this worker then finishes it."""
-    checked = False
+    """Until it holds a claim (while it lists the services, then until its first users listing
+    is claimed) this worker has nothing live on its pass. Meanwhile a pass of another scope
+    finds the pass busy (it does not supersede it), and another replica that stops leaves it
+    running; this worker then finishes it."""
+    checked: list[str] = []
+
+    async def check(worker: SyncPass, when: str) -> None:
+        with pytest.raises(PassBusy):
+            await worker.store.begin_or_resume_pass({"services": ["IS" + "0" * 32], "users": None})
+        assert not await worker.store.interrupt_pass(worker.state.run_id, "host:9:9"), when
+        checked.append(when)
 
     class Starting(SyncPass):
         async def discover_services(self) -> list[str]:
-            nonlocal checked
             services = await super().discover_services()
-            run_id = self.state.run_id
-            with pytest.raises(PassBusy):
-                await self.store.begin_or_resume_pass({"services": services, "users": None})
-            assert not await self.store.interrupt_pass(run_id, "host:9:9"), "left running"
-            checked = True
+            await check(self, "listing the services")
             return services
 
+        async def run_loops(self) -> None:
+            await check(self, "before its first claim")
+            await super().run_loops()
+
     summary = await three_users_mirrored(db_url, Starting)
-    assert checked
+    assert checked == ["listing the services", "before its first claim"]
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
+
+
+async def test_a_pass_a_dead_process_of_this_host_was_starting_does_not_hold_a_restart(
+    db_url: str,
+) -> None:
+    """A process killed while it started a pass leaves its start leased. Restarted on the same
+    host with another scope, the worker frees it at once (the process is provably dead), as it
+    frees such a process's claims, rather than find the pass busy for a whole lease."""
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # its pid: a process of this host, dead
+    dead = f"{socket.gethostname()}:{pid_namespace()}:{ended.pid}:ab"
+    store = await Store.connect(db_url, 2)
+    try:
+        first = await store.begin_or_resume_pass(
+            {"services": None, "users": None}, starter=f"{dead}/1", lease_seconds=600
+        )
+        assert first is not None
+    finally:
+        await store.close()
+    dataset = Dataset.generate(seed=5, services=1, users_per_service=3)
+    with SimulatorServer(Simulator(dataset)) as server:
+        scope = Scope(services=tuple(dataset.service_sids()))
+        summary = await asyncio.wait_for(run_pass(settings_for(server, db_url), scope), 120)
+        await assert_mirrors(server, db_url)
+    assert (summary.status, summary.users_synced) == ("succeeded", 3)
+    status = "SELECT status FROM sync_runs WHERE run_id = $1"
+    assert await scalar(db_url, status, first.run_id) == "failed", "superseded"
 
 
 async def test_a_services_listing_that_outlasts_a_lease_keeps_its_pass_busy(db_url: str) -> None:
