@@ -201,6 +201,8 @@ class SyncPass:
                 )
                 return await db.call(self.store.pass_summary, info.run_id)
             summary = await db.call(self.store.finish_pass, info.run_id)
+            if summary.status == "interrupted" and await self.resume_complete(info.run_id):
+                summary = await db.call(self.store.finish_pass, info.run_id)
             self.record(summary)
             log.info(
                 "pass_finished",
@@ -383,6 +385,18 @@ class SyncPass:
             self.state.work_available.set()
             return True
         return False
+
+    async def resume_complete(self, run_id: int) -> bool:
+        """Set the pass running again if a replica stopping after this worker found it complete
+        (it saw no claim live) recorded it interrupted meanwhile, so that it is recorded
+        finished now, not by the next tick with nothing to do; False if it is not complete."""
+        progress = await self.db.call(self.store.pass_progress, run_id)
+        if progress.discovery_open or progress.users_pending:
+            return False
+        resumed = await self.db.call(self.store.resume_pass, run_id)
+        if resumed:
+            log.info("pass_resumed", reason="another worker stopped as this one finished it")
+        return resumed
 
     async def progress(self) -> PassProgress:
         """The pass's progress. A pass another worker recorded interrupted (stopping, it found

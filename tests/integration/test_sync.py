@@ -485,6 +485,30 @@ async def test_a_worker_that_did_the_last_user_records_a_pass_another_left_inter
     assert (summary.status, summary.users_synced) == ("succeeded", 3)
 
 
+async def test_a_pass_interrupted_by_another_after_its_last_user_is_still_recorded_finished(
+    db_url: str,
+) -> None:
+    """Another replica stops just after this worker found every user listed and before it
+    records the pass: finding no claim live, it records the pass interrupted. This worker,
+    whose pass is complete, records it finished all the same, rather than end with it
+    interrupted (exit 1) for the next tick to finish with nothing to do."""
+    other = "host:9:9"
+    stopped_by_the_other = False
+
+    class Late(SyncPass):
+        async def finished(self) -> bool:
+            nonlocal stopped_by_the_other
+            done = await super().finished()
+            if done and not stopped_by_the_other:
+                assert await self.store.interrupt_pass(self.state.run_id, other)
+                stopped_by_the_other = True
+            return done
+
+    summary = await three_users_mirrored(db_url, Late)
+    assert stopped_by_the_other
+    assert (summary.status, summary.users_synced) == ("succeeded", 3)
+
+
 async def test_a_last_user_finishing_while_the_feeder_looks_still_ends_the_pass(
     db_url: str,
 ) -> None:
