@@ -262,8 +262,8 @@ class Store:
             return PassInfo(run_id, resumed=False)
 
     async def end_pass_start(self, run_id: int, starter: str) -> None:
-        """This worker has opened the pass's work (its users listings or users): its start's
-        lease is no longer needed, the claims it takes from now on keep the pass busy."""
+        """End this worker's start of the pass: it holds a claim (which keeps the pass busy
+        from now on), or it leaves the pass."""
         await self.pool.execute(
             "DELETE FROM sync_pass_starts WHERE run_id = $1 AND claimed_by = $2", run_id, starter
         )

@@ -131,7 +131,7 @@ class SyncPass:
         self.tick = tick
         self.state = PassState()
         self.held = HeldClaims(self.db, self.lease)
-        self.start: str | None = None  # this worker's start of the pass, until it holds a claim
+        self.start_token: str | None = None  # its start of the pass, until it holds a claim
         self.writer = PageWriter(
             self.db,
             self.lease,
@@ -153,19 +153,19 @@ class SyncPass:
         # pass: its start is leased instead (``end_start``), so that the pass is neither
         # superseded by a pass of another scope nor recorded interrupted by a stopping replica
         # while it lists the services (retried through an outage, that can take minutes).
-        self.start = new_claim_token(self.owner)
+        self.start_token = new_claim_token(self.owner)
         info = await db.call(
             self.store.begin_or_resume_pass,
             self.scope.to_dict(),
             self.tick,
-            starter=self.start,
+            starter=self.start_token,
             lease_seconds=self.lease,
         )
         if info is None:
             log.info("tick_already_served", tick=self.tick.isoformat() if self.tick else None)
             return None
         self.state.run_id = info.run_id
-        self.held.add(self.start)
+        self.held.add(self.start_token)
         with structlog.contextvars.bound_contextvars(run_id=info.run_id):
             started, cpu = time.monotonic(), time.process_time()
             limiter = self.client.limiter
@@ -431,14 +431,14 @@ class SyncPass:
             )
 
         claimed = await self.db.call(attempt)
-        if claimed and self.start is not None:
+        if claimed and self.start_token is not None:
             await self.end_start()
         return claimed
 
     async def end_start(self) -> None:
         """Give back this worker's start of the pass (``run``): it holds a claim, or leaves the
         pass. Best effort: a start the database did not delete lapses within its lease."""
-        start, self.start = self.start, None
+        start, self.start_token = self.start_token, None
         if start is None:
             return
         self.held.discard(start)
