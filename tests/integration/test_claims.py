@@ -113,7 +113,7 @@ async def test_a_pass_being_started_is_busy_until_its_start_ends_or_lapses(
 ) -> None:
     """A worker starting a pass (listing its services) holds no claim yet; its start's lease
     keeps the pass from being superseded or recorded interrupted by another replica, until
-    the worker opens the pass's work, stops, or its lease lapses (the worker is gone)."""
+    the worker ends it (at its first claim), stops, or its lease lapses (the worker is gone)."""
     everything = {"services": None, "users": None}
     one_user = {"services": [SERVICE], "users": [USER]}
     info = await store.begin_or_resume_pass(everything, starter="host:1:aa/1", lease_seconds=60)
@@ -124,7 +124,7 @@ async def test_a_pass_being_started_is_busy_until_its_start_ends_or_lapses(
     assert not await store.interrupt_pass(info.run_id, "host:2:bb"), "another replica's stop"
     assert await store.interrupt_pass(info.run_id, "host:1:aa"), "its own stop gives it back"
 
-    # Resumed (interrupted) by a worker that then opens the pass's work: no longer busy.
+    # Resumed (interrupted) by a worker that then ends its start (its first claim): not busy.
     again = await store.begin_or_resume_pass(everything, starter="host:3:cc/1", lease_seconds=60)
     assert again is not None
     assert again.run_id == info.run_id
