@@ -246,9 +246,7 @@ class Store:
                        WHERE run_id = $1""",
                     running["run_id"],
                 )
-                await conn.execute(
-                    "DELETE FROM sync_pass_starts WHERE run_id = $1", running["run_id"]
-                )
+                await _drop_starts(conn, running["run_id"])
             if tick is not None and await conn.fetchval(
                 "SELECT 1 FROM sync_runs WHERE tick = $1", tick
             ):
@@ -337,7 +335,7 @@ class Store:
                 run_id,
                 None if error is None else error_text(error),
             )
-            await conn.execute("DELETE FROM sync_pass_starts WHERE run_id = $1", run_id)
+            await _drop_starts(conn, run_id)
         return await self.pass_summary(run_id)
 
     async def pass_summary(self, run_id: int) -> PassSummary:
@@ -988,6 +986,11 @@ async def _lease_start(
         starter,
         lease_seconds,
     )
+
+
+async def _drop_starts(conn: asyncpg.Connection, run_id: int) -> None:
+    """Drop every start of pass ``run_id``: it ended (finished, or superseded)."""
+    await conn.execute("DELETE FROM sync_pass_starts WHERE run_id = $1", run_id)
 
 
 async def _has_live_claims(conn: asyncpg.Connection, run_id: int) -> bool:
