@@ -134,13 +134,23 @@ def database_backends(database: str) -> dict[int, BackendTimes]:
 
 
 class SimProcess:
-    """``python -m worker simulate`` serving ``users`` users at ``latency_ms``, on a free port."""
+    """``python -m worker simulate`` serving ``users`` users at ``latency_ms``, on a free port
+    (``derive``: its dataset derived before it listens, ``--derive``)."""
 
-    def __init__(self, users: int, latency_ms: float, services: int = 1, seed: int = 1) -> None:
+    def __init__(
+        self,
+        users: int,
+        latency_ms: float,
+        services: int = 1,
+        seed: int = 1,
+        *,
+        derive: bool = False,
+    ) -> None:
         self.users = users
         self.latency_ms = latency_ms
         self.services = services
         self.seed = seed
+        self.derive = derive
         self.account_sid = DEMO_ACCOUNT_SID
         self.auth_token = DEMO_AUTH_TOKEN
         self.url = ""
@@ -156,7 +166,8 @@ class SimProcess:
         self._proc = subprocess.Popen(
             [sys.executable, "-m", "worker", "simulate", "--port", "0",
              "--seed", str(self.seed), "--services", str(self.services),
-             "--users", str(self.users), "--latency-ms", str(self.latency_ms)],
+             "--users", str(self.users), "--latency-ms", str(self.latency_ms),
+             *(["--derive"] if self.derive else [])],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,

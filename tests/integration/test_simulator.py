@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import gc
 import json
 import re
 import sys
@@ -17,7 +18,7 @@ import pytest
 from multidict import CIMultiDictProxy
 
 from convsync_tools.simdata import DEMO_AUTH_TOKEN, Dataset
-from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer
+from convsync_tools.simulator import Simulator, SimulatorConfig, SimulatorServer, freeze_heap
 from tests.simulator_schema import check, errors
 
 SERVICES = "/v1/Services"
@@ -778,6 +779,21 @@ async def test_simulate_command_derive_serves_the_same_pages() -> None:
             assert await stop(process) == 0
     assert pages[0] == pages[1]
     assert sum(len(page.get("conversations", ())) for page in pages[0]) > 0
+
+
+def test_a_derived_dataset_is_frozen_out_of_the_collectors_passes() -> None:
+    """``convsync simulate`` freezes what it built before listening: a full collection would
+    walk every record of a derived dataset, stopping the simulator's loop meanwhile."""
+    dataset = Dataset.generate(seed=3, users_per_service=20)
+    dataset.derive()
+    frozen = gc.get_freeze_count()
+    try:
+        freeze_heap()
+        assert gc.get_freeze_count() > frozen
+        assert all(obj is not dataset for obj in gc.get_objects())  # in no generation now
+    finally:
+        gc.unfreeze()
+    assert any(obj is dataset for obj in gc.get_objects())
 
 
 async def test_simulate_command_never_prints_a_given_token() -> None:
